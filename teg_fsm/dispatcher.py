@@ -1,0 +1,371 @@
+"""The dispatcher: the one thread that runs the machines.
+
+Theory of operation
+-------------------
+Everything that can change a machine arrives as an ``Event`` on one queue:
+MQTT messages (paho's thread), timer firings (the timer thread), effect outcomes
+(worker threads), controller-queue notices, signals, RPCs. ``post`` stamps each
+event with the next sequence number and the clock's wall time under one lock,
+so queue order is sequence order.
+
+The dispatcher thread takes one event at a time and runs it to completion:
+it delivers the event to its target machine, or to every machine that declares
+its name, in a fixed machine order. Each machine returns the transitions it
+took and the effect commands it issued. Then, in this order:
+
+1. machines whose state or resume data changed are checkpointed (persist
+   before acting);
+2. the event, transitions and effects are appended to the journal;
+3. the effects go out: engine effects (timers, notifications to another
+   machine) are applied at once, the rest go to the effect runner, which
+   never blocks this thread.
+
+Nothing a machine does can reach another machine except through a new event
+on the queue, so a journal of events replays to the same transitions and
+effects. When the queue is empty the journal is committed and the idle hooks
+(systemd watchdog, status) run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import import_module
+from typing import Any
+
+import attrs
+
+from machines.base import GatewayMachine
+from teg_fsm.clock import Clock
+from teg_fsm.codec import Codec
+from teg_fsm.effects import CancelEffect, CancelTimer, Effect, Notify, StartTimer
+from teg_fsm.events import RESUMED, STARTED, Event, JsonDict, Outcome, Source, outcome_event_name
+from teg_fsm.journal import Checkpoint, Journal, Transition
+from teg_fsm.runner import EffectRunner
+from teg_fsm.timers import Timers
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@attrs.frozen
+class MachineSpec:
+    """A machine class and its settings, as the composition root chose them."""
+
+    cls: type[GatewayMachine]
+    settings: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Dispatched:
+    """What one event did."""
+
+    event: Event
+    transitions: list[Transition]
+    effects: list[Effect]
+
+
+Observer = Callable[[Dispatched], None]
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def load_class(path: str) -> type[GatewayMachine]:
+    module, _, name = path.partition(":")
+    return getattr(import_module(module), name)
+
+
+class Dispatcher:
+    """Routes events to machines, journals them, and hands out effects."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        timers: Timers,
+        journal: Journal | None = None,
+        runner: EffectRunner | None = None,
+        codec: Codec | None = None,
+    ) -> None:
+        self._clock = clock
+        self._timers = timers
+        self._journal = journal
+        self._runner = runner
+        self._codec = codec or Codec()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._post_lock = threading.Lock()
+        self._seq = journal.last_seq() if journal else 0
+        self.machines: dict[str, GatewayMachine] = {}
+        self._routes: dict[str, list[GatewayMachine]] = {}
+        self._saved: dict[str, tuple[str, Any]] = {}
+        self._resume_counts: dict[str, int] = {}
+        self.since_ms: dict[str, int] = {}
+        self.observers: list[Observer] = []
+        self.idle_hooks: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
+        self._timer_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.dispatched_count = 0
+
+    # -- start-up ---------------------------------------------------------
+
+    def boot(self, specs: Sequence[MachineSpec], checkpoints: Mapping[str, Checkpoint] | None = None) -> Event:
+        """Build the machines, re-entering checkpointed ones through their resume tables."""
+        plan: dict[str, JsonDict] = {}
+        for spec in specs:
+            cp = (checkpoints or {}).get(spec.cls.machine_name)
+            if cp is not None:
+                plan[spec.cls.machine_name] = _resume_plan(spec.cls, cp)
+        record = {
+            "machines": {
+                s.cls.machine_name: {"class": class_path(s.cls), "settings": dict(s.settings)} for s in specs
+            },
+            "resumed": plan,
+        }
+        started = self.boot_from_record(record)
+        if self._journal is not None:
+            # The loop guard counts boots, so the count must be stored before
+            # the machine can crash again.
+            for name, entry in plan.items():
+                self._journal.save_checkpoint(
+                    Checkpoint(name, entry["state"], entry["data"], entry["resume_count"]), self._clock.now_ms()
+                )
+        return started
+
+    def boot_from_record(
+        self, record: JsonDict, overrides: Mapping[str, type[GatewayMachine]] | None = None
+    ) -> Event:
+        """Build machines exactly as a ``gateway_started`` event describes (also used by replay)."""
+        resumed: Mapping[str, JsonDict] = record.get("resumed", {})
+        construction_effects: list[tuple[GatewayMachine, list[Effect]]] = []
+        for name, entry in record["machines"].items():
+            cls = (overrides or {}).get(name) or load_class(entry["class"])
+            plan = resumed.get(name)
+            machine = cls(entry.get("settings", {}), start_value=plan["state"] if plan else None)
+            if plan:
+                machine.restore(plan["data"])
+                self._resume_counts[name] = plan["resume_count"]
+            machine.take_transitions()
+            construction_effects.append((machine, machine.take_effects()))
+            self._add_machine(machine)
+        started = self.post(Source.SYSTEM, STARTED, record)
+        self._pending_construction = construction_effects
+        for name, plan in resumed.items():
+            self.post(Source.SYSTEM, RESUMED, {"from_state": plan["stored_state"], "crash_loop": plan["crash_loop"]}, target=name)
+        return started
+
+    def _add_machine(self, machine: GatewayMachine) -> None:
+        name = machine.machine_name
+        if not name or name in self.machines:
+            raise ValueError(f"machine name {name!r} missing or used twice")
+        self.machines[name] = machine
+        for event_name in type(machine).takes():
+            self._routes.setdefault(event_name, []).append(machine)
+        self._saved[name] = (machine.state_name, machine.snapshot())
+        self.since_ms[name] = self._clock.now_ms()
+
+    # -- posting ----------------------------------------------------------
+
+    def post(self, source: str | Source, name: str, data: JsonDict | None = None, target: str | None = None) -> Event:
+        """Queue an event; safe from any thread."""
+        with self._post_lock:
+            self._seq += 1
+            event = Event(self._seq, self._clock.now_ms(), str(getattr(source, "value", source)), name, data or {}, target)
+            self._queue.put(event)
+        return event
+
+    def post_outcome(self, origin: str, effect: Effect, outcome: Outcome, payload: JsonDict) -> None:
+        """The effect runner's sink: post the outcome event if the machine asked for one."""
+        if effect.reply is None:
+            return
+        self.post(Source.EFFECT, outcome_event_name(effect.reply, outcome), {"effect_id": effect.id, **payload}, target=origin)
+
+    def fire_timer(self, machine: str, name: str, generation: int) -> None:
+        self.post(Source.TIMER, name, {"timer": name, "generation": generation}, target=machine)
+
+    # -- running ----------------------------------------------------------
+
+    def dispatch(self, event: Event) -> Dispatched | None:
+        """Run one event to completion; None when it was a stale timer firing."""
+        if event.source == Source.TIMER.value and event.target is not None:
+            if not self._timers.consume(event.target, event.name, int(event.data.get("generation", -1))):
+                return None
+        transitions: list[Transition] = []
+        issued: list[tuple[GatewayMachine, Effect]] = []
+        if event.name == STARTED and event.source == Source.SYSTEM.value:
+            for machine, effects in getattr(self, "_pending_construction", []):
+                issued.extend((machine, e) for e in self._number(machine, event, effects, 0))
+            self._pending_construction = []
+        for machine in self._recipients(event):
+            moved, effects = machine.handle(event)
+            for source, target, trigger in moved:
+                transitions.append(Transition(machine.machine_name, source, target, trigger))
+            if moved:
+                self.since_ms[machine.machine_name] = event.ts_ms
+            issued.extend((machine, e) for e in self._number(machine, event, effects, len(issued)))
+            self._checkpoint_if_changed(machine, event.ts_ms)
+        result = Dispatched(event, transitions, [e for _, e in issued])
+        if self._journal is not None:
+            self._journal.record(
+                self._codec.event_to_record(event),
+                transitions,
+                [self._codec.effect_to_record(e) for e in result.effects],
+            )
+        for machine, effect in issued:
+            self._apply(machine.machine_name, effect)
+        self.dispatched_count += 1
+        for observer in self.observers:
+            observer(result)
+        return result
+
+    def _recipients(self, event: Event) -> Iterable[GatewayMachine]:
+        if event.target is not None:
+            machine = self.machines.get(event.target)
+            return [machine] if machine is not None else []
+        return self._routes.get(event.name, ())
+
+    @staticmethod
+    def _number(machine: GatewayMachine, event: Event, effects: list[Effect], start: int) -> list[Effect]:
+        return [
+            attrs.evolve(e, id=f"{machine.machine_name}:{event.seq}:{start + i}") for i, e in enumerate(effects)
+        ]
+
+    def _checkpoint_if_changed(self, machine: GatewayMachine, now_ms: int) -> None:
+        name = machine.machine_name
+        state = machine.state_name
+        previous_state, previous_data = self._saved[name]
+        if state == previous_state and not machine.dirty:
+            return
+        data = machine.snapshot()
+        machine.dirty = False
+        if (state, data) == (previous_state, previous_data):
+            return
+        if state in type(machine).rest_states:
+            self._resume_counts[name] = 0
+        self._saved[name] = (state, data)
+        if self._journal is not None:
+            self._journal.save_checkpoint(Checkpoint(name, state, data, self._resume_counts.get(name, 0)), now_ms)
+
+    def _apply(self, origin: str, effect: Effect) -> None:
+        if isinstance(effect, StartTimer):
+            self._timers.start(origin, effect.name, effect.seconds, effect.jitter)
+        elif isinstance(effect, CancelTimer):
+            self._timers.cancel(origin, effect.name)
+        elif isinstance(effect, Notify):
+            self.post(Source.SYSTEM, effect.name, dict(effect.data), target=effect.machine)
+        elif isinstance(effect, CancelEffect):
+            if self._runner is not None:
+                self._runner.cancel(effect.effect_id)
+        elif self._runner is not None:
+            self._runner.submit(origin, effect)
+
+    def run_until_idle(self, max_events: int | None = None) -> list[Dispatched]:
+        """Process queued events in the calling thread (tests, replay)."""
+        done: list[Dispatched] = []
+        while max_events is None or len(done) < max_events:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                break
+            result = self.dispatch(item)
+            if result is not None:
+                done.append(result)
+        if self._journal is not None:
+            self._journal.flush()
+        return done
+
+    def advance(self, seconds: float) -> list[Dispatched]:
+        """With a FakeClock: move time forward, firing due timers in order."""
+        clock = self._clock
+        target = clock.monotonic() + seconds
+        done = self.run_until_idle()
+        while True:
+            deadline = self._timers.next_deadline()
+            if deadline is None or deadline > target:
+                break
+            clock.set_elapsed(deadline)  # type: ignore[attr-defined]
+            for machine, name, generation in self._timers.pop_due(deadline):
+                self.fire_timer(machine, name, generation)
+            done.extend(self.run_until_idle())
+        clock.set_elapsed(target)  # type: ignore[attr-defined]
+        return done
+
+    def start(self) -> None:
+        """Run the dispatcher and timer threads (production)."""
+        self._stop.clear()
+        self._timer_thread = threading.Thread(
+            target=self._timers.run_forever, args=(self.fire_timer, self._stop), name="teg-timers", daemon=True
+        )
+        self._timer_thread.start()
+        self._thread = threading.Thread(target=self._loop, name="teg-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._queue.put(_STOP)
+        self._timers.wake()
+        for thread in (self._thread, self._timer_thread):
+            if thread is not None:
+                thread.join(timeout)
+        if self._journal is not None:
+            self._journal.flush()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                self._idle()
+                continue
+            if item is _STOP:
+                break
+            try:
+                self.dispatch(item)
+            except Exception:
+                log.exception("dispatching %s failed", getattr(item, "name", item))
+            if self._queue.empty():
+                self._idle()
+
+    def _idle(self) -> None:
+        if self._journal is not None:
+            self._journal.flush()
+        for hook in self.idle_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("idle hook failed")
+
+    def states(self) -> dict[str, JsonDict]:
+        return {
+            name: {"state": m.state_name, "since_ms": self.since_ms.get(name)} for name, m in self.machines.items()
+        }
+
+
+def _resume_plan(cls: type[GatewayMachine], cp: Checkpoint) -> JsonDict:
+    """Where a machine re-enters after a restart, per its resume table and loop guard."""
+    target = cls.resume_table.get(cp.state)
+    if target is None:
+        target = cls.initial_state.id if cls.initial_state is not None else cp.state
+    resting = cp.state in cls.rest_states
+    count = 0 if resting else cp.resume_count + 1
+    crash_loop = not resting and count > cls.max_resumes and cls.crash_loop_state is not None
+    if crash_loop:
+        target = cls.crash_loop_state  # type: ignore[assignment]
+    return {
+        "stored_state": cp.state,
+        "state": target,
+        "data": cp.data,
+        "resume_count": count,
+        "crash_loop": crash_loop,
+    }

@@ -1,0 +1,94 @@
+"""Small example machines that exercise the engine (not part of the gateway)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from statemachine import State
+
+from machines.base import GatewayMachine
+from teg_fsm.effects import Effect, StartTimer
+from teg_fsm.events import Event
+
+
+@attrs.frozen(kw_only=True)
+class FetchThing(Effect):
+    """A test effect: the runner handler decides how it ends."""
+
+    url: str
+
+
+@attrs.define
+class FetcherSettings:
+    retry_s: float = 5.0
+    timeout_s: float | None = None
+
+
+class FetcherMachine(GatewayMachine):
+    """Fetches something, retries after a timer, survives restarts."""
+
+    machine_name = "fetcher"
+    settings_type = FetcherSettings
+    resume_table = {"idle": "idle", "fetching": "fetching", "waiting": "waiting", "done": "done", "failed": "failed"}
+    rest_states = frozenset({"idle", "done", "failed"})
+    crash_loop_state = "failed"
+    max_resumes = 2
+
+    idle = State(initial=True)
+    fetching = State()
+    waiting = State()
+    done = State()
+    failed = State()
+
+    fetch_requested = idle.to(fetching) | failed.to(fetching) | done.to(fetching)
+    fetch_succeeded = fetching.to(done)
+    fetch_failed = fetching.to(waiting)
+    fetch_timed_out = fetching.to(waiting)
+    fetch_cancelled = fetching.to(failed)
+    retry_elapsed = waiting.to(fetching)
+    resumed = fetching.to.itself() | waiting.to(fetching) | failed.to.itself(internal=True)
+
+    def setup(self) -> None:
+        self.url = ""
+        self.attempts = 0
+        self.results: list[Any] = []
+
+    def on_fetch_requested(self, ev: Event) -> None:
+        self.url = ev.data["url"]
+        self.attempts = 0
+
+    def on_enter_fetching(self) -> None:
+        self.attempts += 1
+        self.emit(FetchThing(url=self.url, reply="fetch", timeout_s=self.settings.timeout_s))
+
+    def on_enter_waiting(self) -> None:
+        self.emit(StartTimer(name="retry_elapsed", seconds=self.settings.retry_s))
+
+    def on_fetch_succeeded(self, ev: Event) -> None:
+        self.results.append(ev.data.get("result"))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"url": self.url, "attempts": self.attempts}
+
+    def restore(self, data: Any) -> None:
+        self.url = data.get("url", "")
+        self.attempts = data.get("attempts", 0)
+
+
+class CounterMachine(GatewayMachine):
+    """Counts ticks; the benchmark's machine."""
+
+    machine_name = "counter"
+    resume_table = {"even": "even", "odd": "odd"}
+    rest_states = frozenset({"even", "odd"})
+
+    even = State(initial=True)
+    odd = State()
+    tick = even.to(odd) | odd.to(even)
+
+    def setup(self) -> None:
+        self.count = 0
+
+    def on_tick(self) -> None:
+        self.count += 1
