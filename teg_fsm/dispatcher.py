@@ -112,6 +112,10 @@ class Dispatcher:
         self._stop = threading.Event()
         self.dispatched_count = 0
 
+    def attach_runner(self, runner: EffectRunner) -> None:
+        """The runner needs the dispatcher as its sink, so it is attached after both exist."""
+        self._runner = runner
+
     # -- start-up ---------------------------------------------------------
 
     def boot(self, specs: Sequence[MachineSpec], checkpoints: Mapping[str, Checkpoint] | None = None) -> Event:

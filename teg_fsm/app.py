@@ -1,0 +1,75 @@
+"""The composition root: builds config, engine, components and machines.
+
+Nothing else in the gateway creates shared objects; everything a component
+needs comes from the ``Gateway`` it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from teg_fsm.clock import Clock, RealClock
+from teg_fsm.codec import Codec
+from teg_fsm.components import Component, default_components
+from teg_fsm.config import Config
+from teg_fsm.dispatcher import Dispatcher, MachineSpec
+from teg_fsm.journal import Journal
+from teg_fsm.runner import EffectRunner
+from teg_fsm.timers import Timers
+
+log = logging.getLogger(__name__)
+
+ComponentsFactory = Callable[["Gateway"], list[Component]]
+
+
+class Gateway:
+    """One running gateway: engine plus components."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        components: ComponentsFactory = default_components,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or RealClock()
+        config.data_path.mkdir(parents=True, exist_ok=True)
+        self.codec = Codec()
+        self.timers = Timers(self.clock)
+        self.journal = Journal(
+            config.journal_db, max_bytes=config.journal_max_bytes, max_age_s=config.journal_max_age_s
+        )
+        self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)
+        self.runner = EffectRunner(self.dispatcher.post_outcome)
+        self.dispatcher.attach_runner(self.runner)
+        self.components: dict[str, Component] = {}
+        for component in components(self):
+            self.components[component.name] = component
+        self.stopped = threading.Event()
+
+    def machine_specs(self) -> list[MachineSpec]:
+        return [spec for c in self.components.values() for spec in c.machine_specs()]
+
+    def start(self) -> None:
+        for component in self.components.values():
+            component.install()
+        self.dispatcher.boot(self.machine_specs(), self.journal.load_checkpoints())
+        self.dispatcher.start()
+        for component in self.components.values():
+            component.start()
+        log.info("gateway started: %s", ", ".join(self.dispatcher.machines))
+
+    def stop(self) -> None:
+        """Stop taking work, flush, close databases."""
+        for component in reversed(list(self.components.values())):
+            try:
+                component.stop()
+            except Exception:
+                log.exception("stopping %s failed", component.name)
+        self.dispatcher.stop()
+        self.runner.shutdown(wait=False)
+        self.journal.close()
+        self.stopped.set()

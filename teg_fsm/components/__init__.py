@@ -1,0 +1,32 @@
+"""Components: an adapter plus its wiring (effect handlers, event sources, machines).
+
+See docs/ENGINE.md for the contract. ``default_components`` is the one list the
+composition root uses; order matters only for start-up (MQTT last, so every
+handler is registered before the first message arrives).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from teg_fsm.app import Gateway
+    from teg_fsm.dispatcher import MachineSpec
+
+
+class Component(Protocol):
+    name: str
+
+    def machine_specs(self) -> list[MachineSpec]: ...
+
+    def install(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def default_components(gateway: Gateway) -> list[Component]:
+    """The gateway's components, in start order."""
+    components: list[Component] = []
+    return components
