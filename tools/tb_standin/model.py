@@ -1,0 +1,192 @@
+"""What ThingsBoard keeps about devices, and how it reads what devices send.
+
+Pure data and parsing, no I/O: the transport (``transport.py``) calls these
+functions and turns their exceptions into ThingsBoard's reactions (for MQTT
+3.1.1: close the connection without a PUBACK). Section numbers refer to
+``PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_PAYLOAD_SIZE = 65536  # transport.mqtt.netty.max_payload_size (§1.2)
+MAX_INFLIGHT = 100  # msg_queue_size_per_device_limit, reported by getSessionLimits
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
+# Apache NumberUtils.isParsable, which TB's type cast uses (§1.1): no sign '+', no exponent.
+_PARSABLE = re.compile(r"-?(\d+(\.\d+)?|\.\d+)\Z")
+
+ALLOW_CREATE = "ALLOW_CREATE_NEW_DEVICES"
+CHECK_PRE_PROVISIONED = "CHECK_PRE_PROVISIONED_DEVICES"
+PROVISION_NOT_FOUND = {"errorMsg": "Provision data was not found!", "status": "NOT_FOUND"}
+PROVISION_FAILURE = {"errorMsg": "Failed to provision device!", "status": "FAILURE"}
+
+
+class InvalidPayload(ValueError):
+    """The payload is not one ThingsBoard's JSON converter accepts (an AdaptorException)."""
+
+
+@dataclass
+class OtaPackage:
+    """An OTA package assigned to a device; ``data`` empty and ``url`` set for external packages."""
+
+    kind: str  # "fw" or "sw"
+    title: str
+    version: str
+    data: bytes = b""
+    url: str | None = None
+    tag: str | None = None
+    checksum_algorithm: str | None = "SHA256"
+    checksum: str | None = None
+
+
+@dataclass
+class Device:
+    """One device: credentials, attribute scopes and time series, like TB's tables."""
+
+    name: str
+    token: str | None
+    profile: str = "default"
+    basic: tuple[str | None, str | None, str | None] | None = None  # clientId, userName, password
+    client: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)
+    # Telemetry records in arrival order: (ts, values); one record per timestamp group.
+    telemetry: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    data_points: int = 0
+    ota: dict[str, OtaPackage] = field(default_factory=dict)
+
+
+@dataclass
+class ProvisionProfile:
+    """A device profile's provisioning settings (§4)."""
+
+    name: str
+    key: str
+    secret: str
+    strategy: str = ALLOW_CREATE
+
+
+def now_ms() -> int:
+    """Server timestamp as TB assigns it: epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+def dumps(value: Any) -> bytes:
+    """JSON as TB's Gson writes it: compact, no spaces."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def random_token(length: int = 20) -> str:
+    """A token like the ones TB generates (20 alphanumeric characters)."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def _typed_value(value: Any) -> Any:
+    """TB's value typing with ``type_cast_enabled: true``: numeric strings become numbers."""
+    if isinstance(value, str):
+        if _PARSABLE.match(value):
+            if "." in value:
+                return float(value)
+            number = int(value)
+            return number if LONG_MIN <= number <= LONG_MAX else value
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and not LONG_MIN <= value <= LONG_MAX:
+        return str(value)  # beyond the long range TB keeps the text (type cast on)
+    return value
+
+
+def typed_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Apply TB's typing to one key/value object; ``null`` values are skipped (§1.1)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        # Fast path: most values are already typed; only strings and huge ints change.
+        out[key] = _typed_value(value) if isinstance(value, (str, int)) else value
+    return out
+
+
+def _load_json(payload: bytes) -> Any:
+    if not payload:
+        raise InvalidPayload("empty payload")
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidPayload(f"invalid JSON: {exc}") from None
+
+
+def _telemetry_element(element: Any, server_ts: int) -> tuple[int, dict[str, Any]]:
+    if not isinstance(element, dict):
+        raise InvalidPayload("telemetry element is not a JSON object")
+    if "ts" in element and "values" in element:  # timestamped only with both keys (§1.1)
+        values = element["values"]
+        if not isinstance(values, dict):
+            raise InvalidPayload("'values' is not a JSON object")
+        try:
+            ts = int(element["ts"])  # getAsLong(): numeric strings work too
+        except (TypeError, ValueError):
+            raise InvalidPayload("'ts' is not a number") from None
+        return ts, typed_values(values)
+    return server_ts, typed_values(element)
+
+
+def parse_telemetry(payload: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """Records of a telemetry publish: an object, ``{ts, values}`` or an array of those."""
+    data = _load_json(payload)
+    server_ts = now_ms()  # elements without ts share one server timestamp
+    if isinstance(data, list):
+        return [_telemetry_element(element, server_ts) for element in data]
+    return [_telemetry_element(data, server_ts)]
+
+
+def parse_attributes(payload: bytes) -> dict[str, Any]:
+    """Client attributes: the payload must be a JSON object (§2.1)."""
+    data = _load_json(payload)
+    if not isinstance(data, dict):
+        raise InvalidPayload("attributes payload is not a JSON object")
+    return typed_values(data)
+
+
+def _split_keys(value: Any) -> list[str]:
+    """Gson ``getAsString().split(",")``: one-element arrays work, keys are not trimmed."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise InvalidPayload("key list must be a string")
+        value = value[0]
+    if isinstance(value, (dict, list)) or value is None:
+        raise InvalidPayload("key list must be a string")
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.split(",")
+
+
+def attribute_response(device: Device, payload: bytes) -> dict[str, Any]:
+    """Answer to ``attributes/request/{id}`` (§2.2): sections only when non-empty; ``{}`` = all."""
+    request = _load_json(payload)
+    if not isinstance(request, dict):
+        raise InvalidPayload("attribute request is not a JSON object")
+    client_keys = _split_keys(request["clientKeys"]) if "clientKeys" in request else None
+    shared_keys = _split_keys(request["sharedKeys"]) if "sharedKeys" in request else None
+    response: dict[str, Any] = {}
+    if client_keys is None and shared_keys is None:
+        client, shared = dict(device.client), dict(device.shared)
+    else:
+        client = {k: device.client[k] for k in client_keys or [] if k in device.client}
+        shared = {k: device.shared[k] for k in shared_keys or [] if k in device.shared}
+    if client:
+        response["client"] = client
+    if shared:
+        response["shared"] = shared
+    return response
+
+
+def data_points(records: list[tuple[int, dict[str, Any]]]) -> int:
+    """Data points charged to the rate limit: one per key (§6.2)."""
+    return sum(len(values) for _, values in records)
