@@ -66,9 +66,12 @@ class Log(Effect):
 
 @attrs.frozen(kw_only=True)
 class Notify(Effect):
-    """Post event ``name`` with ``data`` to another machine (hand-over)."""
+    """Post event ``name`` with ``data`` to another machine (hand-over).
 
-    machine: str
+    ``machine=None`` broadcasts to every machine that declares ``name``.
+    """
+
+    machine: str | None
     name: str
     data: dict[str, Any] = attrs.field(factory=dict)
 
@@ -77,6 +80,7 @@ def all_effect_types() -> dict[str, type[Effect]]:
     """Every concrete effect class by name, including the domain submodules."""
     import importlib
     import pkgutil
+    import sys
 
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
@@ -85,6 +89,10 @@ def all_effect_types() -> dict[str, type[Effect]]:
     while pending:
         cls = pending.pop()
         for sub in cls.__subclasses__():
+            # attrs' slotted classes replace the class they were built from; the
+            # discarded original lingers in __subclasses__ until collected.
+            if getattr(sys.modules[sub.__module__], sub.__qualname__, None) is not sub:
+                continue
             if sub.__name__ in found and found[sub.__name__] is not sub:
                 raise TypeError(f"two effect classes named {sub.__name__}")
             found[sub.__name__] = sub

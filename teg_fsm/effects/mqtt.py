@@ -50,3 +50,23 @@ class Publish(Effect):
     topic: str
     payload: str
     qos: int = 1
+
+
+@attrs.frozen(kw_only=True)
+class RequestAttributes(Effect):
+    """Ask ThingsBoard for attributes; the adapter picks the request id.
+
+    Succeeds with ``{"client": {...}, "shared": {...}}`` (sections may be
+    empty) when the response arrives; give it a ``timeout_s``.
+    """
+
+    client_keys: tuple[str, ...] = ()
+    shared_keys: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class ClientRpc(Effect):
+    """A client-side RPC (e.g. ``getSessionLimits``); succeeds with the reply payload."""
+
+    method: str
+    params: dict[str, object] = attrs.field(factory=dict)
