@@ -92,9 +92,16 @@ teg_stop_started_dockerd() {
     # dockerd stops its containers first; give it time before giving up.
     local i
     for i in $(seq 1 30); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        kill -0 "$pid" 2>/dev/null || break
         sleep 1
     done
-    echo "docker: dockerd $pid did not stop in 30s; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "docker: dockerd $pid did not stop in 30s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    # dockerd leaves its netns bind mount behind, which blocks `rm -rf` of the rig dir.
+    local m
+    for m in $(awk -v root="$TEG_RIG_DIR/exec" 'index($2, root) == 1 {print $2}' /proc/mounts | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
 }

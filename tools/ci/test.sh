@@ -70,13 +70,19 @@ teg_ensure_docker_engine
 
 bash "$repo_root/tools/ci/base_image.sh"
 
-# The diagram tool is written separately; run it once the CLI exists, and then
-# a stale diagram fails the build.
+# The diagram tool is written separately: run it once `teg` offers `diagrams`,
+# and from then on a stale diagram fails the build. A `teg` that exists but
+# cannot even print its help is broken, and fails the build too.
 if [[ -f "$repo_root/teg_fsm/cli.py" ]]; then
-    echo "diagrams: teg diagrams --check"
-    teg diagrams --check
+    teg_help="$(teg --help)" || { echo "diagrams: 'teg --help' failed" >&2; exit 1; }
+    if grep -qw diagrams <<<"$teg_help"; then
+        echo "diagrams: teg diagrams --check"
+        teg diagrams --check
+    else
+        echo "diagrams: 'teg diagrams' not written yet; SKIPPING the diagram check"
+    fi
 else
-    echo "diagrams: teg_fsm/cli.py not written yet; skipping the diagram check"
+    echo "diagrams: no teg command yet; SKIPPING the diagram check"
 fi
 
 rc=0
