@@ -71,15 +71,16 @@ def docker_client(
 ) -> Iterator[docker.DockerClient]:
     """A client for DOCKER_HOST (or the default socket); fails if unreachable."""
     where = os.environ.get("DOCKER_HOST") or "the default socket"
+    error = None
     try:
         client = docker.from_env(timeout=120)
         client.ping()
     except Exception as exc:  # noqa: BLE001 - any failure here means "no engine"
-        pytest.fail(
-            f"Docker engine unreachable at {where}: {exc}. "
-            "Run the tests through tools/ci/test.sh, which starts one.",
-            pytrace=False,
-        )
+        error = exc
+    if error is not None:  # failing outside `except` keeps the report to one line
+        pytest.fail(f"Docker engine unreachable at {where}: {error}. "
+                    "Run the tests through tools/ci/test.sh, which starts one.",
+                    pytrace=False)
     try:
         yield client
     finally:

@@ -71,7 +71,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
              "or the checkout was edited while the tests ran):"]
     lines += [f"  {after.get(p, ('gone',))[0]} {p}" for p in changed]
     if reporter is not None:
-        reporter.ensure_newline()
+        reporter.write("\n")  # -q leaves the progress line open
         reporter.write_sep("=", "working tree changed", red=True)
         for line in lines:
             reporter.write_line(line)
