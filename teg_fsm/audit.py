@@ -1,9 +1,154 @@
-"""Audit commands: diagrams, replay, journal, status (filled in by the engine work)."""
+"""Audit commands: ``teg diagrams``, ``teg replay``, ``teg journal``, ``teg status``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register the audit subcommands on the ``teg`` parser."""
+    diagrams = sub.add_parser("diagrams", help="generate diagrams/ from the machine classes")
+    diagrams.add_argument("--out", type=Path, default=Path("diagrams"))
+    diagrams.add_argument("--check", action="store_true", help="exit non-zero naming every stale file")
+    diagrams.set_defaults(func=_diagrams)
+
+    replay = sub.add_parser("replay", help="re-run a recorded journal against the current machines")
+    replay.add_argument("journal", type=Path)
+    replay.set_defaults(func=_replay)
+
+    journal = sub.add_parser("journal", help="list the journal: time, event, transitions, effects")
+    journal.add_argument("--data", type=Path, default=None, help="data dir (default $TEG_DATA_PATH or ./data)")
+    journal.add_argument("--file", type=Path, default=None, help="a journal file instead of the data dir's")
+    journal.add_argument("--machine", help="only events that concern this machine")
+    journal.add_argument("--since", help="ISO time or unix ms")
+    journal.add_argument("--until", help="ISO time or unix ms")
+    journal.add_argument("--limit", type=int, default=0, help="only the last N lines")
+    journal.set_defaults(func=_journal)
+
+    status = sub.add_parser("status", help="every machine's state (from the checkpoints)")
+    status.add_argument("--data", type=Path, default=None)
+    status.add_argument("--mermaid", action="store_true", help="print each diagram with the active state")
+    status.set_defaults(func=_status)
+
+
+def _data_dir(arg: Path | None) -> Path:
+    return arg if arg is not None else Path(os.environ.get("TEG_DATA_PATH") or "./data")
+
+
+def _diagrams(args: argparse.Namespace) -> int:
+    from teg_fsm import diagrams
+
+    if args.check:
+        problems = diagrams.check(args.out)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print(f"diagrams are out of date: run `{diagrams.COMMAND}` to regenerate", file=sys.stderr)
+            return 1
+        print(f"diagrams up to date ({len(diagrams.machine_classes())} machines)")
+        return 0
+    for path in diagrams.write(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from teg_fsm.replay import replay_journal
+
+    if not args.journal.exists():
+        print(f"teg replay: no such journal: {args.journal}", file=sys.stderr)
+        return 2
+    result = replay_journal(args.journal)
+    if result.divergence is not None:
+        print(result.divergence.describe())
+        return 1
+    print(f"identical: {result.events} events")
+    return 0
+
+
+def _parse_time(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return int(parsed.timestamp() * 1000)
+
+
+def format_time(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _journal(args: argparse.Namespace) -> int:
+    from teg_fsm.journal import read_journal
+
+    path = args.file or _data_dir(args.data) / "teg_journal.db"
+    if not path.exists():
+        print(f"teg journal: no journal at {path}", file=sys.stderr)
+        return 2
+    try:
+        since, until = _parse_time(args.since), _parse_time(args.until)
+    except ValueError as exc:
+        print(f"teg journal: bad time: {exc}", file=sys.stderr)
+        return 2
+    lines = [
+        _journal_line(e)
+        for e in read_journal(path, machine=args.machine, since_ms=since, until_ms=until)
+    ]
+    for line in lines[-args.limit :] if args.limit else lines:
+        print(line)
+    return 0
+
+
+def _journal_line(entry) -> str:  # type: ignore[no-untyped-def]
+    target = f"->{entry.target}" if entry.target else ""
+    moves = ", ".join(f"{t['machine']}: {t['source']}->{t['target']}" for t in entry.transitions) or "-"
+    effects = ", ".join(f"{e.get('type')}({e.get('id')})" for e in entry.effects) or "-"
+    return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name}{target} | {moves} | {effects}"
+
+
+def _status(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    path = _data_dir(args.data) / "teg_journal.db"
+    if not path.exists():
+        print(f"teg status: no journal at {path} (has the gateway run here?)", file=sys.stderr)
+        return 2
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT machine, state, updated_ms FROM checkpoints ORDER BY machine").fetchall()
+    finally:
+        db.close()
+    states = {machine: state for machine, state, _ in rows}
+    for machine, state, updated in rows:
+        print(f"{machine:<14} {state:<22} since {format_time(updated)}")
+    if args.mermaid:
+        _print_mermaid(states)
+    return 0
+
+
+def _print_mermaid(states: dict[str, str]) -> None:
+    from statemachine.contrib.diagram import MermaidGraphMachine
+
+    from teg_fsm.diagrams import machine_classes
+
+    for cls in machine_classes():
+        state = states.get(cls.machine_name)
+        try:
+            machine = cls({}, start_value=state) if state else cls({})
+        except Exception as exc:  # settings without defaults: show the plain diagram
+            print(f"%% {cls.machine_name}: cannot highlight ({exc})")
+            from statemachine.contrib.diagram import formatter
+
+            print(formatter.render(cls, "mermaid"))
+            continue
+        print(f"%% {cls.machine_name}: {state or cls.initial_state.id}")
+        print(MermaidGraphMachine(machine).get_mermaid())
+    print(json.dumps(states))

@@ -111,6 +111,8 @@ class Dispatcher:
         self._timer_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.dispatched_count = 0
+        self.replaying = False
+        self._pending_construction: list[tuple[GatewayMachine, list[Effect]]] = []
 
     def attach_runner(self, runner: EffectRunner) -> None:
         """The runner needs the dispatcher as its sink, so it is attached after both exist."""
@@ -144,9 +146,20 @@ class Dispatcher:
     def boot_from_record(
         self, record: JsonDict, overrides: Mapping[str, type[GatewayMachine]] | None = None
     ) -> Event:
-        """Build machines exactly as a ``gateway_started`` event describes (also used by replay)."""
+        """Build machines exactly as a ``gateway_started`` event describes, then post it."""
+        self.build_machines(record, overrides)
+        started = self.post(Source.SYSTEM, STARTED, record)
+        for name, plan in record.get("resumed", {}).items():
+            self.post(Source.SYSTEM, RESUMED, {"from_state": plan["stored_state"], "crash_loop": plan["crash_loop"]}, target=name)
+        return started
+
+    def build_machines(
+        self, record: JsonDict, overrides: Mapping[str, type[GatewayMachine]] | None = None
+    ) -> None:
+        """(Re)create every machine from a ``gateway_started`` record (replay uses this directly)."""
+        self.machines, self._routes, self._saved = {}, {}, {}
         resumed: Mapping[str, JsonDict] = record.get("resumed", {})
-        construction_effects: list[tuple[GatewayMachine, list[Effect]]] = []
+        self._pending_construction = []
         for name, entry in record["machines"].items():
             cls = (overrides or {}).get(name) or load_class(entry["class"])
             plan = resumed.get(name)
@@ -155,13 +168,8 @@ class Dispatcher:
                 machine.restore(plan["data"])
                 self._resume_counts[name] = plan["resume_count"]
             machine.take_transitions()
-            construction_effects.append((machine, machine.take_effects()))
+            self._pending_construction.append((machine, machine.take_effects()))
             self._add_machine(machine)
-        started = self.post(Source.SYSTEM, STARTED, record)
-        self._pending_construction = construction_effects
-        for name, plan in resumed.items():
-            self.post(Source.SYSTEM, RESUMED, {"from_state": plan["stored_state"], "crash_loop": plan["crash_loop"]}, target=name)
-        return started
 
     def _add_machine(self, machine: GatewayMachine) -> None:
         name = machine.machine_name
@@ -196,13 +204,13 @@ class Dispatcher:
 
     def dispatch(self, event: Event) -> Dispatched | None:
         """Run one event to completion; None when it was a stale timer firing."""
-        if event.source == Source.TIMER.value and event.target is not None:
+        if not self.replaying and event.source == Source.TIMER.value and event.target is not None:
             if not self._timers.consume(event.target, event.name, int(event.data.get("generation", -1))):
                 return None
         transitions: list[Transition] = []
         issued: list[tuple[GatewayMachine, Effect]] = []
         if event.name == STARTED and event.source == Source.SYSTEM.value:
-            for machine, effects in getattr(self, "_pending_construction", []):
+            for machine, effects in self._pending_construction:
                 issued.extend((machine, e) for e in self._number(machine, event, effects, 0))
             self._pending_construction = []
         for machine in self._recipients(event):
@@ -220,8 +228,9 @@ class Dispatcher:
                 transitions,
                 [self._codec.effect_to_record(e) for e in result.effects],
             )
-        for machine, effect in issued:
-            self._apply(machine.machine_name, effect)
+        if not self.replaying:  # a replay feeds recorded consequences instead of causing them
+            for machine, effect in issued:
+                self._apply(machine.machine_name, effect)
         self.dispatched_count += 1
         for observer in self.observers:
             observer(result)

@@ -1,0 +1,94 @@
+"""Replay: feed a recorded journal to the current machines and compare.
+
+No adapters, no timers, no runner: the recorded events (with their recorded
+sequence numbers and timestamps) are dispatched in order, and each event's
+transitions and effects are compared with what was recorded. Events caused by
+effects (outcomes, notifications, timer firings) are in the journal too, so
+nothing needs to be re-executed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from machines.base import GatewayMachine
+from teg_fsm.clock import FakeClock
+from teg_fsm.codec import Codec
+from teg_fsm.dispatcher import Dispatcher
+from teg_fsm.events import STARTED, Event, Source
+from teg_fsm.journal import JournalEntry, read_journal
+from teg_fsm.timers import Timers
+
+
+@attrs.frozen
+class Divergence:
+    seq: int
+    name: str
+    expected_transitions: list[Any]
+    actual_transitions: list[Any]
+    expected_effects: list[Any]
+    actual_effects: list[Any]
+
+    def describe(self) -> str:
+        lines = [f"divergence at event #{self.seq} ({self.name})"]
+        if self.expected_transitions != self.actual_transitions:
+            lines.append(f"  expected transitions: {json.dumps(self.expected_transitions)}")
+            lines.append(f"  actual transitions:   {json.dumps(self.actual_transitions)}")
+        if self.expected_effects != self.actual_effects:
+            lines.append(f"  expected effects: {json.dumps(self.expected_effects)}")
+            lines.append(f"  actual effects:   {json.dumps(self.actual_effects)}")
+        return "\n".join(lines)
+
+
+@attrs.frozen
+class ReplayResult:
+    events: int
+    divergence: Divergence | None
+    trace: list[dict[str, Any]]
+
+    @property
+    def identical(self) -> bool:
+        return self.divergence is None
+
+
+def _normal(value: Any) -> Any:
+    """JSON round trip, so tuples and lists compare equal as they do on disk."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def replay_entries(
+    entries: Iterable[JournalEntry], overrides: Mapping[str, type[GatewayMachine]] | None = None
+) -> ReplayResult:
+    """Replay entries; stop at the first divergence."""
+    codec = Codec()
+    clock = FakeClock()
+    dispatcher = Dispatcher(clock=clock, timers=Timers(clock), codec=codec)
+    dispatcher.replaying = True
+    count = 0
+    trace: list[dict[str, Any]] = []
+    booted = False
+    for entry in entries:
+        event = Event(entry.seq, entry.ts_ms, entry.source, entry.name, entry.data, entry.target)
+        if entry.name == STARTED and entry.source == Source.SYSTEM.value:
+            dispatcher.build_machines(entry.data, overrides)
+            booted = True
+        elif not booted:
+            continue  # the journal was pruned past this run's start: nothing to rebuild from
+        result = dispatcher.dispatch(event)
+        count += 1
+        actual_t = _normal([attrs.asdict(t) for t in result.transitions]) if result else []
+        actual_e = _normal([codec.effect_to_record(e) for e in result.effects]) if result else []
+        trace.append({"seq": entry.seq, "event": entry.name, "transitions": actual_t, "effects": actual_e})
+        if actual_t != _normal(entry.transitions) or actual_e != _normal(entry.effects):
+            divergence = Divergence(entry.seq, entry.name, entry.transitions, actual_t, entry.effects, actual_e)
+            return ReplayResult(count, divergence, trace)
+    return ReplayResult(count, None, trace)
+
+
+def replay_journal(path: Path, overrides: Mapping[str, type[GatewayMachine]] | None = None) -> ReplayResult:
+    return replay_entries(read_journal(path), overrides)
