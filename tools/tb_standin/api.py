@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from tools.tb_standin import certs, ota
-from tools.tb_standin.model import ALLOW_CREATE, MAX_INFLIGHT, MAX_PAYLOAD_SIZE, ProvisionProfile
+from tools.tb_standin.model import ALLOW_CREATE, MAX_INFLIGHT, MAX_PAYLOAD_SIZE, ProvisionProfile, typed_values
 from tools.tb_standin.ratelimit import RateLimit
 from tools.tb_standin.rpc import RpcTimeout
 from tools.tb_standin.server import ClientRpcHandler, Event, ServerConfig, TbServer
@@ -147,9 +147,9 @@ class StandIn:
     def telemetry(self, device: str, key: str | None = None) -> list[tuple[int, Any]]:
         """Stored records ``(ts, values)`` in arrival order; with ``key``, ``(ts, value)`` of that key."""
         def read() -> list[tuple[int, Any]]:
-            records = self._server.registry.devices[device].telemetry
+            records = [(ts, typed_values(values)) for ts, values in self._server.registry.devices[device].telemetry]
             if key is None:
-                return [(ts, dict(values)) for ts, values in records]
+                return records
             return [(ts, values[key]) for ts, values in records if key in values]
         return self._sync(read)
 
@@ -158,7 +158,7 @@ class StandIn:
         def read() -> dict[str, Any]:
             best: dict[str, tuple[int, Any]] = {}
             for ts, values in self._server.registry.devices[device].telemetry:
-                for k, v in values.items():
+                for k, v in typed_values(values).items():
                     if k not in best or ts >= best[k][0]:
                         best[k] = (ts, v)
             return {k: v for k, (_, v) in best.items()}

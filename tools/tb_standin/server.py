@@ -29,7 +29,6 @@ from tools.tb_standin.model import (
     InvalidPayload,
     ProvisionProfile,
     attribute_response,
-    data_points,
     now_ms,
     parse_attributes,
     parse_telemetry,
@@ -285,8 +284,7 @@ class TbServer:
                                 packet_id: int | None) -> str | None:
         """Route one device PUBLISH; parse first, then rate-limit, store, and only then PUBACK."""
         if topic == TELEMETRY:
-            records = parse_telemetry(payload)
-            points = data_points(records)
+            records, points = parse_telemetry(payload)
             if not self._buckets(device).allow_telemetry(points):
                 return "rate_limit"
             device.telemetry.extend(records)
