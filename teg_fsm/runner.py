@@ -45,8 +45,9 @@ class Completion:
     def succeed(self, result: Any = None) -> bool:
         return self._settle(Outcome.SUCCEEDED, {"result": result})
 
-    def fail(self, error: str) -> bool:
-        return self._settle(Outcome.FAILED, {"error": error})
+    def fail(self, error: str, details: dict[str, Any] | None = None) -> bool:
+        """``details`` (JSON-able, no secrets) travel beside ``error`` in the outcome event."""
+        return self._settle(Outcome.FAILED, {**(details or {}), "error": error})
 
     def time_out(self) -> bool:
         return self._settle(Outcome.TIMED_OUT, {"error": f"timed out after {self.effect.timeout_s} s"})
