@@ -63,13 +63,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if before is None or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     after = working_tree_snapshot() or {}
-    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    # Only paths dirty now count: one that left the status became clean (e.g.
+    # committed meanwhile), which is no leftover.
+    changed = sorted(p for p, entry in after.items() if before.get(p) != entry)
     if not changed:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = ["tests left files behind in the working tree (write to tmp_path instead;",
              "or the checkout was edited while the tests ran):"]
-    lines += [f"  {after.get(p, ('gone',))[0]} {p}" for p in changed]
+    lines += [f"  {after[p][0]} {p}" for p in changed]
     if reporter is not None:
         reporter.write("\n")  # -q leaves the progress line open
         reporter.write_sep("=", "working tree changed", red=True)

@@ -8,6 +8,11 @@
 # Docker engine reachable (see tools/ci/docker_engine.sh), builds the local base
 # image if missing, checks the generated diagrams and runs pytest. The exit code
 # is pytest's (or the first failing step's).
+#
+# Knobs (all optional): DOCKER_HOST (an engine to use), TEG_RIG_DIR (private
+# dockerd state, /var/lib/teg-rig), TEG_RIG_CACHE (debootstrap tarball,
+# /var/cache/teg-rig), TEG_RIG_KEEP_DOCKERD=1 (leave a private dockerd running
+# for the next run), TEG_DEBIAN_MIRROR, PYTHON (interpreter for the venv).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -16,7 +21,7 @@ cd "$repo_root"
 # Debian packages: brokers, engine (docker.io pulls containerd/runc/iptables/tini),
 # diagram rendering, base image bootstrap, TLS material, the venv.
 packages=(mosquitto docker.io graphviz debootstrap openssl git ca-certificates
-          python3 python3-venv procps)
+          python3 python3-venv)
 
 install_packages() {
     local missing=() p
@@ -47,9 +52,14 @@ ensure_venv() {
     # Reinstall only when pyproject changed: pip -e costs seconds even when idle.
     stamp="$(sha256sum pyproject.toml | cut -d' ' -f1)"
     if [[ "$(cat "$venv/.teg-installed" 2>/dev/null)" != "$stamp" ]]; then
-        echo "venv: pip install -e '.[test]'"
-        "$venv/bin/python" -m pip install --no-input -q --upgrade pip
-        "$venv/bin/python" -m pip install --no-input -q -e '.[test]'
+        echo "venv: pip install -e '.[test]' (log: $venv/pip.log)"
+        # pip's build-backend chatter drowns the CI log; show it only on failure.
+        if ! { "$venv/bin/python" -m pip install --no-input --upgrade pip &&
+               "$venv/bin/python" -m pip install --no-input -e '.[test]'; } >"$venv/pip.log" 2>&1; then
+            echo "venv: pip install failed; log tail:" >&2
+            tail -n 40 "$venv/pip.log" >&2
+            exit 1
+        fi
         echo "$stamp" >"$venv/.teg-installed"
     else
         echo "venv: up to date"
