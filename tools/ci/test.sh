@@ -26,7 +26,7 @@ packages=(mosquitto docker.io graphviz debootstrap openssl git ca-certificates
 install_packages() {
     local missing=() p
     for p in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == "install ok installed" ]] || missing+=("$p")
     done
     if ((${#missing[@]} == 0)); then
         echo "apt: all packages present"
