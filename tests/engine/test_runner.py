@@ -1,0 +1,92 @@
+"""The effect runner: every effect ends in exactly one outcome."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from teg_fsm.effects import Effect
+from teg_fsm.events import Outcome
+from teg_fsm.runner import Completion, EffectRunner
+from tests.engine.examples import FetchThing
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, Outcome, dict[str, Any]]] = []
+        self.arrived = threading.Condition()
+
+    def __call__(self, origin: str, effect: Effect, outcome: Outcome, payload: dict[str, Any]) -> None:
+        with self.arrived:
+            self.items.append((origin, effect.id, outcome, payload))
+            self.arrived.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[tuple[str, str, Outcome, dict[str, Any]]]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.items) >= count, timeout), self.items
+            return list(self.items)
+
+
+@pytest.fixture
+def runner_and_outcomes():  # type: ignore[no-untyped-def]
+    outcomes = Outcomes()
+    runner = EffectRunner(outcomes, workers=2)
+    yield runner, outcomes
+    runner.shutdown()
+
+
+def _by_url(effect: Effect, completion: Completion) -> None:
+    url = effect.url  # type: ignore[attr-defined]
+    if url == "ok":
+        completion.succeed({"got": url})
+    elif url == "raise":
+        raise RuntimeError("disk on fire")
+    elif url == "hang":
+        time.sleep(0.5)
+        completion.succeed("too late")
+    elif url == "twice":
+        completion.succeed(1)
+        completion.fail("second settle is ignored")
+
+
+def test_each_outcome_is_delivered_once(runner_and_outcomes) -> None:  # type: ignore[no-untyped-def]
+    runner, outcomes = runner_and_outcomes
+    runner.register(FetchThing, _by_url, blocking=True)
+    runner.submit("m", FetchThing(id="m:1:0", url="ok", reply="f"))
+    runner.submit("m", FetchThing(id="m:2:0", url="raise", reply="f"))
+    runner.submit("m", FetchThing(id="m:3:0", url="hang", reply="f", timeout_s=0.05))
+    runner.submit("m", FetchThing(id="m:4:0", url="twice", reply="f"))
+    items = outcomes.wait_for(4)
+    time.sleep(0.6)  # let the hung handler finish: its late success must be dropped
+    by_id = {effect_id: (outcome, payload) for _, effect_id, outcome, payload in outcomes.items}
+    assert len(outcomes.items) == 4, items
+    assert by_id["m:1:0"] == (Outcome.SUCCEEDED, {"result": {"got": "ok"}})
+    assert by_id["m:2:0"] == (Outcome.FAILED, {"error": "RuntimeError: disk on fire"})
+    assert by_id["m:3:0"][0] is Outcome.TIMED_OUT
+    assert by_id["m:4:0"] == (Outcome.SUCCEEDED, {"result": 1})
+
+
+def test_a_running_effect_can_be_cancelled(runner_and_outcomes) -> None:  # type: ignore[no-untyped-def]
+    runner, outcomes = runner_and_outcomes
+    release = threading.Event()
+
+    def slow(effect: Effect, completion: Completion) -> None:
+        release.wait(5)
+        completion.succeed("finished")
+
+    runner.register(FetchThing, slow, blocking=True)
+    runner.submit("m", FetchThing(id="m:1:0", url="x", reply="f"))
+    assert runner.cancel("m:1:0")
+    release.set()
+    [(origin, effect_id, outcome, payload)] = outcomes.wait_for(1)
+    assert (origin, effect_id, outcome) == ("m", "m:1:0", Outcome.CANCELLED)
+
+
+def test_an_effect_without_handler_fails_with_the_reason(runner_and_outcomes) -> None:  # type: ignore[no-untyped-def]
+    runner, outcomes = runner_and_outcomes
+    runner.submit("m", FetchThing(id="m:1:0", url="x", reply="f"))
+    [(_, _, outcome, payload)] = outcomes.wait_for(1)
+    assert outcome is Outcome.FAILED and "no handler for effect FetchThing" in payload["error"]
