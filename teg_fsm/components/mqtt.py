@@ -1,0 +1,182 @@
+"""The MQTT component: the link to ThingsBoard, its effect handlers, connection and provisioning.
+
+Other components reach the link as ``gateway.components["mqtt"].link``; hot
+paths publish with ``link.publish_async(topic, payload_bytes, qos, on_done)``
+(see ``teg_fsm.mqtt_link``) instead of journaled ``Publish`` effects.
+Register this component last: the link starts taking messages in ``start``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from teg_fsm import __version__, tokens
+from teg_fsm.dispatcher import MachineSpec
+from teg_fsm.effects.mqtt import (
+    ATTRIBUTES_REQUEST_TOPIC,
+    CLIENT_RPC_REQUEST_TOPIC,
+    PROVISION_REQUEST_TOPIC,
+    PROVISION_RESPONSE_TOPIC,
+    ClientRpc,
+    Connect,
+    Disconnect,
+    Publish,
+    RequestAttributes,
+    Subscribe,
+)
+from teg_fsm.effects.provisioning import CheckToken, MoveTokenAside, RequestProvisioning
+from teg_fsm.events import Source
+from teg_fsm.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
+from teg_fsm.runner import Completion
+
+if TYPE_CHECKING:
+    from teg_fsm.app import Gateway
+
+log = logging.getLogger(__name__)
+
+
+def settle(completion: Completion) -> OnDone:
+    """An ``on_done`` that settles an effect."""
+
+    def on_done(ok: bool, error: str | None) -> None:
+        if ok:
+            completion.succeed(None)
+        else:
+            completion.fail(error or "failed")
+
+    return on_done
+
+
+class MqttComponent:
+    """Wires ``MqttLink`` into the engine."""
+
+    name = "mqtt"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        config = gateway.config
+        self.config = config
+        self.link = MqttLink(
+            host=config.tb_host,
+            port=config.tb_port,
+            tls=config.tb_tls,
+            ca_cert=config.ca_cert,
+            token_path=config.token_path,
+            post=lambda name, data: gateway.dispatcher.post(Source.MQTT, name, data),
+        )
+
+    def machine_specs(self) -> list[MachineSpec]:
+        from machines.connection import ConnectionMachine
+        from machines.provisioning import ProvisioningMachine
+
+        config = self.config
+        can_provision = bool(config.provision_key and config.provision_secret)
+        backoff = {"min_s": config.reconnect_min_s, "max_s": config.reconnect_max_s}
+        return [
+            MachineSpec(
+                ConnectionMachine,
+                {
+                    **backoff,
+                    "can_provision": can_provision,
+                    "client_attributes": {"teg_gateway": "TEG-FSM", "teg_version": __version__},
+                },
+            ),
+            MachineSpec(ProvisioningMachine, {**backoff, "can_provision": can_provision}),
+        ]
+
+    def install(self) -> None:
+        register = self.gateway.runner.register
+        register(Connect, self._connect)
+        register(Disconnect, self._disconnect)
+        register(Subscribe, self._subscribe)
+        register(Publish, self._publish)
+        register(RequestAttributes, self._request_attributes)
+        register(ClientRpc, self._client_rpc)
+        register(RequestProvisioning, self._request_provisioning)
+        register(CheckToken, self._check_token)
+        register(MoveTokenAside, self._move_token_aside)
+
+    def start(self) -> None:
+        """Nothing to start: the connection machine asks for the first connect."""
+
+    def stop(self) -> None:
+        self.link.close()
+
+    # -- handlers (dispatcher thread; none of them blocks) -----------------
+
+    def _connect(self, effect: Connect, completion: Completion) -> None:
+        self.link.connect(PROVISION if effect.credentials == "provision" else DEVICE, completion)
+
+    def _disconnect(self, effect: Disconnect, completion: Completion) -> None:
+        self.link.close_current("disconnect requested")
+        completion.succeed(None)
+
+    def _subscribe(self, effect: Subscribe, completion: Completion) -> None:
+        self.link.subscribe(tuple(effect.topics), settle(completion))
+
+    def _publish(self, effect: Publish, completion: Completion) -> None:
+        self.link.publish_async(effect.topic, effect.payload.encode("utf-8"), effect.qos, settle(completion))
+
+    def _request_attributes(self, effect: RequestAttributes, completion: Completion) -> None:
+        body = {}
+        if effect.client_keys:
+            body["clientKeys"] = ",".join(effect.client_keys)
+        if effect.shared_keys:
+            body["sharedKeys"] = ",".join(effect.shared_keys)
+        self._request("attributes", ATTRIBUTES_REQUEST_TOPIC, body, completion)
+
+    def _client_rpc(self, effect: ClientRpc, completion: Completion) -> None:
+        self._request("rpc", CLIENT_RPC_REQUEST_TOPIC, {"method": effect.method, "params": dict(effect.params)}, completion)
+
+    def _request(self, kind: str, topic: str, body: dict[str, Any], completion: Completion) -> None:
+        session = self.link.device_session()
+        if session is None:
+            completion.fail("not connected to ThingsBoard")
+            return
+        request_id = self.link.inbound.expect(kind, session.number, completion)
+
+        def published(ok: bool, error: str | None) -> None:
+            if not ok and self.link.inbound.forget(kind, request_id) is not None:
+                completion.fail(error or "request not sent")
+
+        self.link.publish_async(topic.format(request_id), json.dumps(body).encode(), 1, published, session)
+
+    def _request_provisioning(self, effect: RequestProvisioning, completion: Completion) -> None:
+        session = self.link.session
+        if session is None or not session.connected or session.purpose != PROVISION:
+            completion.fail("no open provision session")
+            return
+        config = self.config
+        if not (config.provision_key and config.provision_secret):
+            completion.fail("THINGSBOARD_PROVISION_DEVICE_KEY/SECRET are not set")
+            return
+        self.link.inbound.expect("provision", session.number, completion)
+        body = {
+            "deviceName": config.device_name,
+            "provisionDeviceKey": config.provision_key,
+            "provisionDeviceSecret": config.provision_secret,
+        }
+
+        def published(ok: bool, error: str | None) -> None:
+            if not ok and self.link.inbound.forget("provision", 0) is not None:
+                completion.fail(error or "provisioning request not sent")
+
+        # SUBSCRIBE goes out before the PUBLISH on the same connection, so the
+        # broker knows the subscription when the answer is routed.
+        self.link.subscribe((PROVISION_RESPONSE_TOPIC,), lambda ok, error: None, session)
+        self.link.publish_async(PROVISION_REQUEST_TOPIC, json.dumps(body).encode(), 1, published, session)
+
+    def _check_token(self, effect: CheckToken, completion: Completion) -> None:
+        completion.succeed({"present": tokens.token_present(self.config.token_path)})
+
+    def _move_token_aside(self, effect: MoveTokenAside, completion: Completion) -> None:
+        try:
+            moved = tokens.move_aside(self.config.token_path)
+        except OSError as exc:
+            completion.fail(f"cannot move the rejected token file {self.config.token_path} aside: {exc.strerror}")
+            return
+        if moved is not None:
+            log.warning("access token rejected by ThingsBoard; token file kept as %s", moved)
+        completion.succeed({"moved_to": str(moved) if moved else None})

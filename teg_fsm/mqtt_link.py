@@ -1,0 +1,323 @@
+"""The MQTT link to ThingsBoard: one paho client per session, no automatic reconnect.
+
+Theory of operation
+-------------------
+The connection machine decides when to connect; this adapter only carries
+out one ``connect`` at a time. Each connect builds a fresh paho 2.x client
+(``CallbackAPIVersion.VERSION2``, MQTT 3.1.1, ``reconnect_on_failure=False``)
+and a session number. TCP/TLS set-up runs on a short-lived thread; then
+paho's own network thread (``loop_start``) runs until the connection ends and
+exits, because reconnecting is switched off. A new connect first closes the
+previous session, so at most one session is live.
+
+Sessions are ``device`` (username = the token read from the token file at
+connect time) or ``provision`` (username ``provision``). Only device sessions
+post ``mqtt_connected`` / ``mqtt_disconnected``; the provisioning exchange is
+private to the provisioning effects.
+
+Publishing (``publish_async``; thread-safe, for hot paths that must not put
+payloads into journaled effects)::
+
+    link.publish_async(topic, payload_bytes, qos, on_done)
+
+``on_done(ok: bool, error: str | None)`` is called exactly once: on PUBACK
+(QoS 1) or when the packet was written (QoS 0) from paho's thread, with
+``False`` when the session is lost first, or at once (in the caller's thread)
+when there is no device session or paho refuses the message (queue full,
+payload too large). Keep ``on_done`` short: it runs on the network thread.
+
+Paho quirks handled here (see aiomqtt's client for the same ideas):
+- ``on_publish`` may run before ``publish()`` has returned the mid to us; an
+  unmatched mid is parked in ``early`` and picked up when we register it. Every
+  mid gets exactly one ``on_publish`` (QoS 0 included), so the park never leaks.
+- ``on_publish`` runs with paho's ``_out_message_mutex`` held, so we never
+  call into paho while holding our own lock (no lock-order deadlock).
+- ``on_connect`` may be called twice and ``on_disconnect`` may come more than
+  once or late for an old client: both are idempotent per session.
+- Without ``loop_start`` paho writes to the socket from the publishing thread,
+  unsynchronised with the network thread, so we always run ``loop_start``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from teg_fsm import tokens
+from teg_fsm.mqtt_inbound import Inbound
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[bool, "str | None"], None]
+Post = Callable[[str, dict[str, Any]], None]
+
+DEVICE = "device"
+PROVISION = "provision"
+_NOT_AUTHORIZED = {4, 5, 134, 135}  # MQTT 3.1.1 codes 4/5 as paho 2 maps them (0x86, 0x87)
+
+
+class Session:
+    """One paho client and what is pending on it."""
+
+    def __init__(self, number: int, purpose: str, client: mqtt.Client, on_connected: Any) -> None:
+        self.number = number
+        self.purpose = purpose
+        self.client = client
+        self.on_connected = on_connected  # the Connect effect's Completion
+        self.connected = False
+        self.ended = threading.Event()
+        self.reason = ""
+        self.pending: dict[int, OnDone] = {}
+        self.early: dict[int, Any] = {}  # mid -> reason code, acknowledged before registration
+
+
+class MqttLink:
+    """Sessions, publishes matched to PUBACKs, inbound messages turned into events."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: bool,
+        ca_cert: Path | None,
+        token_path: Path,
+        post: Post,
+        keepalive: int = 60,
+        max_inflight: int = 100,
+        max_queued: int = 1000,
+    ) -> None:
+        self.host, self.port, self.tls, self.ca_cert = host, port, tls, ca_cert
+        self.token_path = token_path
+        self.keepalive = keepalive
+        self.max_inflight, self.max_queued = max_inflight, max_queued
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+        self._current: Session | None = None
+        self.inbound = Inbound(post=post, token_path=token_path)
+        self._post = post
+
+    # -- sessions ---------------------------------------------------------
+
+    @property
+    def session(self) -> Session | None:
+        return self._current
+
+    def device_session(self) -> Session | None:
+        session = self._current
+        if session is None or not session.connected or session.purpose != DEVICE:
+            return None
+        return session
+
+    def connect(self, purpose: str, completion: Any) -> None:
+        """Open a session; ``completion`` succeeds on CONNACK 0 with ``{"session": n}``."""
+        self.close_current("replaced by a new connect")
+        if purpose == PROVISION:
+            username = PROVISION
+        else:
+            try:
+                username = tokens.read_token(self.token_path)
+            except OSError as exc:
+                completion.fail(f"cannot read the token file {self.token_path}: {exc.strerror}", {"no_token": True})
+                return
+            if username is None:
+                completion.fail(f"no access token in {self.token_path}", {"no_token": True})
+                return
+        session = Session(next(self._numbers), purpose, self._make_client(username), completion)
+        session.client.user_data_set(session)
+        with self._lock:
+            self._current = session
+        threading.Thread(target=self._open, args=(session,), name=f"teg-mqtt-connect-{session.number}", daemon=True).start()
+
+    def _make_client(self, username: str) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="",
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.username_pw_set(username)
+        if self.tls:
+            client.tls_set(ca_certs=str(self.ca_cert) if self.ca_cert else None, cert_reqs=ssl.CERT_REQUIRED)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(self.max_queued)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _open(self, session: Session) -> None:
+        """TCP + TLS + CONNECT (blocking, bounded by paho's connect_timeout), then paho's thread."""
+        try:
+            session.client.connect(self.host, self.port, keepalive=self.keepalive)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # ssl.SSLError is an OSError; name it so certificate problems read clearly.
+            kind = "TLS" if isinstance(exc, ssl.SSLError) else "network"
+            session.on_connected.fail(f"cannot connect to {self.host}:{self.port} ({kind}): {exc}", {"network": True})
+            self._ended(session, f"{kind} error: {exc}")
+            return
+        if session.ended.is_set() or self._current is not session:
+            session.client.disconnect()  # closed while we were connecting
+            self._ended(session, "closed while connecting")
+            return
+        session.client.loop_start()
+
+    def close_current(self, reason: str) -> None:
+        with self._lock:
+            session, self._current = self._current, None
+        if session is not None:
+            self._close(session, reason)
+
+    def _close(self, session: Session, reason: str) -> None:
+        if not session.reason:
+            session.reason = reason
+        session.client.disconnect()  # paho's thread sends DISCONNECT, then exits
+        if not session.connected:
+            session.on_connected.fail(f"connect abandoned: {reason}", {"network": True})
+            self._ended(session, reason)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Disconnect cleanly; a dead network is cut off after ``timeout`` s."""
+        with self._lock:
+            session, self._current = self._current, None
+        if session is None:
+            return
+        self._close(session, "gateway stopping")
+        if not session.ended.wait(timeout):
+            sock = session.client.socket()
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes paho's select; its thread then exits
+                except OSError:
+                    pass
+            session.ended.wait(2.0)
+        self._ended(session, "gateway stopping")
+
+    # -- paho callbacks (paho's network thread) ---------------------------
+
+    def _on_connect(self, client: mqtt.Client, session: Session, flags: Any, reason: Any, properties: Any) -> None:
+        if session.connected or session.ended.is_set():
+            return  # paho may call on_connect twice; the first one counts
+        code = int(getattr(reason, "value", reason))
+        if getattr(reason, "is_failure", code != 0):
+            session.on_connected.fail(
+                f"CONNACK refused: {reason} ({code})",
+                {"reason_code": code, "not_authorized": code in _NOT_AUTHORIZED},
+            )
+            return
+        session.connected = True
+        if not session.on_connected.succeed({"session": session.number}):
+            client.disconnect()  # the Connect effect already timed out or was cancelled
+            return
+        if session.purpose == DEVICE:
+            self._post("mqtt_connected", {"session": session.number})
+        log.info("MQTT %s session %d connected to %s:%d", session.purpose, session.number, self.host, self.port)
+
+    def _on_disconnect(self, client: mqtt.Client, session: Session, flags: Any, reason: Any, properties: Any) -> None:
+        self._ended(session, str(reason))
+
+    def _ended(self, session: Session, reason: str) -> None:
+        """Idempotent end of a session: fail what is pending, tell the machines once."""
+        with self._lock:
+            if session.ended.is_set():
+                return
+            session.ended.set()
+            if self._current is session:
+                self._current = None
+            pending, session.pending = session.pending, {}
+        reason = session.reason or reason
+        session.on_connected.fail(f"connection closed before CONNACK: {reason}", {"network": True})
+        for on_done in pending.values():
+            on_done(False, f"session lost before PUBACK: {reason}")
+        self.inbound.session_lost(session.number, reason)
+        if session.connected and session.purpose == DEVICE:
+            self._post("mqtt_disconnected", {"session": session.number, "reason": reason})
+        if session.connected:
+            # A close we asked for is routine; a lost connection is worth a warning.
+            level = logging.INFO if session.reason else logging.WARNING
+            log.log(level, "MQTT %s session %d ended: %s", session.purpose, session.number, reason)
+
+    def _on_publish(self, client: mqtt.Client, session: Session, mid: int, reason: Any, properties: Any) -> None:
+        with self._lock:
+            on_done = session.pending.pop(mid, None)
+            if on_done is None:
+                session.early[mid] = reason  # publish() has not returned this mid to us yet
+        if on_done is not None:
+            _finish(on_done, reason)
+
+    def _on_subscribe(self, client: mqtt.Client, session: Session, mid: int, codes: Any, properties: Any) -> None:
+        self._on_publish(client, session, mid, _first_failure(codes), properties)
+
+    def _on_message(self, client: mqtt.Client, session: Session, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.inbound.handle(session.number, message.topic, bytes(message.payload))
+        except Exception:  # a bug in one message must not stop paho's thread
+            log.exception("handling an MQTT message on %s failed", message.topic)
+
+    # -- outbound ---------------------------------------------------------
+
+    def publish_async(self, topic: str, payload: bytes, qos: int, on_done: OnDone, session: Session | None = None) -> None:
+        """Publish on the device session (or ``session``); see the module docstring."""
+        session = session or self.device_session()
+        if session is None or not session.connected:
+            on_done(False, "not connected to ThingsBoard")
+            return
+        try:
+            info = session.client.publish(topic, payload, qos=qos)
+        except (ValueError, RuntimeError) as exc:  # oversize payload, bad topic
+            on_done(False, f"publish refused: {exc}")
+            return
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            on_done(False, f"publish refused: {mqtt.error_string(info.rc)}")
+            return
+        self._register(session, info.mid, on_done)
+
+    def subscribe(self, topics: tuple[str, ...], on_done: OnDone, session: Session | None = None) -> None:
+        """Subscribe at QoS 1; ``on_done`` on SUBACK (failure if any filter is refused)."""
+        session = session or self._current
+        if session is None or not session.connected:
+            on_done(False, "not connected to ThingsBoard")
+            return
+        rc, mid = session.client.subscribe([(t, 1) for t in topics])
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            on_done(False, f"subscribe refused: {mqtt.error_string(rc)}")
+            return
+        self._register(session, mid, on_done)
+
+    def _register(self, session: Session, mid: int, on_done: OnDone) -> None:
+        with self._lock:
+            early = mid in session.early  # acknowledged even if the session ended since
+            reason = session.early.pop(mid, None)
+            lost = not early and session.ended.is_set()
+            if not lost and not early:
+                session.pending[mid] = on_done
+        if lost:
+            on_done(False, f"session lost before PUBACK: {session.reason or 'connection closed'}")
+        elif early:
+            _finish(on_done, reason)
+
+
+def _finish(on_done: OnDone, reason: Any) -> None:
+    if reason is not None and getattr(reason, "is_failure", False):
+        on_done(False, f"refused by the server: {reason}")
+    else:
+        on_done(True, None)
+
+
+def _first_failure(codes: Any) -> Any:
+    """SUBACK: one reason code per filter; report the first refused one."""
+    for code in codes or ():
+        if getattr(code, "is_failure", False):
+            return code
+    return None
