@@ -18,6 +18,14 @@ CONNACK_CODES = {"Success": 0, "Unsupported protocol version": 1, "Client identi
 WAIT = 5.0
 
 
+def acked(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether the PUBACK for ``info`` arrived; paho raises instead when the connection dropped first."""
+    try:
+        return info.is_published()
+    except RuntimeError:
+        return False
+
+
 class Device:
     """A paho MQTT 3.1.1 client playing a device, with blocking helpers for tests."""
 

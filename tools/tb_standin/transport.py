@@ -126,13 +126,17 @@ class TbSession(BrokerProtocolHandler):
         """Server-side close (TB ``closeCtx``): remember why, then drop the TCP connection."""
         if self.close_reason is None:
             self.close_reason = reason
+        self._report()  # before the socket closes, so whoever sees the close also finds the reason
         await self.stop()
         await self._report_closed()
 
-    async def _report_closed(self) -> None:
+    def _report(self) -> None:
         if not self._closed_reported:
             self._closed_reported = True
             self.server.on_session_closed(self, self.close_reason or "connection_lost")
+
+    async def _report_closed(self) -> None:
+        self._report()
         if self.writer is not None:
             with suppress(Exception):
                 await self.writer.close()

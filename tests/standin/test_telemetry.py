@@ -1,0 +1,92 @@
+"""Telemetry upload: shapes, typing, PUBACK after store, invalid and oversize packets (§1, §0.5, §7 item 4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.standin.helpers import Device, acked
+from tools.tb_standin import StandIn
+
+TELEMETRY = "v1/devices/me/telemetry"
+
+
+def test_plain_object_gets_one_server_timestamp(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"temperature": 21.5, "on": True})
+    [(ts, values)] = standin.telemetry("dev1")
+    assert values == {"temperature": 21.5, "on": True}
+    assert ts > 1_600_000_000_000
+
+
+def test_timestamped_object_keeps_its_ts_and_string_ts_works(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"ts": 1451649600512, "values": {"a": 1}})
+    connected.publish_acked(TELEMETRY, {"ts": "1451649600513", "values": {"a": 2}})
+    assert standin.telemetry("dev1") == [(1451649600512, {"a": 1}), (1451649600513, {"a": 2})]
+
+
+def test_ts_without_values_is_an_ordinary_key(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"ts": 123})
+    [(ts, values)] = standin.telemetry("dev1")
+    assert values == {"ts": 123} and ts != 123
+
+
+def test_array_of_mixed_elements_shares_one_server_ts(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, [{"a": 1}, {"ts": 5, "values": {"b": 2}}, {"c": 3}])
+    records = standin.telemetry("dev1")
+    assert [values for _, values in records] == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert records[0][0] == records[2][0] != 5 and records[1][0] == 5
+    assert standin.telemetry_count("dev1") == 3 and standin.data_points("dev1") == 3
+
+
+def test_typing_casts_numeric_strings_and_skips_nulls(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"l": "42", "d": "4.5", "s": "4.5.1", "plus": "+1", "n": None,
+                                        "big": 2**64, "nested": {"x": [1, 2]}})
+    assert standin.latest("dev1") == {"l": 42, "d": 4.5, "s": "4.5.1", "plus": "+1", "big": str(2**64),
+                                      "nested": {"x": [1, 2]}}
+    assert standin.data_points("dev1") == 6  # the null is no data point
+
+
+def test_qos0_is_stored_too(connected: Device, standin: StandIn) -> None:
+    connected.publish(TELEMETRY, {"q": 0}, qos=0)
+    assert standin.wait_for(lambda: standin.telemetry("dev1", "q"))
+
+
+def test_puback_arrives_only_after_the_data_is_stored(connected: Device, standin: StandIn) -> None:
+    for i in range(20):
+        info = connected.publish(TELEMETRY, [{"ts": i * 10 + k, "values": {"i": i}} for k in range(10)])
+        info.wait_for_publish(5)
+        assert acked(info)
+        assert standin.telemetry_count("dev1") == (i + 1) * 10  # no waiting: stored before the ack
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json", b"", b"42", b"null", b'"text"', b'[{"a":1}, 5]', b'{"ts":1,"values":[1]}', b'{"ts":"x","values":{}}',
+], ids=["invalid-json", "empty", "number", "null", "string", "non-object-element", "values-not-object", "bad-ts"])
+def test_invalid_payload_closes_without_puback(connected: Device, standin: StandIn, payload: bytes) -> None:
+    info = connected.publish(TELEMETRY, payload)
+    connected.wait_closed()
+    assert not acked(info)
+    assert standin.telemetry_count("dev1") == 0
+    assert standin.disconnect_reasons("dev1") == ["invalid_payload"]
+
+
+def test_packet_over_65536_bytes_closes_without_puback(connected: Device, standin: StandIn) -> None:
+    # Remaining length = 2 + len(topic) + 2 (packet id) + payload; 27 bytes of overhead here.
+    at_limit = b'{"k":"' + b"x" * (65536 - 27 - 8) + b'"}'
+    connected.publish_acked(TELEMETRY, at_limit)
+    info = connected.publish(TELEMETRY, at_limit[:-2] + b'x"}')
+    connected.wait_closed()
+    assert not acked(info)
+    assert standin.telemetry_count("dev1") == 1
+    assert standin.disconnect_reasons("dev1") == ["packet_too_large"]
+
+
+def test_unknown_topic_gets_a_puback_and_the_session_stays(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked("v1/devices/me/nonsense", {"a": 1})
+    connected.publish_acked(TELEMETRY, {"after": 1})
+    assert standin.is_connected("dev1")
+    assert standin.latest("dev1") == {"after": 1}
+
+
+def test_claim_is_acknowledged(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked("v1/devices/me/claim", {"secretKey": "s", "durationMs": 60000})
+    assert standin.is_connected("dev1")
