@@ -1,0 +1,107 @@
+"""Effects on managed files (handled by the files adapter, ``teg_fsm/files.py``).
+
+Paths in these effects are the operator's raw definition paths (``$DATA_PATH``
+not yet expanded): the adapter alone expands, resolves and confines them, so
+the rule "nothing outside the allowed roots" lives in one place.
+
+Also here: how a ``FILE_CONTENT_<key>`` value becomes bytes. The machine uses
+it to reject bad content before anything is written; the adapter uses it to
+write. It is pure (no I/O), so both sides may import it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import attrs
+
+from teg_fsm.effects import Effect
+
+ENCODINGS = ("text", "json", "base64")
+NO_FILE = "E_NOFILE"  # the existing gateway's marker for a missing file (hash and mirror)
+TOO_LARGE = "E_TOOLARGE"  # mirror marker: the file does not fit in one ThingsBoard message
+
+
+class ContentError(ValueError):
+    """A content value that does not fit its encoding; the message says why."""
+
+
+def content_bytes(encoding: str, value: Any) -> bytes:
+    """The bytes a ``FILE_CONTENT_`` value stands for, or ContentError.
+
+    json content is written as ``json.dumps(value)``, like the existing gateway,
+    so a device switching over sees the same bytes and the same md5.
+    """
+    if encoding == "text":
+        if not isinstance(value, str):
+            raise ContentError(f"text content must be a string, got {_kind(value)}")
+        return value.encode("utf-8")
+    if encoding == "json":
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                raise ContentError(f"json content is a string that is not valid JSON ({exc})") from None
+            return value.encode("utf-8")
+        if not isinstance(value, (dict, list)):
+            raise ContentError(f"json content must be a JSON object or array, got {_kind(value)}")
+        return json.dumps(value).encode("utf-8")
+    if encoding == "base64":
+        if not isinstance(value, str):
+            raise ContentError(f"base64 content must be a string, got {_kind(value)}")
+        try:
+            # Line breaks are common in pasted base64 (``base64`` wraps at 76
+            # columns); anything else outside the alphabet is an error.
+            return base64.b64decode("".join(value.split()).encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+            raise ContentError(f"base64 content does not decode ({exc})") from None
+    raise ContentError(f"unknown encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+@attrs.frozen(kw_only=True)
+class ScanFiles(Effect):
+    """Hash the managed files: ``files`` maps key -> raw path.
+
+    Succeeds with ``{key: {"hash": md5 | "E_NOFILE", "path": resolved}}``, or
+    ``{key: {"error": reason}}`` for a path that is refused or unreadable.
+    """
+
+    files: dict[str, str]
+
+
+@attrs.frozen(kw_only=True)
+class WriteFile(Effect):
+    """Write one file atomically (temp file, fsync, rename), keeping its mode.
+
+    ``content`` is the ``FILE_CONTENT_<key>`` value as ThingsBoard sent it; the
+    adapter turns it into bytes with ``content_bytes``. Nothing is written when
+    the bytes already match the file. Succeeds with ``{"hash", "changed",
+    "path"}``; fails (nothing on disk changed) for a refused path, a missing
+    file that may not be created, bad content or an I/O error.
+    """
+
+    key: str
+    path: str
+    encoding: str
+    content: Any
+    create: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class MirrorFiles(Effect):
+    """Publish ``FILE_READ_<key>`` for each file: ``files`` maps key -> {path, encoding}.
+
+    The adapter reads and encodes each file and publishes it itself, so file
+    contents never enter the journal. Succeeds with ``{key: status}``, status
+    being ``sent``, ``missing`` (E_NOFILE sent), ``too_large:<bytes>`` (E_TOOLARGE
+    sent instead of the content) or ``error:<reason>``.
+    """
+
+    files: dict[str, dict[str, str]]
