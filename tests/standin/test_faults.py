@@ -1,0 +1,60 @@
+"""Fault injection the gateway must survive (§7 item 11)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.standin.helpers import Device, acked
+from tools.tb_standin import StandIn
+
+TELEMETRY = "v1/devices/me/telemetry"
+
+
+def test_dropped_puback_keeps_the_data_and_later_acks_flow(connected: Device, standin: StandIn) -> None:
+    standin.drop_pubacks(1)
+    lost = connected.publish(TELEMETRY, {"n": 1})
+    connected.publish_acked(TELEMETRY, {"n": 2})  # PUBACKs are per packet id: the second one still comes
+    assert not acked(lost)
+    assert [v for _, v in standin.telemetry("dev1", "n")] == [1, 2]
+    assert len(standin.events("dev1", "puback_dropped")) == 1
+
+
+def test_dropped_puback_with_disconnect(connected: Device, standin: StandIn) -> None:
+    standin.drop_pubacks(1, device="dev1", disconnect=True)
+    info = connected.publish(TELEMETRY, {"n": 1})
+    connected.wait_closed()
+    assert not acked(info)
+    assert standin.telemetry_count("dev1") == 1  # stored although never acknowledged
+    assert standin.disconnect_reasons("dev1") == ["fault_disconnect"]
+
+
+def test_delayed_puback(connected: Device, standin: StandIn) -> None:
+    standin.delay_pubacks(0.5)
+    start = time.monotonic()
+    info = connected.publish(TELEMETRY, {"n": 1})
+    standin.wait_for(lambda: standin.telemetry_count("dev1") == 1)
+    assert not acked(info)  # stored, ack still pending
+    info.wait_for_publish(5)
+    assert acked(info) and time.monotonic() - start >= 0.5
+    standin.delay_pubacks(0)
+    connected.publish_acked(TELEMETRY, {"n": 2})
+
+
+def test_restart_drops_sessions_keeps_data_and_ports(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"n": 1})
+    port = standin.port
+    standin.restart()
+    connected.wait_closed()
+    assert standin.port == port and standin.disconnect_reasons("dev1") == ["server_restart"]
+    assert standin.telemetry_count("dev1") == 1
+    connected.client.reconnect()
+    standin.wait_for(lambda: standin.is_connected("dev1"))
+
+
+def test_disconnect_during_unacknowledged_publish(connected: Device, standin: StandIn) -> None:
+    standin.delay_pubacks(5)
+    info = connected.publish(TELEMETRY, {"n": 1})
+    standin.wait_for(lambda: standin.telemetry_count("dev1") == 1)
+    standin.disconnect("dev1")
+    connected.wait_closed()
+    assert not acked(info)
