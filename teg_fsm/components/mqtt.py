@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from teg_fsm import __version__, tokens
 from teg_fsm.dispatcher import MachineSpec
+from teg_fsm.effects import Log
 from teg_fsm.effects.mqtt import (
     ATTRIBUTES_REQUEST_TOPIC,
     CLIENT_RPC_REQUEST_TOPIC,
@@ -97,6 +98,8 @@ class MqttComponent:
         register(RequestProvisioning, self._request_provisioning)
         register(CheckToken, self._check_token)
         register(MoveTokenAside, self._move_token_aside)
+        if not self.gateway.runner.handles(Log):  # the logs component, when present, forwards them too
+            register(Log, _log_effect)
 
     def start(self) -> None:
         """Nothing to start: the connection machine asks for the first connect."""
@@ -180,3 +183,11 @@ class MqttComponent:
         if moved is not None:
             log.warning("access token rejected by ThingsBoard; token file kept as %s", moved)
         completion.succeed({"moved_to": str(moved) if moved else None})
+
+
+def _log_effect(effect: Log, completion: Completion) -> None:
+    """A machine's report, into the gateway's log (logger ``teg.<machine>``)."""
+    level = logging.getLevelName(effect.level.upper())
+    machine = effect.id.partition(":")[0] or "machine"
+    logging.getLogger(f"teg.{machine}").log(level if isinstance(level, int) else logging.INFO, effect.message)
+    completion.succeed(None)
