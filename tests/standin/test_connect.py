@@ -117,3 +117,35 @@ def test_server_disconnect_is_logged_with_reason(connected: Device, standin: Sta
     connected.wait_closed()
     assert standin.disconnect_reasons("dev1") == ["admin_disconnect"]
     assert standin.disconnect("dev1") is False
+
+
+def test_mqtt5_client_is_refused_with_unsupported_protocol_version(
+        standin: StandIn, devices: Callable[..., Device]) -> None:
+    # The stand-in speaks MQTT 3.1.1 only (amqtt 0.12.1 has no MQTT 5); see the README.
+    import paho.mqtt.client as mqtt
+
+    standin.add_device("dev1", "token1")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+    client.username_pw_set("token1")
+    refused: list[str] = []
+    client.on_connect = lambda c, u, f, reason, p: refused.append(reason.getName())
+    client.connect("127.0.0.1", standin.port)
+    client.loop_start()
+    try:
+        standin.wait_for(lambda: refused)
+        assert refused[0] == "Unsupported protocol version"
+        assert standin.events("dev1", "connect_refused") or standin.events(kind="connect_refused")
+    finally:
+        client.loop_stop()
+
+
+def test_mqtt_basic_credentials_connect(standin: StandIn, devices: Callable[..., Device]) -> None:
+    standin.add_provision_profile("k", "s")
+    provisioner = devices(standin.port, "provision")
+    provisioner.connect()
+    provisioner.publish("/provision/request", {"deviceName": "basic1", "provisionDeviceKey": "k",
+                                               "provisionDeviceSecret": "s", "credentialsType": "MQTT_BASIC",
+                                               "clientId": "cid1", "username": "user1", "password": "pw1"})
+    assert provisioner.expect_json("/provision/response")["status"] == "SUCCESS"
+    assert devices(standin.port, "user1", client_id="cid1", password="pw1").connect() == 0
+    assert devices(standin.port, "user1", client_id="cid1", password="bad").connect(expect=None) == 0x05

@@ -150,3 +150,47 @@ def test_client_rpc_without_method_closes_the_session(connected: Device, standin
     connected.publish(RPC_REQ + "1", {"params": {}})
     connected.wait_closed()
     assert standin.disconnect_reasons("dev1") == ["rpc_method_missing"]
+
+
+def test_persistent_rpc_survives_a_restart_while_queued(standin: StandIn, devices: Callable[..., Device]) -> None:
+    standin.add_device("dev1", "token1")
+    standin.rpc_async("dev1", "lightweight", {}, timeout=5)  # takes id 0, lost on restart
+    rpc_id = standin.rpc_persistent("dev1", "persist", {"k": 1}, timeout=10)
+    assert standin.rpc_status(rpc_id)["status"] == "QUEUED" and standin.rpc_status(rpc_id)["request_id"] == 1
+    standin.restart()
+    device = devices(standin.port, "token1")
+    device.connect()
+    answer_with(device, lambda request: {"got": request["method"]})
+    device.subscribe(RPC_SUB)
+    assert device.expect_json(RPC_REQ + "0") == {"method": "persist", "params": {"k": 1}}  # reloaded, new id
+    status = standin.wait_for(lambda: (s := standin.rpc_status(rpc_id))["status"] == "SUCCESSFUL" and s)
+    assert status["response"] == {"got": "persist"}
+    assert status["history"][:2] == ["QUEUED", "SENT"]  # paho replies before it PUBACKs: DELIVERED may be skipped
+
+
+def test_persistent_rpc_expires_when_the_device_stays_away(standin: StandIn) -> None:
+    standin.add_device("dev1", "token1")
+    rpc_id = standin.rpc_persistent("dev1", "m", {}, timeout=0.2)
+    assert standin.wait_for(lambda: standin.rpc_status(rpc_id)["status"] == "EXPIRED")
+
+
+def test_rpc_without_puback_times_out_on_delivery_and_is_resent_on_next_subscription(
+        make_standin: Callable[..., StandIn], devices: Callable[..., Device]) -> None:
+    standin = make_standin(rpc_delivery_timeout=0.2)
+    standin.add_device("dev1", "token1")
+    silent = devices(standin.port, "token1")
+    silent.client.manual_ack_set(True)  # this session never acknowledges
+    silent.connect()
+    silent.subscribe(RPC_SUB)
+    future = standin.rpc_async("dev1", "retry-me", {}, timeout=10)
+    silent.expect(RPC_REQ + "0")
+    assert standin.wait_for(lambda: standin._sync(  # noqa: SLF001 - peek at the pending map
+        lambda: standin._server.rpc.pending["dev1"][0].status) == "TIMEOUT")  # noqa: SLF001
+    silent.close()
+
+    device = devices(standin.port, "token1")
+    device.connect()
+    answer_with(device, lambda request: "second time lucky")
+    device.subscribe(RPC_SUB)
+    assert future.result(10) == "second time lucky"
+    assert device.expect(lambda t: t.startswith(RPC_REQ)).topic == RPC_REQ + "0"  # same request id

@@ -187,6 +187,23 @@ class StandIn:
         return asyncio.run_coroutine_threadsafe(
             self._server.call_rpc(device, method, params, timeout, oneway), self._loop)
 
+    def rpc_persistent(self, device: str, method: str, params: Any = None, timeout: float = 10.0,
+                       oneway: bool = False) -> str:
+        """Persistent RPC (REST ``"persistent": true``): returns its id at once; see :meth:`rpc_status`.
+
+        ``timeout`` sets the expiration (TB: now + max(5 s, timeout), 10 s by default).
+        """
+        return self._sync(lambda: self._server.submit_persistent_rpc(device, method, params, timeout, oneway))
+
+    def rpc_status(self, rpc_id: str) -> dict[str, Any]:
+        """A persistent RPC's state: status (QUEUED, SENT, DELIVERED, SUCCESSFUL, TIMEOUT, EXPIRED),
+        the device's response, the request id it was sent with and its status history."""
+        def read() -> dict[str, Any]:
+            rpc = self._server.rpc.persistent[rpc_id]
+            return {"id": rpc.uuid, "device": rpc.device, "request_id": rpc.rpc_id, "method": rpc.method,
+                    "status": rpc.status, "response": rpc.response, "history": list(rpc.history)}
+        return self._sync(read)
+
     def rpc_history(self, device: str | None = None) -> list[dict[str, Any]]:
         """Finished server-side RPCs: id, method, final status and the status history."""
         return self._sync(lambda: [

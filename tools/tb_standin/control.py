@@ -24,7 +24,7 @@ OPS = frozenset({
     "add_device", "add_provision_profile", "devices", "device_info",
     "set_shared", "delete_shared", "shared", "client_attributes",
     "telemetry", "latest", "telemetry_count", "data_points",
-    "rpc", "rpc_history", "client_rpcs",
+    "rpc", "rpc_persistent", "rpc_status", "rpc_history", "client_rpcs",
     "assign_ota", "unassign_ota",
     "set_limits", "set_session_limits", "session_limits",
     "drop_pubacks", "delay_pubacks", "restart", "disconnect", "is_connected", "subscriptions",

@@ -423,6 +423,12 @@ class TbServer:
             raise KeyError(name)
         return await self.rpc.call(name, self.sessions.get(name), method, params, timeout, oneway)
 
+    def submit_persistent_rpc(self, name: str, method: str, params: Any, timeout: float, oneway: bool) -> str:
+        """A persistent RPC: queued (also across restarts) until delivered or expired; returns its id."""
+        if name not in self.registry.devices:
+            raise KeyError(name)
+        return self.rpc.submit(name, self.sessions.get(name), method, params, timeout, oneway, persistent=True).uuid
+
     def on_rpc_subscribed(self, session: TbSession) -> None:
         self.rpc.on_subscribed(session)
 
