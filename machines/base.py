@@ -82,8 +82,90 @@ class GatewayMachine(StateChart):
 
     def handle(self, ev: Event) -> tuple[list[tuple[str, str, str]], list[Effect]]:
         self.now_ms = ev.ts_ms
-        self.send(ev.name, ev=ev)
+        if self._flat:
+            self._microstep(ev)
+        else:
+            before = self.state_name
+            self.send(ev.name, ev=ev)
+            if self.state_name != before:
+                self.transition_log.append((before, self.state_name, ev.name))
         return self.take_transitions(), self.take_effects()
+
+    # -- the flat-machine microstep ---------------------------------------
+    # Why: the library's SCXML processing loop (queues, macrosteps, eventless
+    # transitions) costs ~200 us per event, ten times the gateway's budget. A
+    # flat machine needs exactly one microstep: pick the first enabled
+    # transition of the active state, then before -> exit -> on -> enter ->
+    # after. This runs that step on the library's own resolved callbacks
+    # (same keys, same argument injection), so declarations, conventions and
+    # diagrams stay the library's; tests/engine/test_microstep.py checks it
+    # against ``send`` on every machine.
+
+    @property
+    def _flat(self) -> bool:
+        return type(self)._is_flat()
+
+    @classmethod
+    def _is_flat(cls) -> bool:
+        flat = cls.__dict__.get("_flat_cache")
+        if flat is None:
+            flat = all(s.is_atomic and s.parent is None and not s.final for s in cls.states_map.values())
+            flat = flat and not any(t.is_eventless for s in cls.states for t in s.transitions)
+            cls._flat_cache = flat
+        return flat
+
+    @classmethod
+    def _candidates(cls, state_id: str, event_name: str) -> list[Any]:
+        table = cls.__dict__.get("_candidates_cache")
+        if table is None:
+            table = {}
+            cls._candidates_cache = table
+        key = (state_id, event_name)
+        if key not in table:
+            state = cls.states_map[state_id]
+            table[key] = [t for t in state.transitions if not t.initial and t.match(event_name)]
+        return table[key]
+
+    def _microstep(self, ev: Event) -> None:
+        state = self.states_map[self.current_state_value]
+        candidates = self._candidates(state.id, ev.name)
+        if not candidates:
+            return
+        callbacks = self._callbacks
+        event = self._event_objects()[ev.name]
+        base = {"ev": ev, "machine": self, "model": self.model, "event": event, "event_data": None}
+        for transition in candidates:
+            kwargs = {**base, "transition": transition, "state": state, "source": state, "target": transition.target}
+            callbacks.call(transition.validators.key, **kwargs)
+            if callbacks.all(transition.cond.key, **kwargs):
+                self._take(transition, state, kwargs)
+                return
+
+    def _take(self, transition: Any, state: Any, kwargs: dict[str, Any]) -> None:
+        callbacks = self._callbacks
+        target = transition.target
+        previous = self.current_state_value
+        try:
+            callbacks.call(transition.before.key, **kwargs)
+            if not transition.internal:
+                callbacks.call(state.exit.key, **kwargs)
+            callbacks.call(transition.on.key, **kwargs)
+            if not transition.internal:
+                self.current_state_value = target.value
+                callbacks.call(target.enter.key, **{**kwargs, "state": target})
+        except Exception:
+            self.current_state_value = previous
+            raise
+        self.transition_log.append((state.id, target.id, kwargs["event"].id))
+        callbacks.call(transition.after.key, **{**kwargs, "state": target})
+
+    def _event_objects(self) -> dict[str, Any]:
+        cls = type(self)
+        table = cls.__dict__.get("_event_objects_cache")
+        if table is None:
+            table = {e.id: e for e in self.events}
+            cls._event_objects_cache = table
+        return table
 
     def take_effects(self) -> list[Effect]:
         effects, self.outbox = self.outbox, []
@@ -92,10 +174,6 @@ class GatewayMachine(StateChart):
     def take_transitions(self) -> list[tuple[str, str, str]]:
         transitions, self.transition_log = self.transition_log, []
         return transitions
-
-    def after_transition(self, event: Any, source: Any, target: Any) -> None:
-        if source is not None and target is not None:
-            self.transition_log.append((source.id, target.id, str(event)))
 
     @property
     def state_name(self) -> str:

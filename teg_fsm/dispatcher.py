@@ -214,7 +214,16 @@ class Dispatcher:
                 issued.extend((machine, e) for e in self._number(machine, event, effects, 0))
             self._pending_construction = []
         for machine in self._recipients(event):
-            moved, effects = machine.handle(event)
+            try:
+                moved, effects = machine.handle(event)
+            except Exception:
+                # A machine bug must not stop the gateway: the step is dropped
+                # whole (its state was restored), logged, and the next event runs.
+                machine.take_effects(), machine.take_transitions()
+                log.exception("%s failed on event #%s %s", machine.machine_name, event.seq, event.name)
+                if self.replaying:
+                    raise
+                continue
             for source, target, trigger in moved:
                 transitions.append(Transition(machine.machine_name, source, target, trigger))
             if moved:
@@ -224,7 +233,7 @@ class Dispatcher:
         result = Dispatched(event, transitions, [e for _, e in issued])
         if self._journal is not None:
             self._journal.record(
-                self._codec.event_to_record(event),
+                event,
                 transitions,
                 [self._codec.effect_to_record(e) for e in result.effects],
             )

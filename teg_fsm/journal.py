@@ -22,6 +22,8 @@ from typing import Any
 
 import attrs
 
+from teg_fsm.events import Event
+
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_AGE_S = 30 * 24 * 3600
 
@@ -98,6 +100,7 @@ class Journal:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._rows: list[tuple[Any, ...]] = []
+        self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
         self._last_flush = time.monotonic()
         self._flushes = 0
 
@@ -107,20 +110,21 @@ class Journal:
 
     def record(
         self,
-        event: dict[str, Any],
+        event: Event,
         transitions: list[Transition],
         effects: list[dict[str, Any]],
     ) -> None:
+        encode = self._encode
         self._rows.append(
             (
-                event["seq"],
-                event["ts_ms"],
-                event["source"],
-                event["name"],
-                event.get("target"),
-                json.dumps(event.get("data", {}), separators=(",", ":"), default=str),
-                json.dumps([attrs.asdict(t) for t in transitions], separators=(",", ":")),
-                json.dumps(effects, separators=(",", ":"), default=str),
+                event.seq,
+                event.ts_ms,
+                event.source,
+                event.name,
+                event.target,
+                encode(event.data) if event.data else "{}",
+                encode([attrs.asdict(t) for t in transitions]) if transitions else "[]",
+                encode(effects) if effects else "[]",
             )
         )
         if len(self._rows) >= 2000 or time.monotonic() - self._last_flush >= self._flush_interval_s:

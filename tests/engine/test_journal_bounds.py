@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from teg_fsm.events import Event
 from teg_fsm.journal import Journal, Transition, read_journal
 
 
-def _event(seq: int, ts_ms: int, blob: str = "") -> dict:
-    return {"seq": seq, "ts_ms": ts_ms, "source": "test", "name": "tick", "data": {"blob": blob}, "target": None}
+def _event(seq: int, ts_ms: int, blob: str = "") -> Event:
+    return Event(seq, ts_ms, "test", "tick", {"blob": blob})
 
 
 def test_rows_older_than_the_age_bound_are_pruned(tmp_path: Path) -> None:
