@@ -1,0 +1,601 @@
+"""OTA of the controller: fetch, check out, build, swap, probation, commit or roll back.
+
+What it is for: ThingsBoard assigns a controller version (shared attribute
+``sw_version``, legacy ``sf_version``): a git tag or a 40-hex commit of the
+controller repository. This machine brings that version into service, or
+leaves the device on its last good version, and reports each step as ``sw_state``.
+
+Events it takes: ``shared_attributes_updated`` {values, deleted} (push) and
+``shared_attributes_received`` {shared} (after every connect), the outcomes of
+its effects (``fetch_*``, ``checkout_*``, ``build_*``, ``record_*``), the
+controller machine's ``swap_succeeded`` / ``swap_failed`` and broadcasts
+``controller_started`` / ``controller_exited`` / ``controller_health_seen``,
+its timers, ``ota_retry_requested`` / ``ota_rollback_requested`` (RPC) and
+``resumed``.
+
+Effects it emits: FetchControllerRepo, CheckoutControllerVersion,
+BuildControllerImage, WriteControllerVersion, PruneControllerImages, Publish
+of ``sw_state`` telemetry, Notify ``swap_requested`` to the controller, timers.
+
+Persisted: desired/target/running/last good versions, the blocked (rolled
+back) version, the failure reason, probation progress and the last report.
+Resume: every step's work is idempotent, so each busy state re-enters itself
+and re-issues it (a swap is re-requested, probation restarts its window).
+A crash loop lands in ``failed``: before the swap that gives up on the target
+(the old controller never stopped); in swap or probation it rolls back.
+
+Concurrency: one step runs at a time. An assignment arriving mid-update is
+recorded; when the running step ends, a newer target restarts the pipeline
+from ``fetching`` (via ``idle``) and the latest assignment wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+from statemachine import State
+
+from machines.base import GatewayMachine
+from teg_fsm.effects import CancelTimer, Log, Notify, StartTimer
+from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish
+from teg_fsm.effects.ota import (
+    BuildControllerImage,
+    CheckoutControllerVersion,
+    FetchControllerRepo,
+    PruneControllerImages,
+    WriteControllerVersion,
+)
+from teg_fsm.events import Event
+
+# Docker repository path component (lowercase, separators . _ __ -), so the
+# image name is valid; it also rules out spaces, shell characters and "..".
+_TAG = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+VERSION_RULE = (
+    "a version must be a git tag of lowercase letters, digits and . _ - "
+    "(e.g. v1.2.3, at most 128 characters) or a full 40-hex commit hash"
+)
+
+
+def version_error(version: Any) -> str | None:
+    """Why ``version`` cannot be installed, or None when it is acceptable."""
+    if not isinstance(version, str) or not version:
+        return f"refused version {version!r}: {VERSION_RULE}"
+    if _COMMIT.fullmatch(version) or (
+        len(version) <= 128 and _TAG.fullmatch(version) and not version.endswith(".lock")
+    ):
+        return None
+    return f"refused version {version!r}: {VERSION_RULE}"
+
+
+def image_name(version: str) -> str:
+    return f"teg-controller-{version}:latest"
+
+
+@attrs.define
+class OtaSettings:
+    git_dir: str = ""
+    context_dir: str = ""
+    dockerfile: str = "./Dockerfile"
+    version_file: str = "last_launched_controller_version.txt"
+    last_good: str | None = None  # read from version_file at boot; a checkpoint wins
+    title: str = "controller"  # current_sw_title until a package title is known
+    probation_s: float = 120.0
+    health_timeout_s: float = 120.0
+    min_free_disk_mb: int = 1024
+    keep_images: int = 2
+    fetch_timeout_s: float = 300.0
+    fetch_retry_s: float = 600.0
+    checkout_timeout_s: float = 120.0
+    build_timeout_s: float = 3600.0
+    swap_timeout_s: float = 300.0
+    record_timeout_s: float = 30.0
+    image_labels: dict[str, str] = attrs.field(factory=dict)
+    build_network_mode: str | None = None
+
+
+_PERSISTED = (
+    "desired", "desired_title", "target", "target_title", "running", "running_title", "last_good",
+    "blocked", "reason", "transient", "health_seen", "window_over", "swap_started_ms",
+    "rollback_asked", "last_report",
+)
+_BUSY = ("fetching", "checking_out", "building")
+_LIVE = ("swapping", "probation")
+
+
+class OtaMachine(GatewayMachine):
+    """Installs the assigned controller version; rolls back to the last good one."""
+
+    machine_name = "ota"
+    settings_type = OtaSettings
+    resume_table = {
+        "idle": "idle", "fetching": "fetching", "checking_out": "checking_out", "building": "building",
+        "swapping": "swapping", "probation": "probation", "committing": "committing",
+        "committed": "committed", "rolling_back": "rolling_back", "failed": "failed",
+    }
+    rest_states = frozenset({"idle", "committed", "failed"})
+    crash_loop_state = "failed"
+    max_resumes = 3
+
+    idle = State(initial=True)
+    fetching = State()
+    checking_out = State()
+    building = State()
+    swapping = State()
+    probation = State()
+    committing = State()
+    committed = State()
+    rolling_back = State()
+    failed = State()
+
+    # Assignments: start from a rest state; otherwise just recorded (see _note_assignment).
+    shared_attributes_updated = (
+        idle.to(fetching, cond="assignment_starts") | committed.to(fetching, cond="assignment_starts")
+        | failed.to(fetching, cond="assignment_starts")
+        | idle.to.itself(internal=True) | committed.to.itself(internal=True) | failed.to.itself(internal=True)
+        | fetching.to.itself(internal=True) | checking_out.to.itself(internal=True)
+        | building.to.itself(internal=True) | swapping.to.itself(internal=True)
+        | probation.to.itself(internal=True) | committing.to.itself(internal=True)
+        | rolling_back.to.itself(internal=True)
+    )
+    shared_attributes_received = (
+        idle.to(fetching, cond="assignment_starts") | committed.to(fetching, cond="assignment_starts")
+        | failed.to(fetching, cond="assignment_starts")
+        | idle.to.itself(internal=True) | committed.to.itself(internal=True) | failed.to.itself(internal=True)
+        | fetching.to.itself(internal=True) | checking_out.to.itself(internal=True)
+        | building.to.itself(internal=True) | swapping.to.itself(internal=True)
+        | probation.to.itself(internal=True) | committing.to.itself(internal=True)
+        | rolling_back.to.itself(internal=True)
+    )
+    # A rest state entered with a newer target pending posts this to itself.
+    assignment_pending = (
+        idle.to(fetching, cond="should_start") | committed.to(fetching, cond="should_start")
+        | failed.to(fetching, cond="should_start")
+    )
+    fetch_retry_elapsed = failed.to(fetching, cond=["should_start", "transient"])
+    ota_retry_requested = (
+        idle.to(fetching, cond="retry_starts") | committed.to(fetching, cond="retry_starts")
+        | failed.to(fetching, cond="retry_starts")
+    )
+
+    # Before the swap: the old controller keeps running whatever happens.
+    fetch_succeeded = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out)
+    fetch_failed = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_transient")
+    fetch_timed_out = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_transient")
+    fetch_cancelled = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_transient")
+    checkout_succeeded = (
+        checking_out.to(idle, cond="is_superseded") | checking_out.to(building, on="report_downloaded")
+    )
+    checkout_failed = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
+    checkout_timed_out = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
+    checkout_cancelled = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
+    build_succeeded = building.to(idle, cond="is_superseded") | building.to(swapping, on="report_verified")
+    build_failed = building.to(idle, cond="is_superseded") | building.to(failed, on="fail_blocking")
+    build_timed_out = building.to(idle, cond="is_superseded") | building.to(failed, on="fail_blocking")
+    build_cancelled = building.to(idle, cond="is_superseded") | building.to(failed, on="fail_blocking")
+
+    # Swap and probation: failures roll back. The controller answers by Notify,
+    # which has no timed_out/cancelled outcome: the swap deadline timer stands in.
+    swap_succeeded = (
+        swapping.to(rolling_back, cond=["is_for_target", "rollback_asked", "has_last_good"])
+        | swapping.to(probation, cond="is_for_target")
+        | rolling_back.to(failed, cond="is_for_last_good", on="rolled_back")
+    )
+    swap_failed = (
+        swapping.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
+        | swapping.to(failed, cond="is_for_target", on="fail_without_rollback")
+        | rolling_back.to(failed, cond="is_for_last_good", on="rollback_failed")
+    )
+    swap_deadline_elapsed = (
+        swapping.to(rolling_back, cond="has_last_good", on="note_swap_timeout")
+        | swapping.to(failed, on="fail_without_rollback")
+        | rolling_back.to(failed, on="rollback_failed")
+    )
+    controller_exited = (
+        probation.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
+        | probation.to(failed, cond="is_for_target", on="fail_without_rollback")
+    )
+    controller_health_seen = (
+        probation.to(committing, cond=["is_fresh_target_health", "window_over"])
+        | swapping.to.itself(internal=True, cond="is_fresh_target_health", on="note_health")
+        | probation.to.itself(internal=True, cond="is_fresh_target_health", on="note_health")
+    )
+    probation_elapsed = (
+        probation.to(committing, cond="health_seen") | probation.to.itself(internal=True, on="note_window_over")
+    )
+    health_deadline_elapsed = (
+        probation.to(rolling_back, unless="health_seen", cond="has_last_good", on="note_no_health")
+        | probation.to(failed, unless="health_seen", on="fail_no_health")
+    )
+    controller_started = (
+        idle.to.itself(internal=True) | committed.to.itself(internal=True) | failed.to.itself(internal=True)
+    )
+    ota_rollback_requested = (
+        probation.to(rolling_back, cond="has_last_good", on="ask_rollback")
+        | idle.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
+        | committed.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
+        | failed.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
+        | fetching.to.itself(internal=True, on="block_target") | checking_out.to.itself(internal=True, on="block_target")
+        | building.to.itself(internal=True, on="block_target") | swapping.to.itself(internal=True, on="ask_rollback")
+    )
+
+    # Commit: a failed write leaves the new version running (reported with a warning).
+    record_succeeded = committing.to(committed, on="report_updated")
+    record_failed = committing.to(committed, on="report_record_failed")
+    record_timed_out = committing.to(committed, on="report_record_failed")
+    record_cancelled = committing.to(committed, on="report_record_failed")
+
+    resumed = (
+        fetching.to.itself() | checking_out.to.itself() | building.to.itself() | swapping.to.itself()
+        | probation.to.itself() | committing.to.itself() | rolling_back.to.itself()
+        | failed.to(rolling_back, cond=["crashed_live", "has_last_good"], on="note_crash_loop")
+        | failed.to(committed, cond="crashed_committing", on="report_updated")
+        | failed.to.itself(internal=True, on="settle_crash_loop")
+        | idle.to.itself(internal=True) | committed.to.itself(internal=True, on="rewrite_version_file")
+    )
+
+    # -- data --------------------------------------------------------------
+
+    def __init__(self, settings: Any = None, *, start_value: str | None = None) -> None:
+        super().__init__(settings, start_value=start_value)
+        # The engine enters a stored state before restore(); the state's work is
+        # re-issued by ``resumed``, so entry actions wait until construction ends.
+        self.ready = True
+
+    def setup(self) -> None:
+        self.ready = False
+        self.desired: str | None = None
+        self.desired_title: str | None = None
+        self.target: str | None = None
+        self.target_title: str | None = None
+        self.running: str | None = self.settings.last_good
+        self.running_title: str = self.settings.title
+        self.last_good: str | None = self.settings.last_good
+        self.blocked: str | None = None
+        self.reason = ""
+        self.transient = False
+        self.health_seen = False
+        self.window_over = False
+        self.swap_started_ms = 0
+        self.rollback_asked = False
+        self.last_report: dict[str, Any] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in _PERSISTED}
+
+    def restore(self, data: Any) -> None:
+        for key in _PERSISTED:
+            if key in data:
+                setattr(self, key, data[key])
+
+    def _next_target(self, desired: str | None = None, blocked: str | None = "") -> str | None:
+        """The version to install next, or None (nothing assigned, refused, running or blocked)."""
+        desired = self.desired if desired is None else desired
+        blocked = self.blocked if blocked == "" else blocked
+        if desired is None or version_error(desired) or desired == self.running or desired == blocked:
+            return None
+        return desired
+
+    @staticmethod
+    def _assigned(ev: Event, current: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+        """(version, title) after an attribute push or response; unchanged when it names none."""
+        if ev.name == "shared_attributes_received":
+            shared = ev.data.get("shared") or {}
+            return shared.get("sw_version", shared.get("sf_version")), shared.get("sw_title", shared.get("sf_title"))
+        values, deleted = ev.data.get("values") or {}, ev.data.get("deleted") or []
+        for prefix in ("sw", "sf"):
+            if f"{prefix}_version" in values:
+                return values[f"{prefix}_version"], values.get(f"{prefix}_title")
+        if "sw_version" in deleted or "sf_version" in deleted:
+            return None, None
+        return current
+
+    # -- guards --------------------------------------------------------------
+
+    def assignment_starts(self, ev: Event) -> bool:
+        version, _ = self._assigned(ev, (self.desired, self.desired_title))
+        blocked = self.blocked if version == self.desired else None
+        return version is not None and self._next_target(version, blocked) is not None
+
+    def should_start(self) -> bool:
+        return self._next_target() is not None
+
+    def retry_starts(self) -> bool:
+        return self._next_target(blocked=None) is not None
+
+    def is_superseded(self) -> bool:
+        return self._next_target() != self.target
+
+    def has_last_good(self) -> bool:
+        return self.last_good is not None
+
+    def runs_other_than_last_good(self) -> bool:
+        return self.last_good is not None and self.running != self.last_good
+
+    def is_for_target(self, ev: Event) -> bool:
+        return ev.data.get("version") == self.target
+
+    def is_for_last_good(self, ev: Event) -> bool:
+        return ev.data.get("version") == self.last_good
+
+    def is_fresh_target_health(self, ev: Event) -> bool:
+        return self.is_for_target(ev) and int(ev.data.get("health_ts_ms") or 0) >= self.swap_started_ms
+
+    def crashed_live(self, ev: Event) -> bool:
+        return bool(ev.data.get("crash_loop")) and ev.data.get("from_state") in _LIVE
+
+    def crashed_committing(self, ev: Event) -> bool:
+        return bool(ev.data.get("crash_loop")) and ev.data.get("from_state") == "committing"
+
+    # -- assignments and operator requests -------------------------------------
+
+    def _note_assignment(self, ev: Event) -> None:
+        version, title = self._assigned(ev, (self.desired, self.desired_title))
+        changed = version != self.desired
+        if changed:
+            self.blocked = None  # a new assignment lifts the block on a rolled-back release
+        self.desired, self.desired_title = version, title
+        self.mark_dirty()
+        resting = self.state_name in self.rest_states
+        if resting and self._next_target() is not None:
+            return  # entering fetching reports DOWNLOADING
+        if resting and changed and version is not None and version_error(version):
+            self.reason = version_error(version) or ""
+            self._report("FAILED", self.reason)
+        elif ev.name == "shared_attributes_received" and self.last_report is not None:
+            self._report(force=True)  # after a reconnect ThingsBoard hears the current state again
+        elif resting and version is not None and version == self.running:
+            self._report("UPDATED")  # first contact: tell ThingsBoard what runs
+
+    def on_shared_attributes_updated(self, ev: Event) -> None:
+        self._note_assignment(ev)
+
+    def on_shared_attributes_received(self, ev: Event) -> None:
+        self._note_assignment(ev)
+
+    def on_ota_retry_requested(self) -> None:
+        self.blocked = None
+        self.mark_dirty()
+
+    def on_controller_started(self, ev: Event) -> None:
+        version = ev.data.get("version")
+        if isinstance(version, str) and version != self.running:
+            self.running = version
+            self.mark_dirty()
+
+    def block_target(self) -> None:
+        self.blocked = self.target
+        self.mark_dirty()
+
+    def ask_rollback(self) -> None:
+        self.rollback_asked = True
+        self.blocked = self.target
+        self.reason = "operator asked for a rollback"
+        self.mark_dirty()
+
+    def note_operator_rollback(self) -> None:
+        self.reason = "operator asked for a rollback"
+
+    # -- entering states ---------------------------------------------------------
+
+    def on_enter_idle(self) -> None:
+        if not self.ready:
+            return
+        if self._pending_newer():
+            return
+        error = version_error(self.desired) if self.desired is not None else None
+        if error:
+            self._report("FAILED", error)
+        elif self.desired is not None and self.desired == self.blocked:
+            self._report("FAILED", f"update to {self.target} cancelled by operator; {self.running} still running")
+        elif self.desired is not None and self.desired == self.running:
+            self._report("UPDATED")
+
+    def on_enter_fetching(self) -> None:
+        if not self.ready:
+            return
+        self.target = self._next_target() or self.target
+        self.target_title = self.desired_title or self.settings.title
+        self.reason, self.transient, self.rollback_asked = "", False, False
+        self._report("DOWNLOADING")
+        s = self.settings
+        self.emit(FetchControllerRepo(git_dir=s.git_dir, reply="fetch", timeout_s=s.fetch_timeout_s))
+
+    def on_enter_checking_out(self) -> None:
+        if not self.ready:
+            return
+        s = self.settings
+        self.emit(CheckoutControllerVersion(
+            git_dir=s.git_dir, version=self.target or "", reply="checkout", timeout_s=s.checkout_timeout_s))
+
+    def on_enter_building(self) -> None:
+        if not self.ready:
+            return
+        s = self.settings
+        self.emit(BuildControllerImage(
+            context_dir=s.context_dir, dockerfile=s.dockerfile, image=image_name(self.target or ""),
+            min_free_mb=s.min_free_disk_mb, labels=dict(s.image_labels), network_mode=s.build_network_mode,
+            reply="build", timeout_s=s.build_timeout_s))
+
+    def on_enter_swapping(self) -> None:
+        if not self.ready:
+            return
+        self.swap_started_ms = self.now_ms
+        self.health_seen = self.window_over = False
+        self._report("UPDATING")
+        self._request_swap(self.target)
+
+    def on_exit_swapping(self) -> None:
+        self.emit(CancelTimer(name="swap_deadline_elapsed"))
+
+    def on_enter_probation(self) -> None:
+        if not self.ready:
+            return
+        self.window_over = False
+        self.emit(StartTimer(name="probation_elapsed", seconds=self.settings.probation_s))
+        self.emit(StartTimer(name="health_deadline_elapsed", seconds=self.settings.health_timeout_s))
+
+    def on_exit_probation(self) -> None:
+        self.emit(CancelTimer(name="probation_elapsed"), CancelTimer(name="health_deadline_elapsed"))
+
+    def on_enter_committing(self) -> None:
+        if not self.ready:
+            return
+        # Persisted before the write goes out: a crash here resumes as committed-to-be.
+        self.last_good, self.running = self.target, self.target
+        self.running_title = self.target_title or self.settings.title
+        self.emit(WriteControllerVersion(path=self.settings.version_file, version=self.target or "",
+                                         reply="record", timeout_s=self.settings.record_timeout_s))
+
+    def on_enter_committed(self) -> None:
+        if not self.ready:
+            return
+        # reply=None: pruning is best effort; no decision depends on its outcome.
+        keep = tuple(v for v in (self.running, self.last_good) if v)
+        self.emit(PruneControllerImages(keep=tuple(image_name(v) for v in keep), keep_count=self.settings.keep_images))
+        self._pending_newer()
+
+    def on_enter_rolling_back(self) -> None:
+        if not self.ready:
+            return
+        self._request_swap(self.last_good)
+
+    def on_exit_rolling_back(self) -> None:
+        self.emit(CancelTimer(name="swap_deadline_elapsed"))
+
+    def on_enter_failed(self) -> None:
+        if not self.ready:
+            return
+        self._report("FAILED", self.reason)
+        if self.transient:
+            self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
+        self._pending_newer()
+
+    def _pending_newer(self) -> bool:
+        """Post ``assignment_pending`` when a different version than the last target waits."""
+        upcoming = self._next_target()
+        if upcoming is None or upcoming == self.target:
+            return False
+        self.emit(Notify(machine=self.machine_name, name="assignment_pending"))
+        return True
+
+    def _request_swap(self, version: str | None) -> None:
+        self.emit(Notify(machine="controller", name="swap_requested", data={"version": version}))
+        self.emit(StartTimer(name="swap_deadline_elapsed", seconds=self.settings.swap_timeout_s))
+
+    # -- transition actions: outcomes and reasons ---------------------------------
+
+    def _error(self, ev: Event) -> str:
+        return str(ev.data.get("error") or ev.data.get("reason") or ev.name.replace("_", " "))
+
+    def note_health(self) -> None:
+        self.health_seen = True
+        self.mark_dirty()
+
+    def note_window_over(self) -> None:
+        self.window_over = True
+        self.mark_dirty()
+
+    def report_downloaded(self) -> None:
+        self._report("DOWNLOADED")
+
+    def report_verified(self) -> None:
+        self._report("VERIFIED")
+
+    def fail_transient(self, ev: Event) -> None:
+        self.reason = f"fetching the controller repository for {self.target} failed: {self._error(ev)}"
+        self.transient = True
+
+    def fail_blocking(self, ev: Event) -> None:
+        step = "checking out" if ev.name.startswith("checkout") else "building the image of"
+        self.reason = f"{step} {self.target} failed: {self._error(ev)}"
+        self.blocked = self.target
+
+    # Every way into rolling_back blocks the target: a rolled-back release is not retried.
+    def note_reason(self, ev: Event) -> None:
+        what = "starting" if ev.name.startswith("swap") else "probation of"
+        self.reason = f"{what} {self.target} failed: {self._error(ev)}"
+        self.blocked = self.target
+
+    def note_swap_timeout(self) -> None:
+        self.reason = f"the swap to {self.target} did not finish within {self.settings.swap_timeout_s:g} s"
+        self.blocked = self.target
+
+    def note_no_health(self) -> None:
+        self.reason = f"{self.target} wrote no health check within {self.settings.health_timeout_s:g} s"
+        self.blocked = self.target
+
+    def fail_no_health(self) -> None:
+        self.note_no_health()
+        self.fail_without_rollback()
+
+    def fail_without_rollback(self, ev: Event | None = None) -> None:
+        if ev is not None and ev.name in ("swap_failed", "controller_exited"):
+            self.note_reason(ev)
+        elif ev is not None and ev.name == "swap_deadline_elapsed":
+            self.note_swap_timeout()
+        self.reason = f"{self.reason}; no last good version to roll back to"
+        self.blocked = self.target
+
+    def rolled_back(self) -> None:
+        self.running = self.last_good
+        self.reason = f"rolled back to {self.last_good}: {self.reason}"
+
+    def rollback_failed(self, ev: Event) -> None:
+        self.running = None
+        self.reason = f"rolling back to {self.last_good} failed ({self._error(ev)}) after: {self.reason}"
+
+    def note_crash_loop(self, ev: Event) -> None:
+        where = str(ev.data.get("from_state", "")).replace("_", " ")
+        self.reason = f"the gateway restarted repeatedly during {where} of {self.target}"
+        self.blocked = self.target
+
+    def settle_crash_loop(self, ev: Event) -> None:
+        """A resume in ``failed``: re-arm the retry timer, or report a crash loop we gave up on."""
+        if not ev.data.get("crash_loop"):
+            if self.transient:
+                self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
+            return
+        where = str(ev.data.get("from_state", "")).replace("_", " ")
+        self.reason = f"gave up on {self.target}: the gateway restarted repeatedly while {where}"
+        if ev.data.get("from_state") == "rolling_back":
+            self.running = None
+        self.blocked = self.target
+        self._report("FAILED", self.reason)
+
+    def rewrite_version_file(self) -> None:
+        # reply=None: heals a write lost to a crash; the checkpoint is the truth.
+        if self.last_good:
+            self.emit(WriteControllerVersion(path=self.settings.version_file, version=self.last_good))
+
+    def report_updated(self) -> None:
+        self.reason = ""
+        self._report("UPDATED")
+
+    def report_record_failed(self, ev: Event) -> None:
+        error = (f"{self.running} runs, but {self.settings.version_file} could not be written "
+                 f"({self._error(ev)}); free space or fix permissions")
+        self.emit(Log(level="ERROR", message=error))
+        self._report("UPDATED", error)
+
+    # -- reports -------------------------------------------------------------
+
+    def _report(self, state: str | None = None, error: str | None = None, *, force: bool = False) -> None:
+        """Publish sw_state telemetry; a repeat of the last report is sent only when forced."""
+        if state is None:
+            payload = dict(self.last_report or {})
+        else:
+            payload = {"current_sw_title": self.running_title}
+            if self.running is not None:
+                payload["current_sw_version"] = self.running
+            payload["sw_state"] = state
+            if error:
+                payload["sw_error"] = error
+        if not payload or (payload == self.last_report and not force):
+            return
+        self.last_report = payload
+        self.mark_dirty()
+        self.emit(Publish(topic=TELEMETRY_TOPIC, payload=json.dumps(payload)))
