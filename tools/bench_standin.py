@@ -88,8 +88,9 @@ def main() -> int:
             stored = standin.telemetry_count("bench")
     else:
         root = Path(__file__).resolve().parents[1]
-        proc = subprocess.Popen([sys.executable, "-m", "tools.tb_standin", "serve", "--port", "0", "--control-port", "0",
-                                 "--device", f"bench:{TOKEN}"], cwd=root, stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-m", "tools.tb_standin", "serve", "--port", "0", "--control-port", "0",
+                   "--device", f"bench:{TOKEN}"]
+        proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
             ready = json.loads(proc.stdout.readline())

@@ -79,7 +79,8 @@ class Device:
             assert self._suback_event.wait_for(lambda: mid in self._subacks, WAIT)
             return self._subacks.pop(mid)
 
-    def publish(self, topic: str, payload: bytes | str | dict[str, Any] | list[Any], qos: int = 1) -> mqtt.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes | str | dict[str, Any] | list[Any],
+                qos: int = 1) -> mqtt.MQTTMessageInfo:
         if isinstance(payload, (dict, list)):
             payload = json.dumps(payload)
         return self.client.publish(topic, payload, qos=qos)

@@ -43,7 +43,8 @@ def test_unknown_client_id_without_credentials_is_identifier_rejected(
     assert devices(standin.port, client_id="some-client").connect(expect=None) == 0x02
 
 
-def test_provision_username_or_client_id_always_gets_connack_0(standin: StandIn, devices: Callable[..., Device]) -> None:
+def test_provision_username_or_client_id_always_gets_connack_0(standin: StandIn,
+                                                               devices: Callable[..., Device]) -> None:
     assert devices(standin.port, "provision", password="ignored").connect() == 0
     assert devices(standin.port, client_id="provision").connect() == 0
 

@@ -80,12 +80,12 @@ def test_client_attributes_count_as_telemetry(connected: Device, standin: StandI
 
 def test_messages_limit_covers_attribute_requests(connected: Device, standin: StandIn) -> None:
     standin.set_limits(messages="2:60")  # the connect already took one token before set_limits reset them
-    connected.publish(f"v1/devices/me/attributes/request/1", {})
+    connected.publish("v1/devices/me/attributes/request/1", {})
     connected.expect("v1/devices/me/attributes/response/1")
     connected.publish_acked(TELEMETRY, {"telemetry": "is not a message"})
-    connected.publish(f"v1/devices/me/attributes/request/2", {})
+    connected.publish("v1/devices/me/attributes/request/2", {})
     connected.expect("v1/devices/me/attributes/response/2")
-    info = connected.publish(f"v1/devices/me/attributes/request/3", {})
+    info = connected.publish("v1/devices/me/attributes/request/3", {})
     connected.wait_closed()
     assert not acked(info)
     assert standin.disconnect_reasons("dev1") == ["rate_limit"]

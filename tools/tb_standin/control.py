@@ -49,7 +49,8 @@ def execute(standin: StandIn, op: str, args: dict[str, Any]) -> dict[str, Any]:
     args = dict(args)
     try:
         if op == "ports":
-            return {"ok": True, "result": {"port": standin.port, "tls_port": standin.tls_port, "cafile": standin.cafile}}
+            ports = {"port": standin.port, "tls_port": standin.tls_port, "cafile": standin.cafile}
+            return {"ok": True, "result": ports}
         if op == "assign_ota":
             if "data_file" in args:
                 args["data"] = Path(args.pop("data_file")).read_bytes()
@@ -82,10 +83,12 @@ class _Handler(socketserver.StreamRequestHandler):
 class _TcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    standin: StandIn
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    standin: StandIn
 
 
 class ControlServer:
@@ -96,10 +99,10 @@ class ControlServer:
         if socket_path is not None:
             if os.path.exists(socket_path):
                 os.unlink(socket_path)
-            self._server: socketserver.BaseServer = _UnixServer(socket_path, _Handler)
+            self._server: _TcpServer | _UnixServer = _UnixServer(socket_path, _Handler)
         else:
             self._server = _TcpServer((host, port or 0), _Handler)
-        self._server.standin = standin  # type: ignore[attr-defined]
+        self._server.standin = standin
         self.socket_path = socket_path
         self.port = None if socket_path else self._server.server_address[1]  # type: ignore[index]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tb-standin-control", daemon=True)
@@ -128,4 +131,5 @@ def request(op: str, args: dict[str, Any] | None = None, port: int | None = None
     with sock, sock.makefile("rwb") as stream:
         stream.write(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
         stream.flush()
-        return json.loads(stream.readline())
+        reply: dict[str, Any] = json.loads(stream.readline())
+        return reply

@@ -8,7 +8,6 @@ out, so a PUBACK means what it means in ThingsBoard: "accepted".
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from collections.abc import Callable
@@ -21,36 +20,12 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.session import Session
 
 from tools.tb_standin import ota
-from tools.tb_standin.model import (
-    dumps,
-    MAX_INFLIGHT,
-    MAX_PAYLOAD_SIZE,
-    Device,
-    InvalidPayload,
-    ProvisionProfile,
-    attribute_response,
-    now_ms,
-    parse_attributes,
-    parse_telemetry,
-)
+from tools.tb_standin.model import MAX_INFLIGHT, MAX_PAYLOAD_SIZE, Device, OtaPackage, dumps, now_ms
 from tools.tb_standin.provision import Registry
 from tools.tb_standin.ratelimit import DeviceLimits
+from tools.tb_standin.routes import DeviceTopics
 from tools.tb_standin.rpc import RpcManager
-from tools.tb_standin.transport import (
-    ATTR_REQUEST,
-    ATTR_RESPONSE,
-    ATTRIBUTES,
-    CLAIM,
-    FW_ERROR,
-    OTA_REQUEST,
-    PROVISION_REQUEST,
-    PROVISION_RESPONSE,
-    RPC_REQUEST,
-    RPC_RESPONSE,
-    TELEMETRY,
-    TbSession,
-    parse_request_id,
-)
+from tools.tb_standin.transport import ATTRIBUTES, TbSession, push_if_open
 
 # CONNACK return codes (MQTT 3.1.1) as TB's ReturnCodeResolver maps them (§0.3).
 ACCEPTED, BAD_PROTOCOL, IDENTIFIER_REJECTED, SERVER_UNAVAILABLE, NOT_AUTHORIZED = 0, 1, 2, 3, 5
@@ -123,6 +98,7 @@ class TbServer:
         self.tls_port = config.tls_port
         self._servers: list[asyncio.base_events.Server] = []
         self._watchdog: asyncio.Task[None] | None = None
+        self.topics = DeviceTopics(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -278,126 +254,6 @@ class TbServer:
         await session.send_puback(packet_id)
         return None
 
-    # -- device topics -------------------------------------------------------
-
-    async def on_device_publish(self, session: TbSession, device: Device, topic: str, payload: bytes,
-                                packet_id: int | None) -> str | None:
-        """Route one device PUBLISH; parse first, then rate-limit, store, and only then PUBACK."""
-        if topic == TELEMETRY:
-            records, points = parse_telemetry(payload)
-            if not self._buckets(device).allow_telemetry(points):
-                return "rate_limit"
-            device.telemetry.extend(records)
-            device.data_points += points
-            return await self.ack(session, packet_id)
-        if topic == ATTRIBUTES:
-            attributes = parse_attributes(payload)
-            if not self._buckets(device).allow_telemetry(len(attributes)):
-                return "rate_limit"
-            device.client.update(attributes)
-            return await self.ack(session, packet_id)
-        if topic.startswith(ATTR_REQUEST):
-            request_id = parse_request_id(topic, ATTR_REQUEST)
-            response = attribute_response(device, payload)
-            return await self._answer(session, device, packet_id, request_id, ATTR_RESPONSE, response)
-        if topic.startswith(RPC_RESPONSE):
-            request_id = parse_request_id(topic, RPC_RESPONSE)
-            if not self.allow_message(device):
-                return "rate_limit"
-            self.rpc.on_reply(device.name, request_id, payload)
-            return await self.ack(session, packet_id)
-        if topic.startswith(RPC_REQUEST):
-            return await self._client_rpc(session, device, topic, payload, packet_id)
-        match = OTA_REQUEST.match(topic)
-        if match:
-            return await self._ota_chunk(session, device, match, payload, packet_id)
-        if topic == CLAIM and not self.allow_message(device):
-            return "rate_limit"
-        # Claim, and unknown topics: PUBACK (0x90 on MQTT 5 only), data dropped, session stays (§0.4).
-        self.event(device.name, "unknown_topic" if topic != CLAIM else "claim", topic)
-        return await self.ack(session, packet_id)
-
-    async def _answer(self, session: TbSession, device: Device, packet_id: int | None, request_id: int,
-                      prefix: str, response: Any) -> str | None:
-        if not self.allow_message(device):
-            return "rate_limit"
-        reason = await self.ack(session, packet_id)
-        if reason is None and request_id >= 0:  # JMA publishes only for requestId >= 0
-            await _push_if_open(session, f"{prefix}{request_id}", dumps(response))
-        return reason
-
-    async def _client_rpc(self, session: TbSession, device: Device, topic: str, payload: bytes,
-                          packet_id: int | None) -> str | None:
-        request_id = parse_request_id(topic, RPC_REQUEST)
-        try:
-            request = json.loads(payload) if payload else None
-        except ValueError:
-            raise InvalidPayload("client RPC is not JSON") from None
-        if not isinstance(request, dict):
-            raise InvalidPayload("client RPC is not a JSON object")
-        if "method" not in request:
-            return "rpc_method_missing"  # a runtime error in TB, which closes the session
-        method, params = str(request["method"]), request.get("params")
-        self.client_rpc_log.append((device.name, request_id, method, params))
-        if method == "getSessionLimits":  # answered by the transport itself (§3.4)
-            return await self._answer(session, device, packet_id, request_id, RPC_RESPONSE, self.session_limits())
-        handler = self.client_rpc_handlers.get(method)
-        reply = handler(device.name, params) if handler is not None else None
-        if reply is not None:
-            return await self._answer(session, device, packet_id, request_id, RPC_RESPONSE, reply)
-        if not self.allow_message(device):
-            return "rate_limit"
-        reason = await self.ack(session, packet_id)
-        topic_out = f"{RPC_RESPONSE}{request_id}"
-        # No "RPC Call Reply" node: the transport answers {"error":"timeout"} after 60 s (§3.2).
-        self.loop.call_later(self.config.client_rpc_timeout, lambda: self.loop.create_task(
-            _push_if_open(session, topic_out, b'{"error":"timeout"}')))
-        return reason
-
-    async def _ota_chunk(self, session: TbSession, device: Device, match: Any, payload: bytes,
-                         packet_id: int | None) -> str | None:
-        kind, request_id, index = match.group(1), int(match.group(2)), int(match.group(3))
-        if not self.allow_message(device):
-            return "rate_limit"
-        reason = await self.ack(session, packet_id)
-        if reason is not None:
-            return reason
-        key = (kind, request_id)
-        bound, remembered = session.ota_requests.get(key, (device.ota.get(kind), None))
-        try:
-            size = ota.parse_chunk_size(payload, remembered)
-            session.ota_requests[key] = (bound, size)  # requestId is bound to the package on first use
-            data = ota.chunk(bound, size, index)
-        except ota.OtaError as error:
-            await _push_if_open(session, FW_ERROR, error.code.encode())
-            return f"ota_{error.code.lower()}"
-        await _push_if_open(session, f"v2/{kind}/response/{request_id}/chunk/{index}", data)
-        return None
-
-    # -- provisioning --------------------------------------------------------
-
-    async def on_provision_publish(self, session: TbSession, topic: str, payload: bytes,
-                                   packet_id: int | None) -> str | None:
-        """A provision-only session may publish only ``/provision/request`` (§4)."""
-        if topic != PROVISION_REQUEST:
-            return "provision_bad_topic"
-        try:
-            request = json.loads(payload)
-        except ValueError:
-            raise InvalidPayload("provision request is not JSON") from None
-        if not isinstance(request, dict):
-            raise InvalidPayload("provision request is not a JSON object")
-        if "provisionDeviceKey" not in request:
-            return "provision_missing_key"  # RuntimeException: no response, disconnect
-        response = self.registry.provision(request)
-        self.event(request.get("deviceName"), "provision", response["status"])
-        reason = await self.ack(session, packet_id)
-        if reason is None:
-            await _push_if_open(session, PROVISION_RESPONSE, dumps(response))
-            self.loop.call_later(self.config.provision_close_after,
-                                 lambda: self.loop.create_task(session.close("provision_session_expired")))
-        return reason
-
     # -- control operations (called on the loop by api.StandIn) ---------------
 
     async def set_shared(self, name: str, values: dict[str, Any]) -> None:
@@ -416,7 +272,7 @@ class TbServer:
     async def _push_attributes(self, name: str, body: dict[str, Any]) -> None:
         session = self.sessions.get(name)
         if session is not None and ATTRIBUTES in session.subscriptions:
-            await _push_if_open(session, ATTRIBUTES, dumps(body))
+            await push_if_open(session, ATTRIBUTES, dumps(body))
 
     async def call_rpc(self, name: str, method: str, params: Any, timeout: float, oneway: bool) -> Any:
         if name not in self.registry.devices:
@@ -432,7 +288,7 @@ class TbServer:
     def on_rpc_subscribed(self, session: TbSession) -> None:
         self.rpc.on_subscribed(session)
 
-    async def assign_ota(self, name: str, package: ota.OtaPackage, initiate_after: float) -> None:
+    async def assign_ota(self, name: str, package: OtaPackage, initiate_after: float) -> None:
         """Assign a package: QUEUED telemetry now, INITIATED and the attributes when the queue runs."""
         device = self.registry.devices[name]
         device.ota[package.kind] = package
@@ -443,7 +299,7 @@ class TbServer:
         else:
             await self._initiate_ota(name, package)
 
-    async def _initiate_ota(self, name: str, package: ota.OtaPackage) -> None:
+    async def _initiate_ota(self, name: str, package: OtaPackage) -> None:
         device = self.registry.devices[name]
         if device.ota.get(package.kind) is not package:
             return  # replaced or unassigned meanwhile
@@ -462,15 +318,6 @@ class TbServer:
             return False
         await session.close(reason)
         return True
-
-
-async def _push_if_open(session: TbSession, topic: str, payload: bytes) -> None:
-    """Best-effort server push: a session that went away meanwhile just misses it, as in TB."""
-    if session.close_reason is None:
-        try:
-            await session.push(topic, payload)
-        except Exception:  # the connection broke under us; the reader loop reports the close
-            pass
 
 
 async def _close_quietly(writer: StreamWriterAdapter) -> None:

@@ -240,7 +240,10 @@ class TbSession(BrokerProtocolHandler):
         codes: list[int] = []
         new_filters: list[str] = []
         for topic_filter, qos in packet.payload.topics:
-            accepted = topic_filter == PROVISION_RESPONSE if self.provision_only else topic_filter in ACCEPTED_SUBSCRIPTIONS
+            if self.provision_only:
+                accepted = topic_filter == PROVISION_RESPONSE
+            else:
+                accepted = topic_filter in ACCEPTED_SUBSCRIPTIONS
             if not accepted:
                 codes.append(SUBACK_FAILURE)
                 continue
@@ -259,8 +262,17 @@ class TbSession(BrokerProtocolHandler):
         packet_id = packet.packet_id if packet.qos else None
         try:
             if self.provision_only:
-                return await self.server.on_provision_publish(self, topic, payload, packet_id)
+                return await self.server.topics.on_provision_publish(self, topic, payload, packet_id)
             assert self.device is not None
-            return await self.server.on_device_publish(self, self.device, topic, payload, packet_id)
+            return await self.server.topics.on_device_publish(self, self.device, topic, payload, packet_id)
         except InvalidPayload:
             return "invalid_payload"  # MQTT 3.1.1: no PUBACK, close (§0.5)
+
+
+async def push_if_open(session: TbSession, topic: str, payload: bytes) -> None:
+    """Best-effort server push: a session that went away meanwhile just misses it, as in TB."""
+    if session.close_reason is None:
+        try:
+            await session.push(topic, payload)
+        except Exception:  # the connection broke under us; the reader loop reports the close
+            pass
