@@ -168,11 +168,17 @@ class GatewayMachine(StateChart):
         return table
 
     def take_effects(self) -> list[Effect]:
-        effects, self.outbox = self.outbox, []
+        if not self.outbox:
+            return []
+        effects = self.outbox[:]
+        self.outbox.clear()
         return effects
 
     def take_transitions(self) -> list[tuple[str, str, str]]:
-        transitions, self.transition_log = self.transition_log, []
+        if not self.transition_log:
+            return []
+        transitions = self.transition_log[:]
+        self.transition_log.clear()
         return transitions
 
     @property

@@ -123,7 +123,9 @@ class Journal:
                 event.name,
                 event.target,
                 encode(event.data) if event.data else "{}",
-                encode([attrs.asdict(t) for t in transitions]) if transitions else "[]",
+                encode([{"machine": t.machine, "source": t.source, "target": t.target, "event": t.event} for t in transitions])
+                if transitions
+                else "[]",
                 encode(effects) if effects else "[]",
             )
         )
