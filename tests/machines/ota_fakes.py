@@ -125,6 +125,8 @@ class FakeWorld:
     reports: list[dict[str, Any]] = attrs.field(factory=list)
     # effect class name -> (outcome, error) for its next run
     faults: dict[str, tuple[Outcome, str]] = attrs.field(factory=dict)
+    # effect class names whose work waits until the gateway's ``release()`` (in flight)
+    held: set[str] = attrs.field(factory=set)
     builds: int = 0
 
     def sw_states(self) -> list[str]:
@@ -192,14 +194,23 @@ class FakeRunner:
 
     def __init__(self, world: FakeWorld, dispatcher: Dispatcher) -> None:
         self.world, self.dispatcher = world, dispatcher
+        self.in_flight: list[tuple[str, Effect]] = []
 
-    def submit(self, origin: str, effect: Effect) -> None:
+    def submit(self, origin: str, effect: Effect, *, release: bool = False) -> None:
+        if not release and type(effect).__name__ in self.world.held:
+            self.in_flight.append((origin, effect))
+            return
         settled = self.world.settle(effect)
         if settled is not None:
             self.dispatcher.post_outcome(origin, effect, *settled)
 
     def cancel(self, effect_id: str) -> bool:
         return False
+
+    def release(self) -> None:
+        in_flight, self.in_flight = self.in_flight, []
+        for origin, effect in in_flight:
+            self.submit(origin, effect, release=True)
 
 
 OTA_SETTINGS = {
@@ -218,7 +229,8 @@ class FakeGateway:
         self.journal = Journal(journal_path)
         self.clock, self.timers = clock, Timers(clock)
         self.dispatcher = Dispatcher(clock=clock, timers=self.timers, journal=self.journal)
-        self.dispatcher.attach_runner(FakeRunner(world, self.dispatcher))  # type: ignore[arg-type]
+        self.runner = FakeRunner(world, self.dispatcher)
+        self.dispatcher.attach_runner(self.runner)  # type: ignore[arg-type]
         specs = [MachineSpec(OtaMachine, {**OTA_SETTINGS, **(settings or {})}), MachineSpec(FakeControllerMachine)]
         self.dispatcher.boot(specs, self.journal.load_checkpoints())
 
@@ -233,6 +245,11 @@ class FakeGateway:
         else:
             self.dispatcher.post(Source.SYSTEM, "shared_attributes_received",
                                  {"client": {}, "shared": {"sw_title": "controller", "sw_version": version}})
+
+    def release(self) -> None:
+        """Let held effects finish now."""
+        self.world.held.clear()
+        self.runner.release()
 
     def post(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.dispatcher.post(Source.TEST, name, data or {})
