@@ -17,6 +17,7 @@ from teg_fsm.config import Config
 from teg_fsm.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.journal import Journal
 from teg_fsm.runner import EffectRunner
+from teg_fsm.systemd import Notifier, status_line
 from teg_fsm.timers import Timers
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Gateway:
         *,
         components: ComponentsFactory = default_components,
         clock: Clock | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or RealClock()
@@ -45,6 +47,10 @@ class Gateway:
         self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)
         self.runner = EffectRunner(self.dispatcher.post_outcome)
         self.dispatcher.attach_runner(self.runner)
+        self.notifier = notifier or Notifier()
+        self.dispatcher.idle_hooks.append(self._heartbeat)
+        self.dispatcher.idle_timeout_s = self.notifier.watchdog_interval_s
+        self.dispatcher.observers.append(lambda _dispatched: self._heartbeat())
         self.components: dict[str, Component] = {}
         for component in components(self):
             self.components[component.name] = component
@@ -60,10 +66,17 @@ class Gateway:
         self.dispatcher.start()
         for component in self.components.values():
             component.start()
+        self.notifier.ready(status_line(self.dispatcher.states()))
         log.info("gateway started: %s", ", ".join(self.dispatcher.machines))
+
+    def _heartbeat(self) -> None:
+        """Runs in the dispatcher thread: a wedged dispatcher stops the watchdog pings."""
+        if self.notifier.watchdog():
+            self.notifier.status(status_line(self.dispatcher.states()))
 
     def stop(self) -> None:
         """Stop taking work, flush, close databases."""
+        self.notifier.stopping()
         for component in reversed(list(self.components.values())):
             try:
                 component.stop()
@@ -72,4 +85,5 @@ class Gateway:
         self.dispatcher.stop()
         self.runner.shutdown(wait=False)
         self.journal.close()
+        self.notifier.close()
         self.stopped.set()

@@ -107,6 +107,7 @@ class Dispatcher:
         self.since_ms: dict[str, int] = {}
         self.observers: list[Observer] = []
         self.idle_hooks: list[Callable[[], None]] = []
+        self.idle_timeout_s = 5.0
         self._thread: threading.Thread | None = None
         self._timer_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -346,7 +347,7 @@ class Dispatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                item = self._queue.get(timeout=0.5)
+                item = self._queue.get(timeout=self.idle_timeout_s)
             except queue.Empty:
                 self._idle()
                 continue

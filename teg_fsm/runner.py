@@ -160,8 +160,9 @@ class EffectRunner:
                     if completion is not None:
                         expired.append(completion)
                 if not expired:
-                    wait = self._deadlines[0][0] - now if self._deadlines else 1.0
-                    self._deadline_cv.wait(timeout=min(max(wait, 0.001), 1.0))
+                    # submit() notifies, so with nothing pending this sleeps until needed.
+                    wait = max(self._deadlines[0][0] - now, 0.001) if self._deadlines else None
+                    self._deadline_cv.wait(timeout=wait)
             for completion in expired:
                 completion.time_out()
 

@@ -94,7 +94,8 @@ class Timers:
                 if self._heap:
                     wait = max(0.0, self._heap[0][0] - self._clock.monotonic())
                 if wait is None or wait > 0:
-                    self._lock.wait(timeout=min(wait, 0.5) if wait is not None else 0.5)
+                    # start() and wake() notify, so an idle gateway sleeps until the next deadline.
+                    self._lock.wait(timeout=wait)
             for machine, name, generation in self.pop_due(self._clock.monotonic()):
                 fire(machine, name, generation)
 

@@ -1,0 +1,87 @@
+"""systemd notify protocol (``Type=notify``) without libsystemd.
+
+READY=1 after start-up, WATCHDOG=1 from the dispatcher thread (so a wedged
+dispatcher stops the pings and systemd restarts us), STATUS= with every
+machine's state, STOPPING=1 on shutdown. Without ``NOTIFY_SOCKET`` (not under
+systemd) every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+
+
+class Notifier:
+    """Sends sd_notify datagrams; rate-limits watchdog and status messages."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        env = os.environ if env is None else env
+        self._address = _address(env.get("NOTIFY_SOCKET", ""))
+        self._clock = clock
+        usec = env.get("WATCHDOG_USEC", "")
+        # Ping at a quarter of the watchdog period; without one, every 5 s is plenty.
+        self.watchdog_interval_s = int(usec) / 4_000_000 if usec.isdigit() and int(usec) > 0 else 5.0
+        self._last_ping = float("-inf")
+        self._last_status = ""
+        self._ready = False
+        self._socket: socket.socket | None = None
+        if self._address is not None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    @property
+    def enabled(self) -> bool:
+        return self._socket is not None
+
+    def send(self, message: str) -> bool:
+        if self._socket is None or self._address is None:
+            return False
+        try:
+            self._socket.sendto(message.encode(), self._address)
+            return True
+        except OSError:
+            return False  # systemd went away; nothing useful to do about it
+
+    def ready(self, status: str = "") -> None:
+        self._ready = True
+        self._last_status = status
+        self.send("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1")
+
+    def watchdog(self) -> bool:
+        """Ping, at most once per interval; call it from the dispatcher thread.
+
+        Returns True when a ping was due (and sent, if under systemd).
+        """
+        now = self._clock()
+        if not self._ready or now - self._last_ping < self.watchdog_interval_s:
+            return False
+        self._last_ping = now
+        self.send("WATCHDOG=1")
+        return True
+
+    def status(self, text: str) -> None:
+        if text != self._last_status:
+            self._last_status = text
+            self.send(f"STATUS={text}")
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _address(raw: str) -> str | None:
+    if not raw:
+        return None
+    if raw.startswith("@"):  # abstract namespace
+        return "\0" + raw[1:]
+    return raw
+
+
+def status_line(states: Mapping[str, Mapping[str, object]]) -> str:
+    return " ".join(f"{name}={info['state']}" for name, info in sorted(states.items())) or "starting"

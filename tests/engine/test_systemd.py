@@ -1,0 +1,103 @@
+"""The notify protocol over a real NOTIFY_SOCKET datagram socket."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from statemachine import State
+
+from machines.base import GatewayMachine
+from teg_fsm.app import Gateway
+from teg_fsm.config import load_config
+from teg_fsm.dispatcher import MachineSpec
+from teg_fsm.systemd import Notifier
+
+
+class Unblock:
+    """Shared between the test and its machine instance (tests only)."""
+
+    gate = threading.Event()
+
+
+class StuckMachine(GatewayMachine):
+    machine_name = "stuck"
+    resume_table = {"ok": "ok", "wedged": "wedged"}
+    ok = State(initial=True)
+    wedged = State()
+    wedge = ok.to(wedged)
+    recover = wedged.to(ok)
+
+    def on_wedge(self) -> None:
+        Unblock.gate.wait(10)  # a machine bug that blocks the dispatcher thread
+
+
+class StuckComponent:
+    name = "stuck"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def machine_specs(self) -> list[MachineSpec]:
+        return [MachineSpec(StuckMachine)]
+
+    def install(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.05)
+    yield sock, path
+    sock.close()
+
+
+def _drain(sock: socket.socket, seconds: float) -> list[str]:
+    messages, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            messages.extend(sock.recv(4096).decode().splitlines())
+        except socket.timeout:
+            pass
+    return messages
+
+
+def test_ready_watchdog_status_and_stopping_and_a_wedged_dispatcher_stops_pings(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    Unblock.gate.clear()
+    config = load_config({"TB_HOST": "127.0.0.1", "TB_PORT": "1", "TEG_DATA_PATH": str(tmp_path / "data")})
+    notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    gateway = Gateway(config, components=lambda gw: [StuckComponent(gw)], notifier=notifier)
+    gateway.start()
+    try:
+        first = _drain(sock, 0.6)
+        assert first[0] == "READY=1" and first[1] == "STATUS=stuck=ok"
+        assert first.count("WATCHDOG=1") >= 3  # every 50 ms while idle
+        gateway.dispatcher.post("test", "wedge")
+        time.sleep(0.1)
+        wedged = _drain(sock, 0.5)
+        assert "WATCHDOG=1" not in wedged, "a blocked dispatcher must stop the pings"
+        Unblock.gate.set()
+        recovered = _drain(sock, 0.5)
+        assert "WATCHDOG=1" in recovered and "STATUS=stuck=wedged" in recovered
+    finally:
+        Unblock.gate.set()
+        gateway.stop()
+    assert "STOPPING=1" in _drain(sock, 0.2)
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled and notifier.send("READY=1") is False
