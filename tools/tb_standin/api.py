@@ -61,7 +61,13 @@ class StandIn:
     def start(self) -> StandIn:
         """Start the loop thread and open the listeners."""
         self._thread.start()
-        self._await(self._server.start())
+        try:
+            self._await(self._server.start())
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)  # e.g. the port is taken: leave no thread behind
+            self._thread.join(5)
+            self._loop.close()
+            raise
         self._running = True
         return self
 

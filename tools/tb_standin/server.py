@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from contextlib import suppress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.errors import AMQTTError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.session import Session
@@ -168,11 +170,14 @@ class TbServer:
             code = SERVER_UNAVAILABLE  # SESSION_OPEN rate-limited: 0x03 on MQTT 3.1.1
         if code != ACCEPTED:
             self.event(device.name if device else connect.username, "connect_refused", f"0x{code:02x}")
-            try:
+            with suppress(ConnectionError, OSError):
                 await ConnackPacket.build(0, code).to_stream(w)
-            finally:
-                await _close_quietly(w)
+            await _close_quietly(w)
             return
+        await self._open_session(connect, device, r, w)
+
+    async def _open_session(self, connect: ConnectPacket, device: Device | None, r: StreamReaderAdapter,
+                            w: StreamWriterAdapter) -> None:
         session = TbSession(self, device, self.loop)
         amqtt_session = Session()
         amqtt_session.client_id = connect.client_id
@@ -185,10 +190,13 @@ class TbServer:
             self.sessions[device.name] = session
             if older is not None:
                 await older.close("session_taken_over")
-        # sessionPresent = !cleanSession, although TB keeps no session state (§0.3).
-        await session._send_packet(ConnackPacket.build(0 if connect.clean_session_flag else 1, ACCEPTED))
         self.event(device.name if device else None, "connected", "provision" if device is None else "")
-        await session.start()
+        try:
+            # sessionPresent = !cleanSession, although TB keeps no session state (§0.3).
+            await session._send_packet(ConnackPacket.build(0 if connect.clean_session_flag else 1, ACCEPTED))
+            await session.start()
+        except (ConnectionError, OSError, AMQTTError):
+            await session.close("connection_lost")  # the client went away during the handshake
 
     def _authenticate(self, connect: ConnectPacket) -> tuple[int, Device | None]:
         """CONNACK code and device for a CONNECT (§0.3); (0, None) is a provision-only session."""
