@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from contextlib import suppress
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,14 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.session import Session
 
 from tools.tb_standin import ota
-from tools.tb_standin.model import MAX_INFLIGHT, MAX_PAYLOAD_SIZE, Device, OtaPackage, dumps, now_ms
+from tools.tb_standin.model import (
+    MAX_INFLIGHT,
+    MAX_PAYLOAD_SIZE,
+    Device,
+    OtaPackage,
+    dumps,
+    now_ms,
+)
 from tools.tb_standin.provision import Registry
 from tools.tb_standin.ratelimit import DeviceLimits
 from tools.tb_standin.routes import DeviceTopics
