@@ -1,0 +1,155 @@
+"""The uplink component: controller queue, archive, gateway logs -> ThingsBoard.
+
+Wires ``machines.uplink.UplinkMachine`` to ``teg_fsm.uplink_io.UplinkIO``
+(one I/O thread over ``QueueStore`` and ``LogBuffer``), registers the
+handlers of the uplink effects and of the engine's ``Log`` effect, and puts
+``BufferingLogHandler`` on the root logger so gateway logs reach ThingsBoard.
+
+For the RPC machine: ``RepublishArchived`` / ``DiscardArchived`` effects
+(succeed with ``{"rows", ...}``), or ``archive_republish`` / ``archive_discard``
+on this component from any thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from teg_fsm.dispatcher import MachineSpec
+from teg_fsm.effects import Log
+from teg_fsm.effects.uplink import DiscardArchived, RepublishArchived, SendPacket, TransferRows
+from teg_fsm.events import Source
+from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
+from teg_fsm.queue_store import QueueStore
+from teg_fsm.runner import Completion
+from teg_fsm.uplink_io import UplinkIO
+
+if TYPE_CHECKING:
+    from teg_fsm.app import Gateway
+
+log = logging.getLogger(__name__)
+machine_log = logging.getLogger("teg.machines")
+
+
+class UplinkComponent:
+    name = "uplink"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        config = gateway.config
+        self.config = config
+        self.handler = BufferingLogHandler(logging.getLevelName(config.log_level)
+                                           if isinstance(logging.getLevelName(config.log_level), int) else logging.INFO)
+        self.io = UplinkIO(
+            store=lambda: QueueStore(config.queue_db, config.archive_db, archive_max_rows=config.archive_max_rows,
+                                     archive_max_bytes=config.archive_max_bytes),
+            logs=lambda: LogBuffer(config.logs_buffer_db),
+            handler=self.handler,
+            post=lambda name, data: gateway.dispatcher.post(Source.QUEUE, name, data, target="uplink"),
+        )
+
+    def machine_specs(self) -> list[MachineSpec]:
+        from machines.uplink import UplinkMachine
+
+        c = self.config
+        return [MachineSpec(UplinkMachine, {
+            "batch_rows": c.uplink_batch_rows,
+            "pending_max_rows": c.pending_max_rows,
+            "max_inflight": c.uplink_max_inflight,
+            "max_payload_size": c.uplink_max_payload_bytes,
+            "rate_messages": c.uplink_rate_messages,
+            "rate_telemetry_messages": c.uplink_rate_telemetry_messages,
+            "rate_data_points": c.uplink_rate_data_points,
+        })]
+
+    def install(self) -> None:
+        self.io.open()
+        logging.getLogger().addHandler(self.handler)
+        register = self.gateway.runner.register
+        register(TransferRows, self._transfer)
+        register(SendPacket, self._send)
+        register(RepublishArchived, self._republish)
+        register(DiscardArchived, self._discard)
+        register(Log, self._log)
+
+    def start(self) -> None:
+        mqtt = self.gateway.components.get("mqtt")
+        link = getattr(mqtt, "link", None)
+        if link is not None:
+            self.io.publish = link.publish_async
+        self.io.start()
+        self.gateway.dispatcher.post(Source.QUEUE, "rows_waiting", {}, target="uplink")
+
+    def stop(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.io.stop()
+
+    # -- handlers (dispatcher thread: they only enqueue) ---------------------------
+
+    def _job(self, completion: Completion, work: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                work()
+            except Exception as exc:
+                completion.fail(f"{type(exc).__name__}: {exc}")
+                raise
+
+        self.io.submit(run)
+
+    def _transfer(self, effect: TransferRows, completion: Completion) -> None:
+        def work() -> None:
+            assert self.io.store is not None
+            completion.succeed(self.io.store.transfer(effect.max_rows, effect.pending_max_rows))
+
+        self._job(completion, work)
+
+    def _send(self, effect: SendPacket, completion: Completion) -> None:
+        self._job(completion, lambda: self.io.send(effect, completion))
+
+    def _republish(self, effect: RepublishArchived, completion: Completion) -> None:
+        def work() -> None:
+            completion.succeed(self._do_republish(effect.start_ms, effect.end_ms))
+
+        self._job(completion, work)
+
+    def _discard(self, effect: DiscardArchived, completion: Completion) -> None:
+        def work() -> None:
+            assert self.io.store is not None
+            completion.succeed(self.io.store.discard(effect.start_ms, effect.end_ms))
+
+        self._job(completion, work)
+
+    def _log(self, effect: Log, completion: Completion) -> None:
+        level = logging.getLevelName(effect.level.upper())
+        machine_log.log(level if isinstance(level, int) else logging.INFO, "%s: %s", completion.origin, effect.message)
+        completion.succeed(None)
+
+    def _do_republish(self, start_ms: int, end_ms: int) -> dict[str, Any]:
+        assert self.io.store is not None
+        result = self.io.store.republish(start_ms, end_ms, self.config.pending_max_rows)
+        if result["rows"]:
+            self.gateway.dispatcher.post(Source.QUEUE, "pending_refilled", {"top": result["top"]}, target="uplink")
+        return result
+
+    # -- archive functions for other components (any thread; waits for the I/O thread) --
+
+    def archive_republish(self, start_ms: int, end_ms: int, timeout: float = 60.0) -> dict[str, Any]:
+        return self._call(lambda: self._do_republish(start_ms, end_ms), timeout)
+
+    def archive_discard(self, start_ms: int, end_ms: int, timeout: float = 60.0) -> dict[str, Any]:
+        return self._call(lambda: self.io.store.discard(start_ms, end_ms), timeout)  # type: ignore[union-attr]
+
+    def _call(self, fn: Callable[[], dict[str, Any]], timeout: float) -> dict[str, Any]:
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+                raise
+
+        self.io.submit(run)
+        return future.result(timeout)

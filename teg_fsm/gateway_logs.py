@@ -1,0 +1,118 @@
+"""The gateway's own log records, forwarded to ThingsBoard as telemetry.
+
+As the existing gateway does, each record becomes ``{"ts", "values":
+{"severity": <LEVEL>, "message": "GATEWAY - <text>"}}``. Records are buffered
+in ``gateway_logs_buffer.db`` (``log_buffer(id, log_level, message,
+timestamp_ms)``) until ThingsBoard acknowledges them, so logs written while
+offline arrive later.
+
+``BufferingLogHandler`` never does I/O on the logging thread: it keeps
+redacted records in a bounded deque that the uplink I/O thread flushes into
+``LogBuffer`` every tick. DEBUG records are never forwarded (they would
+multiply the traffic and could describe the uplink's own sending).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from teg_fsm.logs import RedactSecrets
+from teg_fsm.packets import Packet, build_packet
+from teg_fsm.sqlite_files import open_checked
+
+PREFIX = "GATEWAY - "
+MAX_MEMORY_RECORDS = 10_000
+MAX_MESSAGE_CHARS = 8_000
+MAX_BUFFERED_ROWS = 100_000  # logs are not controller data: beyond this the oldest go
+
+
+def _schema(conn) -> None:  # type: ignore[no-untyped-def]
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS log_buffer "
+        "(id INTEGER PRIMARY KEY AUTOINCREMENT, log_level TEXT, message TEXT, timestamp_ms INTEGER)"
+    )
+
+
+class BufferingLogHandler(logging.Handler):
+    """Collects log records (INFO and above, secrets redacted) for the uplink."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(max(level, logging.INFO))
+        self.addFilter(RedactSecrets())
+        self._records: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=MAX_MEMORY_RECORDS)
+        self._lock_records = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text = f"{text}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            with self._lock_records:
+                self._records.append((record.levelname, text, int(record.created * 1000)))
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+    def take(self) -> list[tuple[str, str, int]]:
+        with self._lock_records:
+            records = list(self._records)
+            self._records.clear()
+        return records
+
+
+class LogBuffer:
+    """``gateway_logs_buffer.db``: buffered records, sent oldest first, deleted on PUBACK."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = open_checked(path, _schema)
+        self.cursor = 0
+        self.dropped = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def add(self, records: list[tuple[str, str, int]]) -> int:
+        """Store records; returns the highest id now buffered."""
+        conn = self.conn
+        cut = [(lvl, m if len(m) <= MAX_MESSAGE_CHARS else m[:MAX_MESSAGE_CHARS] + " [cut]", ts) for lvl, m, ts in records]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO log_buffer (log_level, message, timestamp_ms) VALUES (?, ?, ?)", cut)
+        top = conn.execute("SELECT max(id) FROM log_buffer").fetchone()[0] or 0
+        self.dropped += conn.execute(
+            "DELETE FROM log_buffer WHERE id <= ?", (top - MAX_BUFFERED_ROWS,)).rowcount
+        conn.execute("COMMIT")
+        return int(top)
+
+    def top(self) -> int:
+        seq = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'log_buffer'").fetchone()
+        return int(seq[0]) if seq else 0
+
+    def next_packet(self, restart: bool, max_bytes: int, max_points: int | None, points_capacity: int | None) -> Packet:
+        if restart:
+            self.cursor = 0
+        cur = self.conn.execute(
+            "SELECT id, log_level, message, timestamp_ms FROM log_buffer WHERE id > ? ORDER BY id LIMIT 5000",
+            (self.cursor,))
+        rows = (
+            (row_id, int(ts or 0), 2, to_record(level, message, ts)) for row_id, level, message, ts in cur
+        )
+        packet = build_packet(rows, self.cursor, max_bytes, max_points, points_capacity)
+        cur.close()
+        # Records are cut to MAX_MESSAGE_CHARS when stored, so none is "dead" unless
+        # the packet limit is absurdly small; such a record goes with the ack range.
+        packet.dead = []
+        self.cursor = packet.last_id
+        return packet
+
+    def ack(self, after_id: int, last_id: int) -> int:
+        return self.conn.execute("DELETE FROM log_buffer WHERE id > ? AND id <= ?", (after_id, last_id)).rowcount
+
+
+def to_record(level: str, message: str, ts_ms: int | None) -> str:
+    return json.dumps({"ts": int(ts_ms or time.time() * 1000),
+                       "values": {"severity": level, "message": PREFIX + (message or "")}})

@@ -1,0 +1,102 @@
+"""Telemetry packets from queue rows: validation, data-point cost, size limits.
+
+A packet is a JSON array of ``{"ts", "values"}`` records (PROTOCOL.md §1.1),
+built by joining the rows' own JSON text: rows are parsed once to validate
+them, read ``ts`` and count their data points, never re-serialised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from operator import itemgetter
+
+import attrs
+
+Reason = str
+
+
+def parse_record(text: object) -> tuple[int, int] | Reason:
+    """``(ts, data points)`` of a queue row, or why it cannot be sent."""
+    if not isinstance(text, str):
+        return "message is not text" if text is not None else "message is NULL"
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        return f"invalid JSON: {exc}"
+    if not isinstance(obj, dict):
+        return f"message is a JSON {type(obj).__name__}, not an object"
+    if "ts" not in obj or "values" not in obj:
+        return "message lacks " + " and ".join(k for k in ("ts", "values") if k not in obj)
+    ts, values = obj["ts"], obj["values"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, str)) or (isinstance(ts, str) and not ts.isdigit()):
+        return f"ts is not a number of milliseconds: {str(ts)[:40]!r}"
+    if not isinstance(values, dict):
+        return "values is not an object"
+    return int(ts), len(values)
+
+
+def text_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+@attrs.define
+class Packet:
+    """One packet's rows: ``after_id < id <= last_id``; ``dead`` rows are to be dead-lettered."""
+
+    after_id: int
+    last_id: int
+    payload: bytes = b""
+    rows: int = 0
+    points: int = 0
+    more: bool = False
+    needs_points: int | None = None
+    dead: list[tuple[int, Reason]] = attrs.field(factory=list)
+
+
+def build_packet(
+    rows: Iterable[tuple[int, int, int, str] | tuple[int, Reason]],
+    after_id: int,
+    max_bytes: int,
+    max_points: int | None,
+    points_capacity: int | None,
+) -> Packet:
+    """Fill one packet from ``(id, ts, points, text)`` rows (or ``(id, reason)`` for bad ones).
+
+    Stops before the row that would break ``max_bytes`` or ``max_points``. A
+    row that alone exceeds the packet size, or costs more data points than
+    the smallest rate-limit window holds, can never be sent: it goes to
+    ``dead``. Records are ordered by ts inside the packet.
+    """
+    packet = Packet(after_id=after_id, last_id=after_id)
+    records: list[tuple[int, str]] = []
+    size = 1  # "[" ... "]" and commas: one byte per record plus one
+    for row in rows:
+        if len(row) == 2:
+            packet.dead.append((row[0], row[1]))  # type: ignore[arg-type]
+            packet.last_id = row[0]
+            continue
+        row_id, ts, points, text = row  # type: ignore[misc]
+        nbytes = text_bytes(text)
+        if nbytes + 2 > max_bytes:
+            packet.dead.append((row_id, f"record of {nbytes} bytes exceeds the packet limit of {max_bytes}"))
+        elif points_capacity is not None and points > points_capacity:
+            packet.dead.append((row_id, f"record has {points} data points, more than the rate limit allows at once"))
+        elif max_points is not None and packet.points + points > max_points:
+            packet.more = True
+            if not records:
+                packet.needs_points = points
+            break
+        elif size + nbytes + 1 > max_bytes:
+            packet.more = True
+            break
+        else:
+            records.append((ts, text))
+            size += nbytes + 1
+            packet.points += points
+        packet.last_id = row_id
+    records.sort(key=itemgetter(0))
+    packet.rows = len(records)
+    if records:
+        packet.payload = ("[" + ",".join(text for _, text in records) + "]").encode("utf-8")
+    return packet

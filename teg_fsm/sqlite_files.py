@@ -1,0 +1,72 @@
+"""Opening the gateway's SQLite files: WAL, busy timeout, and quarantine instead of deletion.
+
+The existing gateway deleted the controller queue when it met a schema error
+and lost every queued row. Here a file SQLite cannot read is moved aside as
+``<name>.corrupt-<UTC timestamp>`` (with its -wal/-shm), reported, and a
+fresh file takes its place. Schema differences are never a reason to move a
+file: missing tables are created, existing rows are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000
+CORRUPT_MARKERS = ("file is not a database", "malformed", "disk image", "file is encrypted")
+
+
+def is_corruption(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc).lower() for m in CORRUPT_MARKERS)
+
+
+def connect(path: Path, *, wal: bool = True) -> sqlite3.Connection:
+    """A connection in autocommit mode (we BEGIN ourselves), WAL, NORMAL sync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    if wal:
+        conn.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL survives a killed process; only power loss can lose the last commits.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move ``path`` (and its -wal/-shm) aside; return the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    for suffix in ("", "-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            side.rename(Path(str(target) + suffix))
+    log.error("database %s is unreadable (%s); moved aside to %s, starting a fresh one", path, reason, target)
+    return target
+
+
+def open_checked(path: Path, schema: Callable[[sqlite3.Connection], None], *, wal: bool = True) -> sqlite3.Connection:
+    """Open ``path`` and apply ``schema``; a corrupt file is quarantined and replaced once."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = connect(path, wal=wal)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        schema(conn)
+        return conn
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        if conn is not None:
+            conn.close()
+        quarantine(path, str(exc))
+    conn = connect(path, wal=wal)
+    schema(conn)
+    return conn

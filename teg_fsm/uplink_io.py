@@ -1,0 +1,200 @@
+"""The uplink's I/O thread: every SQLite access of the uplink, in one place.
+
+Theory of operation
+-------------------
+One thread owns the queue store and the log buffer, so our own writes never
+contend with each other (only with the controller, a separate process, which
+the busy timeout covers). Effect handlers, called on the dispatcher thread,
+only enqueue jobs here. A job that publishes hands the payload to
+``publish(topic, payload, qos, on_done)`` (the MQTT link); the PUBACK comes
+back on paho's thread as another job, which deletes the packet's rows and
+only then settles the effect. Rows are never deleted before their PUBACK.
+
+Every ``TICK_S`` (50 ms) the thread looks for work nobody announced:
+- the controller queue file (db and -wal) changed size or mtime: post
+  ``rows_waiting`` (a stat costs ~2 µs; no polling of SQLite while idle);
+- log records waiting in the handler: store them, post ``logs_waiting``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from teg_fsm.effects.mqtt import TELEMETRY_TOPIC
+from teg_fsm.effects.uplink import LOGS, SendPacket
+from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
+from teg_fsm.queue_store import QueueStore
+from teg_fsm.runner import Completion
+from teg_fsm.sqlite_files import is_corruption, quarantine
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+TRIM_REPORT_S = 60.0
+Publish = Callable[[str, bytes, int, Callable[[bool, "str | None"], None]], None]
+Post = Callable[[str, dict[str, Any]], None]
+Job = Callable[[], None]
+
+
+class UplinkIO:
+    """Runs uplink jobs on one thread and watches the controller queue."""
+
+    def __init__(self, store: Callable[[], QueueStore], logs: Callable[[], LogBuffer],
+                 handler: BufferingLogHandler, post: Post) -> None:
+        self._open_store, self._open_logs = store, logs
+        self.handler = handler
+        self._post = post
+        self.publish: Publish | None = None
+        self.store: QueueStore | None = None
+        self.logs: LogBuffer | None = None
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stamp: tuple[int, ...] = ()
+        self._last_trim_report = 0.0
+
+    def open(self) -> None:
+        self.store = self._open_store()
+        self.logs = self._open_logs()
+
+    def start(self) -> None:
+        self._stamp = self._queue_stamp()
+        self._thread = threading.Thread(target=self._run, name="teg-uplink-io", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._flush_logs()
+        for store in (self.store, self.logs):
+            if store is not None:
+                store.close()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                job = self._jobs.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                job = None
+            if job is not None:
+                self._guarded(job)
+            if time.monotonic() >= next_tick:
+                self._guarded(self._tick)
+                next_tick = time.monotonic() + TICK_S
+
+    def _guarded(self, job: Job) -> None:
+        try:
+            job()
+        except sqlite3.DatabaseError as exc:
+            log.error("uplink storage error: %s", exc)
+            if is_corruption(exc):
+                self._recover()
+        except Exception:
+            log.exception("uplink job failed")
+
+    def _recover(self) -> None:
+        """A file went bad under us: quarantine the one that fails a check, reopen."""
+        assert self.store is not None
+        self.store.close()
+        for path in (self.store.queue_path, self.store.archive_path):
+            try:
+                conn = sqlite3.connect(str(path))
+                ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0] == "ok"
+                conn.close()
+            except sqlite3.DatabaseError as exc:
+                ok = not is_corruption(exc)
+            if not ok:
+                quarantine(path, "failed a quick check after a storage error")
+        self.store = self._open_store()
+
+    def _tick(self) -> None:
+        stamp = self._queue_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._post("rows_waiting", {})
+        self._flush_logs()
+        self._report_trims()
+
+    def _queue_stamp(self) -> tuple[int, ...]:
+        if self.store is None:
+            return ()
+        stamp: list[int] = []
+        for suffix in ("", "-wal"):
+            try:
+                st = os.stat(str(self.store.queue_path) + suffix)
+                stamp += [st.st_mtime_ns, st.st_size, st.st_ino]
+            except FileNotFoundError:
+                stamp += [0, 0, 0]
+        return tuple(stamp)
+
+    def _flush_logs(self) -> None:
+        records = self.handler.take()
+        if records and self.logs is not None:
+            top = self.logs.add(records)
+            self._post("logs_waiting", {"top": top})
+
+    def _report_trims(self) -> None:
+        store = self.store
+        now = time.monotonic()
+        if store is None or not store.trimmed_archive_rows or now - self._last_trim_report < TRIM_REPORT_S:
+            return
+        log.warning("archive cap reached (%d rows / %d bytes): discarded the %d oldest archived rows",
+                    store.archive_max_rows, store.archive_max_bytes, store.trimmed_archive_rows)
+        store.trimmed_archive_rows = 0
+        self._last_trim_report = now
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def send(self, effect: SendPacket, completion: Completion) -> None:
+        """Build the next packet of the stream and publish it (runs on this thread)."""
+        source = self.logs if effect.stream == LOGS else self.store
+        assert source is not None
+        packet = source.next_packet(effect.restart, effect.max_payload_bytes, effect.max_points,
+                                    effect.points_capacity)
+        result = {"rows": packet.rows, "points": packet.points, "bytes": len(packet.payload),
+                  "first_id": packet.after_id, "last_id": packet.last_id, "more": packet.more,
+                  "top": packet.last_id if packet.more else source.top() if effect.stream == LOGS
+                  else self.store.pending_top(),  # type: ignore[union-attr]
+                  "needs_points": packet.needs_points, "max_points": effect.max_points}
+        if packet.rows == 0:
+            if packet.last_id > packet.after_id:  # only dead rows: their range is done
+                source.ack(packet.after_id, packet.last_id)
+            completion.succeed(result)
+            return
+        if self.publish is None:
+            completion.fail("no MQTT link")
+            return
+
+        def on_done(ok: bool, error: str | None) -> None:
+            if ok:
+                self.submit(lambda: self._acked(source, packet.after_id, packet.last_id, result, completion))
+            else:
+                completion.fail(error or "publish failed")
+
+        self.publish(TELEMETRY_TOPIC, packet.payload, 1, on_done)
+
+    @staticmethod
+    def _acked(source: Any, after_id: int, last_id: int, result: dict[str, Any], completion: Completion) -> None:
+        # Deleted even when the effect already timed out: the server has the rows.
+        try:
+            source.ack(after_id, last_id)
+        except Exception as exc:
+            completion.fail(f"deleting acknowledged rows failed: {exc}")
+            raise
+        completion.succeed(result)
