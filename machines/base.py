@@ -37,6 +37,8 @@ class GatewayMachine(StateChart):
 
     catch_errors_as_events = False
     allow_event_without_transition = True
+    # "internal" means no exit/entry, as the microstep runs it (the library re-enters by default).
+    enable_self_transition_entries = False
 
     machine_name: ClassVar[str] = ""
     settings_type: ClassVar[type] = NoSettings
