@@ -1,0 +1,525 @@
+"""The controller machine, pure: a fake clock and a fake Docker engine that answers at once.
+
+``FakeEngine`` is what survives a gateway crash (the engine, its container, the
+controller's health row). ``Rig`` is one gateway process around it: a
+dispatcher with a journal file, the real effect runner with handlers played by
+the fake engine, and a record of every effect, event and the state each
+effect was issued in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from machines.controller import NO_VERSION_ERROR, ControllerMachine
+from teg_fsm.clock import FakeClock
+from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
+from teg_fsm.effects import Effect, Log, Notify
+from teg_fsm.effects.controller import (
+    ENGINE_UNREACHABLE,
+    InspectController,
+    ReadControllerHealth,
+    StartController,
+    StopController,
+)
+from teg_fsm.effects.mqtt import Publish, RequestAttributes
+from teg_fsm.events import Source
+from teg_fsm.journal import Journal
+from teg_fsm.runner import Completion, EffectRunner
+from teg_fsm.timers import Timers
+
+E = TypeVar("E", bound=Effect)
+H = 3600.0
+OUTCOMES = ("succeeded", "failed", "timed_out", "cancelled")
+
+
+class FakeEngine:
+    """A Docker engine with at most one controller container; answers every effect at once."""
+
+    def __init__(self, clock: FakeClock, images: set[str] | None = None) -> None:
+        self.clock = clock
+        self.up = True
+        self.images = images if images is not None else {"v1", "v2"}
+        self.container: dict[str, Any] | None = None
+        self.health_ts_ms: int | None = None
+        self.serial = 0
+        self.ops: list[str] = []
+
+    def run(self, version: str) -> dict[str, Any]:
+        """A container the test (or an old gateway) started."""
+        self.serial += 1
+        self.container = {"container_id": f"c{self.serial}", "version": version, "running": True,
+                          "started_at_ms": self.clock.now_ms()}
+        return self.container
+
+    def _down(self, completion: Completion) -> bool:
+        if not self.up:
+            completion.fail(f"{ENGINE_UNREACHABLE}: connection refused", {"engine_unreachable": True})
+        return not self.up
+
+    def inspect(self, effect: InspectController, completion: Completion) -> None:
+        if self._down(completion):
+            return
+        self.ops.append("inspect")
+        found = dict(self.container or {"container_id": None, "version": None, "running": False, "started_at_ms": None})
+        completion.succeed({"found": self.container is not None, **found})
+
+    def start(self, effect: StartController, completion: Completion) -> None:
+        if self._down(completion):
+            return
+        self.ops.append(f"start {effect.version}")
+        if effect.version not in self.images:
+            completion.fail(f"image teg-controller-{effect.version}:latest not found")
+            return
+        container = self.run(effect.version)
+        completion.succeed({k: container[k] for k in ("container_id", "started_at_ms", "version")})
+
+    def stop(self, effect: StopController, completion: Completion) -> None:
+        if self._down(completion):
+            return
+        self.ops.append(f"stop {effect.container_id}")
+        if self.container and self.container["container_id"] == effect.container_id:
+            self.container["running"] = False
+        completion.succeed({})
+
+    def health(self, effect: ReadControllerHealth, completion: Completion) -> None:
+        running = self.container["running"] if self.container else False
+        completion.succeed({"health_ts_ms": self.health_ts_ms, "running": running if self.up else None,
+                            "container_id": self.container["container_id"] if self.container else None})
+
+
+class Rig:
+    """One gateway process: the controller machine on a fake-clock dispatcher."""
+
+    def __init__(self, engine: FakeEngine, journal_path: Path, **settings: Any) -> None:
+        self.engine = engine
+        self.clock = engine.clock
+        self.journal = Journal(journal_path)
+        self.dispatcher = Dispatcher(clock=self.clock, timers=Timers(self.clock), journal=self.journal)
+        self.runner = EffectRunner(self.dispatcher.post_outcome)
+        self.dispatcher.attach_runner(self.runner)
+        for kind, handler in ((InspectController, engine.inspect), (StartController, engine.start),
+                              (StopController, engine.stop), (ReadControllerHealth, engine.health)):
+            self.runner.register(kind, handler)
+        for kind in (Publish, Log, RequestAttributes):
+            self.runner.register(kind, lambda effect, completion: completion.succeed({"client": {}, "shared": {}}))
+        self.effects: list[Effect] = []
+        self.events: list[str] = []
+        self.issued_in: list[tuple[str, Effect]] = []
+        self.dispatcher.observers.append(self._observe)
+        spec = MachineSpec(ControllerMachine, {"boot_version": "v1", **settings})
+        self.dispatcher.boot([spec], self.journal.load_checkpoints())
+        self.dispatcher.run_until_idle()
+
+    def _observe(self, done: Dispatched) -> None:
+        self.events.append(done.event.name)
+        for effect in done.effects:
+            self.effects.append(effect)
+            self.issued_in.append((self.state, effect))
+
+    @property
+    def machine(self) -> ControllerMachine:
+        return self.dispatcher.machines["controller"]  # type: ignore[return-value]
+
+    @property
+    def state(self) -> str:
+        return self.machine.state_name
+
+    def all(self, kind: type[E]) -> list[E]:
+        return [e for e in self.effects if isinstance(e, kind)]
+
+    def notices(self, name: str) -> list[Notify]:
+        return [n for n in self.all(Notify) if n.name == name]
+
+    def telemetry(self) -> list[dict[str, Any]]:
+        return [json.loads(p.payload) for p in self.all(Publish)]
+
+    def post(self, name: str, data: dict[str, Any] | None = None, source: Source = Source.DOCKER) -> None:
+        self.dispatcher.post(source, name, data or {})
+        self.dispatcher.run_until_idle()
+
+    def advance(self, seconds: float) -> None:
+        self.dispatcher.advance(seconds)
+
+    def exit(self, code: int = 1) -> None:
+        """The container dies, as the Docker event stream reports it."""
+        container = self.engine.container
+        assert container is not None
+        container["running"] = False
+        self.post("container_exited", {"container_id": container["container_id"], "exit_code": code})
+
+    def uncovered_outcomes(self) -> list[str]:
+        """Effects issued in a state that does not declare every outcome of their reply."""
+        missing = []
+        for state, effect in self.issued_in:
+            if effect.reply is None:
+                continue
+            declared = {t.event for t in ControllerMachine.states_map[state].transitions}
+            missing += [f"{state}: {effect.reply}_{o}" for o in OUTCOMES if f"{effect.reply}_{o}" not in declared]
+        return sorted(set(missing))
+
+    def close(self) -> None:
+        self.runner.shutdown(wait=False)
+        self.journal.close()
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(FakeClock())
+
+
+@pytest.fixture
+def journal_path(tmp_path: Path) -> Path:
+    return tmp_path / "journal.db"
+
+
+@pytest.fixture
+def rigs(engine: FakeEngine, journal_path: Path) -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for rig in made:
+        assert rig.uncovered_outcomes() == []
+        rig.close()
+
+
+@pytest.fixture
+def make(engine: FakeEngine, journal_path: Path, rigs: list[Rig]) -> Any:
+    def build(**settings: Any) -> Rig:
+        rig = Rig(engine, journal_path, **settings)
+        rigs.append(rig)
+        return rig
+
+    return build
+
+
+def restart_delays(rig: Rig) -> list[float]:
+    return [t.seconds for t in rig.effects if getattr(t, "name", "") == "restart_backoff_elapsed"]
+
+
+def crash_and_restart(rig: Rig) -> float:
+    """One crash; returns the backoff waited before the restart."""
+    rig.exit()
+    assert rig.state == "unhealthy"
+    delay = restart_delays(rig)[-1]
+    rig.advance(delay - 0.5)
+    assert rig.state == "unhealthy"
+    rig.advance(0.5)
+    assert rig.state == "running"
+    return delay
+
+
+# -- start-up ---------------------------------------------------------------
+
+
+def test_a_running_controller_of_the_wanted_version_is_adopted_without_a_restart(make: Any, engine: FakeEngine) -> None:
+    before = dict(engine.run("v1"))
+    rig = make()
+    assert rig.state == "running"
+    assert rig.all(StartController) == [] and rig.all(StopController) == []
+    assert engine.container == before
+    assert rig.machine.container_id == before["container_id"]
+    assert [n.data for n in rig.notices("controller_started")] == [{"version": "v1"}]
+
+
+def test_the_boot_version_is_started_when_no_controller_runs(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    assert rig.state == "running"
+    assert [s.version for s in rig.all(StartController)] == ["v1"]
+    assert engine.container is not None and engine.container["version"] == "v1"
+
+
+def test_a_controller_of_another_version_is_replaced_by_the_wanted_one(make: Any, engine: FakeEngine) -> None:
+    engine.run("v2")
+    rig = make()
+    assert rig.state == "running" and engine.container["version"] == "v1"  # type: ignore[index]
+
+
+def test_without_any_version_it_asks_thingsboard_and_reports_sw_state_failed(make: Any) -> None:
+    rig = make(boot_version=None)
+    assert rig.state == "awaiting_version"
+    request = rig.all(RequestAttributes)[-1]
+    assert request.shared_keys == ("sw_title", "sw_url", "sw_version") and request.timeout_s
+    assert {"current_sw_title": "UNKNOWN", "current_sw_version": "UNKNOWN", "sw_state": "FAILED",
+            "sw_error": NO_VERSION_ERROR} in rig.telemetry()
+    rig.advance(600)
+    assert len(rig.all(RequestAttributes)) == 2, "asked again after the retry period"
+    rig.post("swap_requested", {"version": "v2"}, Source.SYSTEM)
+    assert rig.state == "running" and rig.notices("swap_succeeded")[-1].data == {"version": "v2"}
+
+
+def test_without_a_version_a_running_controller_is_adopted_with_its_own_version(make: Any, engine: FakeEngine) -> None:
+    engine.run("v2")
+    rig = make(boot_version=None)
+    assert rig.state == "running" and rig.machine.version == "v2" and rig.all(StartController) == []
+
+
+# -- exits, backoff ---------------------------------------------------------
+
+
+def test_an_exit_is_reported_and_restarted_after_the_backoff(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    first = engine.container["container_id"]  # type: ignore[index]
+    rig.exit(code=3)
+    assert rig.state == "unhealthy"
+    assert rig.notices("controller_exited")[-1].data == {"version": "v1", "reason": "container exited with code 3"}
+    rig.advance(599)
+    assert rig.state == "unhealthy" and len(rig.all(StartController)) == 1
+    rig.advance(1)
+    assert rig.state == "running" and engine.container["container_id"] != first  # type: ignore[index]
+
+
+def test_repeated_crashes_back_off_by_the_factor_and_a_healthy_period_brings_it_back(make: Any) -> None:
+    rig = make()
+    delays = [crash_and_restart(rig) for _ in range(4)]
+    assert delays == pytest.approx([600, 960, 1536, 2457.6])
+    # Healthy now: one factor off for each backoff period it stays up.
+    assert rig.machine.backoff_s == pytest.approx(3932.16)
+    rig.advance(3932.17)
+    assert rig.machine.backoff_s == pytest.approx(2457.6)
+    rig.advance(2457.6 + 1536 + 960 + 1)
+    assert rig.machine.backoff_s == pytest.approx(600)
+    assert crash_and_restart(rig) == pytest.approx(600)
+
+
+def test_the_backoff_is_capped(make: Any) -> None:
+    rig = make(restart_backoff_s=10, restart_backoff_factor=10, restart_backoff_max_s=500)
+    assert [crash_and_restart(rig) for _ in range(4)] == pytest.approx([10, 100, 500, 500])
+
+
+def test_a_crash_soon_after_a_restart_keeps_the_grown_backoff(make: Any) -> None:
+    rig = make()
+    crash_and_restart(rig)
+    rig.advance(100)  # up for less than a backoff period: no decay
+    assert crash_and_restart(rig) == pytest.approx(960)
+
+
+def test_the_exit_of_a_replaced_container_is_not_mistaken_for_a_crash(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    old = engine.container["container_id"]  # type: ignore[index]
+    rig.post("restart_requested", {"reason": "rpc"}, Source.SYSTEM)
+    assert rig.state == "running" and engine.container["container_id"] != old  # type: ignore[index]
+    rig.post("container_exited", {"container_id": old, "exit_code": 143})
+    assert rig.state == "running" and rig.notices("controller_exited") == []
+
+
+def test_a_restart_by_the_engines_restart_policy_is_adopted(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    rig.exit()
+    engine.container["running"] = True  # type: ignore[index]
+    rig.post("container_started", {"container_id": engine.container["container_id"],  # type: ignore[index]
+                                   "started_at_ms": rig.clock.now_ms()})
+    assert rig.state == "running" and len(rig.all(StartController)) == 1
+
+
+def test_a_periodic_check_notices_a_vanished_container(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    engine.container = None  # removed behind our back; its event was lost
+    rig.advance(5)
+    assert rig.state == "unhealthy" and "no longer running" in rig.notices("controller_exited")[-1].data["reason"]
+
+
+# -- health checks ----------------------------------------------------------
+
+
+def test_telemetry_every_20_s_reports_time_since_startup_and_health_check(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    started = engine.container["started_at_ms"]  # type: ignore[index]
+    engine.health_ts_ms = rig.clock.now_ms()
+    rig.advance(5 + 20 * 3)
+    samples = [t for t in rig.telemetry() if "ms_since_controller_startup" in t.get("values", {})]
+    assert len(samples) == 4
+    last = samples[-1]
+    assert last["values"] == {"ms_since_controller_startup": last["ts"] - started,
+                              "ms_since_last_controller_health_check": 65_000}
+
+
+def test_fresh_health_checks_are_broadcast_once_each(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    rig.advance(5)
+    assert rig.notices("controller_health_seen") == [], "no health check written yet"
+    engine.health_ts_ms = rig.clock.now_ms()
+    rig.advance(20 * 3)
+    seen = rig.notices("controller_health_seen")
+    assert [n.data for n in seen] == [{"version": "v1", "health_ts_ms": engine.health_ts_ms}]
+
+
+def test_a_stale_health_check_stops_the_controller_and_restarts_it(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    first = engine.container["container_id"]  # type: ignore[index]
+    engine.health_ts_ms = rig.clock.now_ms()
+    rig.advance(6 * H - 30)
+    assert rig.state == "running"
+    rig.advance(60)
+    assert rig.state == "unhealthy"
+    assert "no health check for" in rig.notices("controller_exited")[-1].data["reason"]
+    assert rig.all(StopController)[-1].container_id == first and engine.container["running"] is False  # type: ignore[index]
+    rig.advance(600)
+    assert rig.state == "running" and engine.container["container_id"] != first  # type: ignore[index]
+
+
+def test_a_controller_that_never_writes_a_health_check_is_restarted_after_the_limit(make: Any) -> None:
+    rig = make(health_check_max_age_s=60)
+    rig.advance(55)
+    assert rig.state == "running"
+    rig.advance(20)
+    assert rig.state == "unhealthy"
+
+
+# -- requests ---------------------------------------------------------------
+
+
+def test_a_restart_request_restarts_at_once_without_growing_the_backoff(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    rig.post("restart_requested", {"reason": "config file changed"}, Source.SYSTEM)
+    assert rig.state == "running" and len(rig.all(StartController)) == 2
+    assert rig.machine.backoff_s == 600 and rig.notices("controller_exited") == []
+
+
+def test_a_swap_replaces_the_controller_and_answers_ota(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    rig.post("swap_requested", {"version": "v2"}, Source.SYSTEM)
+    assert rig.state == "running" and engine.container["version"] == "v2"  # type: ignore[index]
+    answer = rig.notices("swap_succeeded")[-1]
+    assert answer.machine == "ota" and answer.data == {"version": "v2"}
+    assert rig.notices("controller_started")[-1].data == {"version": "v2"}
+    rig.exit()
+    rig.advance(600)
+    assert engine.container["version"] == "v2", "the swapped-in version is the one restarted"  # type: ignore[index]
+
+
+def test_a_failed_swap_answers_ota_and_brings_the_old_version_back(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    rig.post("swap_requested", {"version": "v9"}, Source.SYSTEM)
+    failed = rig.notices("swap_failed")[-1]
+    assert failed.machine == "ota" and failed.data["version"] == "v9" and "not found" in failed.data["error"]
+    assert rig.state == "unhealthy"
+    rig.advance(600)
+    assert rig.state == "running" and engine.container["version"] == "v1"  # type: ignore[index]
+
+
+def test_a_restart_requested_during_a_swap_is_queued_and_done_after_it(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    rig.dispatcher.post(Source.SYSTEM, "swap_requested", {"version": "v2"})
+    rig.dispatcher.post(Source.SYSTEM, "restart_requested", {"reason": "file changed"})
+    rig.dispatcher.run_until_idle()
+    assert [s.version for s in rig.all(StartController)] == ["v1", "v2", "v2"]
+    assert rig.state == "running" and rig.machine.restart_queued is False
+
+
+def test_a_second_swap_during_a_swap_runs_after_it_and_the_latest_wins(make: Any, engine: FakeEngine) -> None:
+    engine.images.add("v3")
+    rig = make()
+    for version in ("v2", "v3", "v2", "v3"):
+        rig.dispatcher.post(Source.SYSTEM, "swap_requested", {"version": version})
+    rig.dispatcher.run_until_idle()
+    assert [n.data["version"] for n in rig.notices("swap_succeeded")] == ["v2", "v3"]
+    assert engine.container["version"] == "v3"  # type: ignore[index]
+
+
+def test_a_swap_while_the_engine_is_unreachable_is_refused(make: Any, engine: FakeEngine) -> None:
+    engine.up = False
+    rig = make()
+    rig.post("swap_requested", {"version": "v2"}, Source.SYSTEM)
+    assert rig.state == "engine_unreachable"
+    assert rig.notices("swap_failed")[-1].data == {"version": "v2", "error": f"{ENGINE_UNREACHABLE}: cannot swap now"}
+
+
+def test_a_swap_without_a_version_is_refused(make: Any) -> None:
+    rig = make()
+    rig.post("swap_requested", {"version": ""}, Source.SYSTEM)
+    assert rig.state == "running" and "without a version" in rig.notices("swap_failed")[-1].data["error"]
+
+
+# -- the Docker engine ------------------------------------------------------
+
+
+def test_an_unreachable_engine_is_reported_and_retried_until_it_answers(make: Any, engine: FakeEngine) -> None:
+    engine.up = False
+    rig = make()
+    assert rig.state == "engine_unreachable"
+    assert {"docker_engine_reachable": False} in [t.get("values") for t in rig.telemetry()]
+    assert any("Docker engine unreachable" in log.message for log in rig.all(Log))
+    rig.advance(30)
+    assert rig.state == "engine_unreachable" and len(rig.telemetry()) == 1, "reported once, retried quietly"
+    engine.up = True
+    rig.advance(10)
+    assert rig.state == "running"
+    assert {"docker_engine_reachable": True} in [t.get("values") for t in rig.telemetry()]
+
+
+def test_an_engine_lost_while_running_is_reinspected_when_it_returns(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    engine.up = False
+    engine.container["running"] = False  # type: ignore[index]  # dockerd stops its containers
+    rig.post("docker_engine_lost", {"error": "connection reset"})
+    assert rig.state == "engine_unreachable"
+    rig.post("restart_requested", {"reason": "rpc"}, Source.SYSTEM)
+    engine.up = True
+    rig.post("docker_engine_returned")
+    assert rig.state == "running"
+    assert [s.version for s in rig.all(StartController)] == ["v1", "v1"], "started again; the queued restart not doubled"
+
+
+# -- crash and resume -------------------------------------------------------
+
+
+def test_a_gateway_restart_adopts_the_controller_it_left_running(make: Any, engine: FakeEngine) -> None:
+    first = make()
+    container = dict(engine.container)  # type: ignore[arg-type]
+    first.close()
+    second = make()
+    assert second.state == "running" and engine.container == container and second.all(StartController) == []
+
+
+def test_a_gateway_restart_during_the_backoff_waits_only_the_rest(make: Any, engine: FakeEngine) -> None:
+    first = make()
+    first.exit()
+    first.advance(400)
+    first.close()
+    second = make()
+    assert second.state == "unhealthy"
+    second.advance(199)
+    assert second.state == "unhealthy"
+    second.advance(1)
+    assert second.state == "running"
+
+
+def test_a_gateway_killed_mid_swap_redoes_the_swap_and_answers_ota(make: Any, engine: FakeEngine) -> None:
+    first = make()
+    engine.up = False  # the swap's start never completes in this process
+    first.dispatcher.post(Source.SYSTEM, "swap_requested", {"version": "v2"})
+    first.dispatcher.dispatch(first.dispatcher._queue.get_nowait())  # swapping; the start is in flight
+    assert first.state == "swapping"
+    first.close()
+    engine.up = True
+    second = make()
+    assert second.state == "running" and engine.container["version"] == "v2"  # type: ignore[index]
+    assert second.notices("swap_succeeded")[-1].data == {"version": "v2"}
+
+
+def test_a_crash_loop_mid_swap_falls_back_to_unhealthy_and_fails_the_swap(
+    engine: FakeEngine, journal_path: Path, rigs: list[Rig]
+) -> None:
+    journal = Journal(journal_path)
+    from teg_fsm.journal import Checkpoint
+
+    data = {"version": "v1", "swap_version": "v2", "backoff_s": 600.0}
+    journal.save_checkpoint(Checkpoint("controller", "swapping", data, ControllerMachine.max_resumes), 0)
+    journal.close()
+    rig = Rig(engine, journal_path)
+    rigs.append(rig)
+    assert rig.state == "unhealthy"
+    assert rig.notices("swap_failed")[-1].data["version"] == "v2"
+    rig.advance(600)
+    assert rig.state == "running" and engine.container["version"] == "v1"  # type: ignore[index]
+
+
+def test_every_state_resumes_through_the_table_and_has_an_entry() -> None:
+    states = {s.id for s in ControllerMachine.states}
+    assert set(ControllerMachine.resume_table) == states
+    assert ControllerMachine.crash_loop_state in states
