@@ -36,7 +36,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.effects.files import NO_FILE, TOO_LARGE, ContentError, MirrorFiles, ScanFiles, WriteFile, content_bytes
+from teg_fsm.effects.files import (
+    NO_FILE,
+    TOO_LARGE,
+    ContentError,
+    MirrorFiles,
+    ScanFiles,
+    WriteFile,
+    content_bytes,
+)
 from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC
 from teg_fsm.runner import Completion
 
@@ -180,23 +188,24 @@ class FileStore:
                 found[key] = {"error": _reason(exc)}
         return found
 
-    def write(self, key: str, raw: str, encoding: str, content: Any, create: bool) -> dict[str, Any]:
+    def write(self, key: str, raw: str, encoding: str, content: Any, create: bool, force: bool = False) -> dict:
         try:
             data = content_bytes(encoding, content)
             path = self.resolve(raw)
             new = hashlib.md5(data).hexdigest()
             old = md5_file(path)
-            if old == new:
+            if old == new and not force:
                 return {"hash": new, "changed": False, "path": str(path)}
             if old is None and not create:
                 raise FileSyncError(f"{path} does not exist and create_if_not_exist is false")
             if old is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
+            changed = old != new
         except (ContentError, OSError) as exc:
             raise FileSyncError(_reason(exc)) from exc
         log.info("file %s: wrote %d bytes to %s", key, len(data), path)
-        return {"hash": new, "changed": True, "path": str(path)}
+        return {"hash": new, "changed": changed, "path": str(path)}
 
     def mirror(self, effect_id: str, files: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
         statuses: dict[str, str] = {}
@@ -230,7 +239,8 @@ class FileStore:
 
     def handle_write(self, effect: WriteFile, completion: Completion) -> None:
         try:
-            completion.succeed(self.write(effect.key, effect.path, effect.encoding, effect.content, effect.create))
+            e = effect
+            completion.succeed(self.write(e.key, e.path, e.encoding, e.content, e.create, e.force))
         except FileSyncError as exc:
             completion.fail(str(exc))
 

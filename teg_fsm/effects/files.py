@@ -4,9 +4,10 @@ Paths in these effects are the operator's raw definition paths (``$DATA_PATH``
 not yet expanded): the adapter alone expands, resolves and confines them, so
 the rule "nothing outside the allowed roots" lives in one place.
 
-Also here: how a ``FILE_CONTENT_<key>`` value becomes bytes. The machine uses
-it to reject bad content before anything is written; the adapter uses it to
-write. It is pure (no I/O), so both sides may import it.
+Also here, pure (no I/O) so the machine and the adapter share them: how a
+``FILE_CONTENT_<key>`` value becomes bytes (the machine rejects bad content
+before anything is written, the adapter writes the bytes) and how the FILES
+and FILE_HASHES attributes are read.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class WriteFile(Effect):
     encoding: str
     content: Any
     create: bool = True
+    force: bool = False  # write even when the bytes match (init_files rewrites everything)
 
 
 @attrs.frozen(kw_only=True)
@@ -105,3 +107,80 @@ class MirrorFiles(Effect):
     """
 
     files: dict[str, dict[str, str]]
+
+
+# -- the FILES and FILE_HASHES attributes (wire format, pure) -------------
+
+
+def parse_definitions(raw: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """FILES (an object, or a JSON string of one) -> (valid definitions, {key: reason} for the rest).
+
+    A definition becomes ``{path, encoding, write_version, create, restart}``;
+    the defaults are the existing gateway's (encoding text, create_if_not_exist
+    true, restart_controller_on_change false).
+    """
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            return {}, {"FILES": f"not valid JSON ({exc})"}
+    if not isinstance(raw, dict):
+        return {}, {"FILES": f"must be a JSON object of definitions, got {_kind(raw)}"}
+    found: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    for key, definition in raw.items():
+        try:
+            found[str(key)] = _definition(definition)
+        except ValueError as exc:
+            errors[str(key)] = str(exc)
+    return found, errors
+
+
+def _definition(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"a definition must be an object, got {_kind(raw)}")
+    path = raw.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("missing path" if path in (None, "") else f"path must be a string, got {_kind(path)}")
+    encoding = raw.get("encoding") or "text"
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
+    version = raw.get("write_version")
+    if version == "":
+        version = None
+    if version is not None and not isinstance(version, (str, int, float)):
+        raise ValueError(f"write_version must be a number or a string, got {_kind(version)}")
+    return {
+        "path": path,
+        "encoding": encoding,
+        "write_version": version,
+        "create": _flag(raw, "create_if_not_exist", True),
+        "restart": _flag(raw, "restart_controller_on_change", False),
+    }
+
+
+def _flag(raw: dict[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_hashes(raw: Any) -> dict[str, dict[str, Any]]:
+    """FILE_HASHES (an object, or a JSON string of one) -> {key: {hash, write_version}}; junk is skipped."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(key): {"hash": entry["hash"], "write_version": entry.get("write_version")}
+        for key, entry in raw.items()
+        if isinstance(entry, dict) and isinstance(entry.get("hash"), str)
+    }
