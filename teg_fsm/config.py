@@ -65,6 +65,8 @@ class Config:
     file_allowed_roots: tuple[Path, ...]
     run_command_enabled: bool
     run_command_output_cap: int
+    reboot_command: tuple[str, ...]
+    shutdown_command: tuple[str, ...]
     docker_host: str | None
 
     @property
@@ -189,6 +191,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         file_check_interval_s=_float(env, "TEG_FILE_CHECK_INTERVAL_S", 30.0),
         file_allowed_roots=tuple(Path(r) for r in roots),
         run_command_enabled=_bool(env, "TEG_RUN_COMMAND_ENABLED", False),
-        run_command_output_cap=_int(env, "TEG_RUN_COMMAND_OUTPUT_CAP", 64 * 1024),
+        run_command_output_cap=_int(env, "TEG_RUN_COMMAND_OUTPUT_CAP", 16 * 1024),
+        reboot_command=tuple((_get(env, "TEG_REBOOT_COMMAND", "reboot") or "reboot").split()),
+        shutdown_command=tuple((_get(env, "TEG_SHUTDOWN_COMMAND", "shutdown now") or "shutdown now").split()),
         docker_host=_get(env, "DOCKER_HOST"),
     )

@@ -1,0 +1,170 @@
+"""The RPC component: runs handler methods and answers machine-routed RPCs.
+
+Handler methods (reboot, run_command, archive, fsm_state, ...) run on the
+effect runner's worker threads, so a 30 s ``run_command`` never delays a
+``ping`` (answered by the rpc machine in the dispatcher thread). Methods that
+are events for another machine are answered by an observer of the dispatcher:
+it sees the transitions that event caused, or refuses with the state the
+machine is in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from machines.rpc import RpcMachine
+from machines.rpc_methods import METHODS_BY_NAME
+from teg_fsm.dispatcher import Dispatched, MachineSpec
+from teg_fsm.effects.mqtt import RPC_RESPONSE_TOPIC
+from teg_fsm.effects.rpc import RunRpc
+from teg_fsm.runner import Completion
+
+if TYPE_CHECKING:
+    from teg_fsm.app import Gateway
+
+log = logging.getLogger(__name__)
+
+# The existing gateway's archive RPCs only accept ranges inside these bounds.
+_ARCHIVE_MIN_MS, _ARCHIVE_MAX_MS = 1735719469_000, 2524637869_000
+
+
+class RpcComponent:
+    name = "rpc"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.action_delay_s = 1.0
+
+    def machine_specs(self) -> list[MachineSpec]:
+        return [MachineSpec(RpcMachine)]
+
+    def install(self) -> None:
+        self.gateway.runner.register(RunRpc, self._run, blocking=True)
+        self.gateway.dispatcher.observers.append(self._answer_machine_rpc)
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    # -- replies ----------------------------------------------------------
+
+    def reply(self, request_id: int, message: Any) -> None:
+        mqtt = self.gateway.components.get("mqtt")
+        if mqtt is None:
+            log.warning("no MQTT link; dropping the reply to RPC %s", request_id)
+            return
+        payload = json.dumps({"message": message}).encode()
+        mqtt.link.publish_async(RPC_RESPONSE_TOPIC.format(request_id), payload, 1, lambda ok, err: None)  # type: ignore[attr-defined]
+
+    def _answer_machine_rpc(self, dispatched: Dispatched) -> None:
+        """Observer (dispatcher thread): reply to an RPC that was an event for a machine."""
+        event = dispatched.event
+        request_id = event.data.get("rpc_request_id")
+        if request_id is None or event.target is None:
+            return
+        method = METHODS_BY_NAME[event.data["rpc_method"]]
+        machine = self.gateway.dispatcher.machines.get(event.target)
+        moved = [t for t in dispatched.transitions if t.machine == event.target]
+        if machine is None:
+            self.reply(request_id, f"Error - {method.name} refused: no {event.target} machine in this gateway")
+        elif not moved:
+            self.reply(
+                request_id,
+                f"Error - {method.name} refused: {event.target} is '{machine.state_name}' and cannot take {event.name} now",
+            )
+        elif method.accepted_reply is not None:
+            self.reply(request_id, method.accepted_reply)
+        else:
+            self.reply(request_id, {"transitions": [f"{t.machine}: {t.source} -> {t.target}" for t in moved]})
+
+    # -- handler methods (worker threads) -----------------------------------
+
+    def _run(self, effect: RunRpc, completion: Completion) -> None:
+        handler = getattr(self, f"_rpc_{effect.method}")
+        message = handler(effect.params)
+        self.reply(effect.request_id, message)
+        completion.succeed(None)
+
+    def _later(self, action: Any) -> None:
+        """Act after the reply had time to leave (the existing gateway waits too)."""
+        threading.Timer(self.action_delay_s, action).start()
+
+    def _rpc_reboot(self, _params: Any) -> str:
+        log.warning("RPC: rebooting the device")
+        self._later(lambda: subprocess.run(list(self.config.reboot_command), check=False))
+        return "OK - Rebooting"
+
+    def _rpc_shutdown(self, _params: Any) -> str:
+        log.warning("RPC: shutting the device down")
+        self._later(lambda: subprocess.run(list(self.config.shutdown_command), check=False))
+        return "OK - Shutting down"
+
+    def _rpc_exit(self, _params: Any) -> str:
+        log.warning("RPC: exiting the gateway")
+        self._later(self.gateway.stopped.set)
+        return "OK - Exiting"
+
+    def _rpc_fsm_state(self, _params: Any) -> dict[str, Any]:
+        states = self.gateway.dispatcher.states()
+        return {
+            name: {**info, "since": _iso(info["since_ms"]) if info.get("since_ms") else None}
+            for name, info in states.items()
+        }
+
+    def _rpc_run_command(self, params: dict[str, Any]) -> str:
+        if not self.config.run_command_enabled:
+            return (
+                "Error - Running command failed: run_command is disabled; set TEG_RUN_COMMAND_ENABLED=true "
+                "in the gateway's environment to enable it"
+            )
+        command, timeout_s = params["command"], params["timeout_s"]
+        log.info("RPC: running command %s", command)
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as exc:
+            output = _capped(exc.output or b"", self.config.run_command_output_cap)
+            return f"Error - Error running command '{command}': Timeout after {timeout_s} seconds. Output: {output}"
+        except OSError as exc:
+            return f"Error - Running command failed: {exc.strerror or exc}"
+        output = _capped(done.stdout, self.config.run_command_output_cap)
+        return f"OK - Command executed - Command '{command}' exited with code {done.returncode}. Output: {output}"
+
+    def _rpc_archive_republish_messages(self, params: dict[str, Any]) -> str:
+        start, end = params["start_timestamp_ms"], params["end_timestamp_ms"]
+        if start <= _ARCHIVE_MIN_MS or end >= _ARCHIVE_MAX_MS:
+            return (
+                "Error - Republishing archived messages failed: 'start_timestamp_ms' and 'end_timestamp_ms' "
+                "must be within the range of 1735719469_000 and 2524637869_000"
+            )
+        uplink = self.gateway.components.get("uplink")
+        if uplink is None:
+            return "Error - Republishing archived messages failed: archive database unavailable"
+        result = uplink.archive_republish(start, end)  # type: ignore[attr-defined]
+        return f"OK - {result['rows']} messages republished - {start} -> {end}"
+
+    def _rpc_archive_discard_messages(self, params: dict[str, Any]) -> str:
+        start, end = params["start_timestamp_ms"], params["end_timestamp_ms"]
+        if end >= _ARCHIVE_MAX_MS:
+            return "Error - Discarding archived messages failed: 'end_timestamp_ms' must be < 2524637869_000"
+        uplink = self.gateway.components.get("uplink")
+        if uplink is None:
+            return "Error - Discarding archived messages failed: archive database unavailable"
+        result = uplink.archive_discard(start, end)  # type: ignore[attr-defined]
+        return f"OK - {result['rows']} messages discarded - {start} -> {end}"
+
+
+def _capped(output: bytes, cap: int) -> str:
+    text = output.decode("utf-8", errors="replace")
+    if len(text) > cap:
+        return text[:cap] + f"... [{len(text) - cap} more characters cut]"
+    return text
+
+
+def _iso(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
