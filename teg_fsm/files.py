@@ -16,9 +16,9 @@ rename survives a power cut. A crash leaves at worst a stray temporary file
 (``.<name>.*.teg-tmp``), which the next write to that file removes.
 
 Mirrors (``FILE_READ_<key>``) are read and published here, not by the machine,
-so file contents stay out of the journal. They go out as ``Publish`` effects
-submitted straight to the effect runner (the MQTT adapter handles them), fire
-and forget: the machine re-mirrors every file after each reconnect.
+so file contents stay out of the journal. The component hands in a ``publish``
+that waits for the PUBACK, so a mirror reported ``sent`` reached ThingsBoard;
+one that did not is sent again by the full pass after the next connect.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ TMP_SUFFIX = ".teg-tmp"
 DEFAULT_NEW_FILE_MODE = 0o644
 _DATA_PATH_MARKERS = ("%DATA_PATH%", "$DATA_PATH$", "$DATA_PATH")  # longest first
 
-PublishFn = Callable[[str, str, str], None]  # (effect id, topic, payload)
+PublishFn = Callable[[str, str], "str | None"]  # (topic, payload) -> None once acknowledged, else why not
 
 
 class FileSyncError(Exception):
@@ -207,7 +207,7 @@ class FileStore:
         log.info("file %s: wrote %d bytes to %s", key, len(data), path)
         return {"hash": new, "changed": changed, "path": str(path)}
 
-    def mirror(self, effect_id: str, files: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    def mirror(self, files: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
         statuses: dict[str, str] = {}
         for key, spec in files.items():
             attribute = f"FILE_READ_{key}"
@@ -229,7 +229,9 @@ class FileStore:
                 # ThingsBoard drops the session on an oversized packet, so say so instead.
                 payload = json.dumps({attribute: TOO_LARGE})
                 statuses[key] = f"too_large:{size}"
-            self._publish(f"{effect_id}/{key}", ATTRIBUTES_TOPIC, payload)
+            error = self._publish(ATTRIBUTES_TOPIC, payload)
+            if error is not None:
+                statuses[key] = f"error:not published: {error}"
         return statuses
 
     # -- effect handlers (run on the runner's worker pool) ----------------
@@ -245,7 +247,7 @@ class FileStore:
             completion.fail(str(exc))
 
     def handle_mirror(self, effect: MirrorFiles, completion: Completion) -> None:
-        completion.succeed(self.mirror(effect.id, effect.files))
+        completion.succeed(self.mirror(effect.files))
 
 
 def _reason(exc: BaseException) -> str:

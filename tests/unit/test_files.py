@@ -32,10 +32,10 @@ class Published:
     """Collects what the store hands to MQTT."""
 
     def __init__(self) -> None:
-        self.messages: list[tuple[str, str, dict]] = []
+        self.messages: list[tuple[str, dict]] = []
 
-    def __call__(self, effect_id: str, topic: str, payload: str) -> None:
-        self.messages.append((effect_id, topic, json.loads(payload)))
+    def __call__(self, topic: str, payload: str) -> None:
+        self.messages.append((topic, json.loads(payload)))
 
 
 @pytest.fixture
@@ -182,7 +182,6 @@ def test_mirror_publishes_each_encoding_and_marks_missing_files(data_dir: Path) 
     (data_dir / "j.json").write_text('{"a": 1}')
     (data_dir / "b.bin").write_bytes(b"\x00\xff")
     statuses = store.mirror(
-        "file_sync:1:0",
         {
             "t": {"path": "t.txt", "encoding": "text"},
             "j": {"path": "j.json", "encoding": "json"},
@@ -191,18 +190,25 @@ def test_mirror_publishes_each_encoding_and_marks_missing_files(data_dir: Path) 
         },
     )
     assert statuses == {"t": "sent", "j": "sent", "b": "sent", "m": "missing"}
-    values = {k: v for _, topic, payload in published.messages for k, v in payload.items()}
+    values = {k: v for _, payload in published.messages for k, v in payload.items()}
     assert values == {"FILE_READ_t": "hi", "FILE_READ_j": {"a": 1}, "FILE_READ_b": "AP8=", "FILE_READ_m": NO_FILE}
-    assert {topic for _, topic, _ in published.messages} == {"v1/devices/me/attributes"}
+    assert {topic for topic, _ in published.messages} == {"v1/devices/me/attributes"}
+
+
+def test_a_mirror_that_is_not_acknowledged_is_reported_as_not_published(data_dir: Path) -> None:
+    store = FileStore(data_dir, [data_dir], lambda topic, payload: "not connected to ThingsBoard")
+    (data_dir / "t.txt").write_text("hi")
+    statuses = store.mirror({"t": {"path": "t.txt", "encoding": "text"}})
+    assert statuses == {"t": "error:not published: not connected to ThingsBoard"}
 
 
 def test_a_mirror_over_the_thingsboard_packet_limit_is_replaced_by_a_marker(data_dir: Path) -> None:
     published = Published()
     store = FileStore(data_dir, [data_dir], published)
     (data_dir / "big.txt").write_text("x" * 70_000)
-    statuses = store.mirror("e", {"big": {"path": "big.txt", "encoding": "text"}})
+    statuses = store.mirror({"big": {"path": "big.txt", "encoding": "text"}})
     assert statuses["big"].startswith("too_large:") and int(statuses["big"].split(":")[1]) > 65_536
-    assert published.messages == [("e/big", "v1/devices/me/attributes", {"FILE_READ_big": TOO_LARGE})]
+    assert published.messages == [("v1/devices/me/attributes", {"FILE_READ_big": TOO_LARGE})]
 
 
 def test_a_mirror_of_exactly_the_packet_limit_is_sent_and_one_byte_more_is_not(data_dir: Path) -> None:
@@ -215,9 +221,9 @@ def test_a_mirror_of_exactly_the_packet_limit_is_sent_and_one_byte_more_is_not(d
     n = max(i for i in range(65_400, 65_536) if packet(i) <= 65_536)
     assert packet(n) == 65_536
     (data_dir / "k.txt").write_text("y" * n)
-    assert store.mirror("e", {"k": {"path": "k.txt", "encoding": "text"}}) == {"k": "sent"}
+    assert store.mirror({"k": {"path": "k.txt", "encoding": "text"}}) == {"k": "sent"}
     (data_dir / "k.txt").write_text("y" * (n + 1))
-    assert store.mirror("e", {"k": {"path": "k.txt", "encoding": "text"}}) == {"k": "too_large:65537"}
+    assert store.mirror({"k": {"path": "k.txt", "encoding": "text"}}) == {"k": "too_large:65537"}
 
 
 _WRITER = """
