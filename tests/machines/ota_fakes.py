@@ -49,10 +49,16 @@ class FakeProbeController(Effect):
     """Look at the running container: ok, exited or silent (no health checks)."""
 
 
+@attrs.define
+class FakeControllerSettings:
+    health_period_s: float = HEALTH_PERIOD_S
+
+
 class FakeControllerMachine(GatewayMachine):
     """Just enough of the controller side of the swap protocol (docs/ENGINE.md)."""
 
     machine_name = "controller"
+    settings_type = FakeControllerSettings
     resume_table = {"stable": "stable", "starting": "starting"}
     rest_states = frozenset({"stable"})
 
@@ -88,7 +94,7 @@ class FakeControllerMachine(GatewayMachine):
     def on_start_succeeded(self) -> None:
         self.emit(Notify(machine="ota", name="swap_succeeded", data={"version": self.version}))
         self.emit(Notify(machine=None, name="controller_started", data={"version": self.version}))
-        self.emit(StartTimer(name="health_tick", seconds=HEALTH_PERIOD_S))
+        self.emit(StartTimer(name="health_tick", seconds=self.settings.health_period_s))
 
     def on_start_failed(self, ev: Event) -> None:
         error = ev.data.get("error")
@@ -99,7 +105,7 @@ class FakeControllerMachine(GatewayMachine):
 
     def on_resumed(self) -> None:
         if self.state_name == "stable":
-            self.emit(StartTimer(name="health_tick", seconds=HEALTH_PERIOD_S))
+            self.emit(StartTimer(name="health_tick", seconds=self.settings.health_period_s))
 
     def on_probe_succeeded(self, ev: Event) -> None:
         seen = ev.data["result"]
@@ -110,7 +116,7 @@ class FakeControllerMachine(GatewayMachine):
             data = {"version": self.version, "reason": "container exited with code 1"}
             self.emit(Notify(machine=None, name="controller_exited", data=data))
             return
-        self.emit(StartTimer(name="health_tick", seconds=HEALTH_PERIOD_S))
+        self.emit(StartTimer(name="health_tick", seconds=self.settings.health_period_s))
 
 
 @attrs.define
