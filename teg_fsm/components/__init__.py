@@ -33,6 +33,7 @@ def default_components(gateway: Gateway) -> list[Component]:
     from teg_fsm.components.rpc import RpcComponent; components.append(RpcComponent(gateway))  # noqa: E702, I001
     from teg_fsm.components.file_sync import FileSyncComponent; components.append(FileSyncComponent(gateway))  # noqa: E702, I001
     from teg_fsm.components.ota import OtaComponent; components.append(OtaComponent(gateway))  # noqa: E702, I001
+    from teg_fsm.components.controller import ControllerComponent; components.append(ControllerComponent(gateway))  # noqa: E702, I001
     from teg_fsm.components.mqtt import MqttComponent  # keep last: MQTT starts taking messages
 
     components.append(MqttComponent(gateway))

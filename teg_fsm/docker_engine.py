@@ -1,0 +1,331 @@
+"""The Docker engine, as the controller machine needs it: one container and its events.
+
+``DockerEngine`` does the container's lifecycle (inspect, start, stop, read the
+health check) and converts docker objects to plain dicts at once. Every call
+is guarded: a failure is classified by a fresh ping, so the machine can tell
+"the engine is gone" (``EngineError.engine_down``) from "this container or
+image is bad". Nothing here raises anything else to its callers.
+
+``EngineWatcher`` follows the engine's event stream (``/events``, filtered to
+our container) on its own thread and posts ``container_exited`` /
+``container_started`` / ``container_health_changed``; an exit is noticed as
+soon as dockerd reports it, without polling. When the stream breaks and the
+engine does not answer, it posts ``docker_engine_lost`` once, retries every
+``retry_s``, and posts ``docker_engine_returned`` when the engine is back.
+
+Only our own container (by name) is ever stopped or removed: no prune.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import docker
+import docker.errors
+import requests
+from docker.types import LogConfig
+
+from teg_fsm.effects.controller import CONTAINER_NAME, ENGINE_UNREACHABLE, image_name, version_of_image
+
+log = logging.getLogger(__name__)
+
+Post = Callable[[str, dict[str, Any]], None]
+_TRANSPORT_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+class EngineError(Exception):
+    """A failed engine call; ``engine_down`` when the engine itself did not answer."""
+
+    def __init__(self, message: str, engine_down: bool = False) -> None:
+        super().__init__(message)
+        self.engine_down = engine_down
+
+
+@attrs.frozen
+class ContainerSettings:
+    """How the controller container is run (the existing gateway's choices by default)."""
+
+    data_path: Path
+    logs_path: Path
+    restart_policy: str = "no"
+    privileged: bool = True
+    extra_mounts: tuple[str, ...] = ()
+    stop_timeout_s: float = 60.0
+    log_max_size: str = "10m"
+    log_max_file: str = "5"
+    name: str = CONTAINER_NAME
+
+
+def restart_policy(spec: str) -> dict[str, Any]:
+    """``on-failure:3`` -> ``{"Name": "on-failure", "MaximumRetryCount": 3}``."""
+    name, _, count = spec.strip().partition(":")
+    policy: dict[str, Any] = {"Name": name or "no"}
+    if count:
+        policy["MaximumRetryCount"] = int(count)
+    return policy
+
+
+def extra_volumes(specs: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``host:container[:ro|rw]`` (read-only unless ``rw``); missing host paths are left out,
+    because Docker would create them as empty directories."""
+    volumes: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1] or parts[2:] not in ([], ["ro"], ["rw"]):
+            log.warning("ignoring extra mount %r: expected host:container[:ro|rw]", spec)
+            continue
+        if not Path(parts[0]).exists():
+            log.info("extra mount %s skipped: the host path does not exist", parts[0])
+            continue
+        volumes[parts[0]] = {"bind": parts[1], "mode": parts[2] if len(parts) == 3 else "ro"}
+    return volumes
+
+
+def parse_docker_time(text: str | None) -> int | None:
+    """Docker's RFC 3339 time with nanoseconds -> unix ms; None for the zero time."""
+    if not text or text.startswith("0001-"):
+        return None
+    main, _, rest = text.rstrip("Z").partition(".")
+    fraction = (rest.split("+")[0].split("-")[0] + "000000")[:6]
+    moment = datetime.datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp() * 1000) + int(fraction) // 1000
+
+
+def read_health_ts(queue_db: Path) -> int | None:
+    """Row id=1 of the controller's ``health_check`` table, read-only; None when absent."""
+    if not queue_db.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{queue_db.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
+        try:
+            row = db.execute("SELECT timestamp_ms FROM health_check WHERE id = 1").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:  # no table yet, or a file mid-creation: no health check yet
+        log.debug("no health check readable in %s: %s", queue_db, exc)
+        return None
+    return int(row[0]) if row and row[0] is not None else None
+
+
+class DockerEngine:
+    """The controller container's lifecycle on one engine."""
+
+    def __init__(self, base_url: str | None, settings: ContainerSettings, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url
+        self.settings = settings
+        self._timeout_s = timeout_s
+        self._client: docker.DockerClient | None = None
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> docker.DockerClient:
+        with self._lock:
+            if self._client is None:
+                # Asks the engine's API version, so it fails at once when the engine is down.
+                self._client = docker.DockerClient(base_url=self.base_url, timeout=self._timeout_s)
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def reachable(self) -> bool:
+        try:
+            probe = docker.DockerClient(base_url=self.base_url, timeout=5)
+        except _TRANSPORT_ERRORS:
+            return False
+        try:
+            return bool(probe.ping())
+        except _TRANSPORT_ERRORS:
+            return False
+        finally:
+            probe.close()
+
+    def _call(self, what: str, work: Callable[[docker.DockerClient], Any]) -> Any:
+        try:
+            return work(self._get_client())
+        except EngineError:
+            raise
+        except _TRANSPORT_ERRORS as exc:
+            if self.reachable():
+                raise EngineError(f"{what}: {exc}") from exc
+            self.close()  # its connection pool may hold dead sockets
+            raise EngineError(f"{ENGINE_UNREACHABLE} ({what}): {exc}", engine_down=True) from exc
+
+    def inspect(self) -> dict[str, Any]:
+        def work(client: docker.DockerClient) -> dict[str, Any]:
+            try:
+                container = client.containers.get(self.settings.name)
+            except docker.errors.NotFound:
+                return {"found": False, "running": False, "version": None, "container_id": None, "started_at_ms": None}
+            return {"found": True, **_describe(container.attrs)}
+
+        return self._call("inspect", work)
+
+    def start(self, version: str) -> dict[str, Any]:
+        image = image_name(version)
+
+        def work(client: docker.DockerClient) -> dict[str, Any]:
+            try:
+                client.images.get(image)
+            except docker.errors.ImageNotFound:
+                raise EngineError(f"image {image} not found") from None
+            self._remove_existing(client)
+            container = client.containers.run(image, detach=True, name=self.settings.name, **self._run_options())
+            container.reload()
+            described = _describe(container.attrs)
+            return {"container_id": container.id, "started_at_ms": described["started_at_ms"], "version": version}
+
+        return self._call(f"start {image}", work)
+
+    def stop(self, container_id: str) -> dict[str, Any]:
+        def work(client: docker.DockerClient) -> dict[str, Any]:
+            try:
+                container = client.containers.get(container_id)
+            except docker.errors.NotFound:
+                return {"stopped": False}
+            container.stop(timeout=int(self.settings.stop_timeout_s))
+            return {"stopped": True}
+
+        return self._call("stop", work)
+
+    def read_health(self, queue_db: Path) -> dict[str, Any]:
+        """The health row plus whether our container runs (None: the engine did not say)."""
+        running: bool | None = None
+        container_id: str | None = None
+        try:
+            described = self.inspect()
+            running, container_id = described["running"], described["container_id"]
+        except EngineError as exc:
+            log.debug("health read without container state: %s", exc)
+        return {"health_ts_ms": read_health_ts(queue_db), "running": running, "container_id": container_id}
+
+    def _remove_existing(self, client: docker.DockerClient) -> None:
+        try:
+            old = client.containers.get(self.settings.name)
+        except docker.errors.NotFound:
+            return
+        if old.attrs.get("State", {}).get("Running"):
+            old.stop(timeout=int(self.settings.stop_timeout_s))
+        old.remove(force=True)  # force: a container that ignored the stop goes too
+
+    def _run_options(self) -> dict[str, Any]:
+        s = self.settings
+        for path in (s.data_path, s.logs_path):
+            path.mkdir(parents=True, exist_ok=True)  # ours; never mount a missing path
+        volumes = {
+            **extra_volumes(s.extra_mounts),
+            str(s.data_path.resolve()): {"bind": "/root/data", "mode": "rw"},
+            str(s.logs_path.resolve()): {"bind": "/root/logs", "mode": "rw"},
+        }
+        return {
+            "network_mode": "host",
+            "privileged": s.privileged,
+            "restart_policy": restart_policy(s.restart_policy),
+            "log_config": LogConfig(type=LogConfig.types.JSON, config={"max-size": s.log_max_size,
+                                                                         "max-file": s.log_max_file}),
+            "volumes": volumes,
+        }
+
+
+def _describe(attrs_: dict[str, Any]) -> dict[str, Any]:
+    state = attrs_.get("State", {})
+    return {
+        "running": bool(state.get("Running")),
+        "version": version_of_image(attrs_.get("Config", {}).get("Image", "")),
+        "container_id": attrs_.get("Id"),
+        "started_at_ms": parse_docker_time(state.get("StartedAt")),
+    }
+
+
+class EngineWatcher:
+    """Posts the container's engine events, and the engine going and coming back."""
+
+    def __init__(self, base_url: str | None, post: Post, name: str = CONTAINER_NAME, retry_s: float = 1.0) -> None:
+        self.base_url = base_url
+        self._post = post
+        self._name = name
+        self._retry_s = retry_s
+        self._stop = threading.Event()
+        self._stream: Any = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="teg-docker-events", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()  # unblocks the reading thread (closes the socket)
+            except Exception:  # noqa: BLE001 - a half-closed stream may complain; we are leaving
+                log.debug("closing the event stream", exc_info=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        lost = False
+        since: int | None = None
+        while not self._stop.is_set():
+            try:
+                client = docker.DockerClient(base_url=self.base_url, timeout=5)
+            except _TRANSPORT_ERRORS as exc:
+                if not lost:
+                    lost = True
+                    self._post("docker_engine_lost", {"error": str(exc)})
+                self._stop.wait(self._retry_s)
+                continue
+            if lost:
+                lost, since = False, None  # the machine re-inspects; old events are moot
+                self._post("docker_engine_returned", {})
+            self._follow(client, since)
+            # The stream broke: replay a little, in case the engine is still there.
+            since = int(time.time()) - 5
+
+    def _follow(self, client: docker.DockerClient, since: int | None) -> None:
+        try:
+            filters = {"type": "container", "container": self._name}
+            stream = client.events(decode=True, filters=filters, since=since)
+            with self._lock:
+                self._stream = stream
+            if self._stop.is_set():
+                return
+            for raw in stream:
+                self._handle(raw)
+        except _TRANSPORT_ERRORS + (ValueError,) as exc:  # ValueError: a torn JSON chunk
+            log.debug("docker event stream ended: %s", exc)
+        finally:
+            with self._lock:
+                self._stream = None
+            client.close()
+
+    def _handle(self, raw: dict[str, Any]) -> None:
+        actor = raw.get("Actor") or {}
+        attributes = actor.get("Attributes") or {}
+        if attributes.get("name") != self._name:  # the filter also matches id prefixes
+            return
+        action = str(raw.get("Action") or raw.get("status") or "")
+        container_id = actor.get("ID") or raw.get("id")
+        if action == "die":
+            exit_code = int(attributes.get("exitCode", -1))
+            self._post("container_exited", {"container_id": container_id, "exit_code": exit_code})
+        elif action == "start":
+            started = int(raw.get("timeNano") or 0) // 1_000_000 or None
+            self._post("container_started", {"container_id": container_id, "started_at_ms": started})
+        elif action.startswith("health_status"):
+            status = action.partition(":")[2].strip()
+            self._post("container_health_changed", {"container_id": container_id, "status": status})
