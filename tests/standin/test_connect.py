@@ -150,3 +150,20 @@ def test_mqtt_basic_credentials_connect(standin: StandIn, devices: Callable[...,
     assert provisioner.expect_json("/provision/response")["status"] == "SUCCESS"
     assert devices(standin.port, "user1", client_id="cid1", password="pw1").connect() == 0
     assert devices(standin.port, "user1", client_id="cid1", password="bad").connect(expect=None) == 0x05
+
+
+def test_credentials_update_closes_the_session_and_the_old_token_stops_working(
+        connected: Device, standin: StandIn, devices: Callable[..., Device]) -> None:
+    standin.set_token("dev1", "token2")
+    connected.wait_closed()
+    assert standin.disconnect_reasons("dev1") == ["credentials_updated"]
+    assert devices(standin.port, "token1").connect(expect=None) == 0x05
+    devices(standin.port, "token2").connect()
+
+
+def test_device_delete_closes_the_session(connected: Device, standin: StandIn,
+                                          devices: Callable[..., Device]) -> None:
+    standin.delete_device("dev1")
+    connected.wait_closed()
+    assert standin.disconnect_reasons("dev1") == ["device_deleted"]
+    assert devices(standin.port, "token1").connect(expect=None) == 0x05

@@ -16,7 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from tools.tb_standin import certs, ota
-from tools.tb_standin.model import ALLOW_CREATE, MAX_INFLIGHT, MAX_PAYLOAD_SIZE, ProvisionProfile, typed_values
+from tools.tb_standin.model import (
+    ALLOW_CREATE,
+    MAX_INFLIGHT,
+    MAX_PAYLOAD_SIZE,
+    ProvisionProfile,
+    typed_values,
+)
 from tools.tb_standin.ratelimit import RateLimit
 from tools.tb_standin.rpc import RpcTimeout
 from tools.tb_standin.server import ClientRpcHandler, Event, ServerConfig, TbServer
@@ -122,6 +128,14 @@ class StandIn:
         """Enable provisioning with key/secret; ``name`` is the device profile name (default: key)."""
         profile = ProvisionProfile(name or key, key, secret, strategy)
         self._sync(lambda: self._server.registry.profiles.__setitem__(key, profile))
+
+    def delete_device(self, device: str) -> None:
+        """Delete a device (data included); an open session is closed ("device_deleted")."""
+        self._await(self._server.delete_device(device))
+
+    def set_token(self, device: str, token: str) -> None:
+        """Replace the device's access token; an open session is closed ("credentials_updated")."""
+        self._await(self._server.set_token(device, token))
 
     def devices(self) -> dict[str, str | None]:
         """Device name -> access token (None for non-token credentials)."""

@@ -21,7 +21,7 @@ from tools.tb_standin.api import StandIn
 from tools.tb_standin.rpc import RpcTimeout
 
 OPS = frozenset({
-    "add_device", "add_provision_profile", "devices", "device_info",
+    "add_device", "add_provision_profile", "delete_device", "set_token", "devices", "device_info",
     "set_shared", "delete_shared", "shared", "client_attributes",
     "telemetry", "latest", "telemetry_count", "data_points",
     "rpc", "rpc_persistent", "rpc_status", "rpc_history", "client_rpcs",

@@ -11,7 +11,14 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from tools.tb_standin import ota
-from tools.tb_standin.model import Device, InvalidPayload, attribute_response, dumps, parse_attributes, parse_telemetry
+from tools.tb_standin.model import (
+    Device,
+    InvalidPayload,
+    attribute_response,
+    dumps,
+    parse_attributes,
+    parse_telemetry,
+)
 from tools.tb_standin.transport import (
     ATTR_REQUEST,
     ATTR_RESPONSE,

@@ -327,6 +327,25 @@ class TbServer:
         self.registry.devices[name].ota.pop(kind, None)
         await self.delete_shared(name, ota.unassigned_keys(kind))
 
+    async def delete_device(self, name: str) -> None:
+        """Delete a device; its session is closed (MQTT 5 would say 0x98 administrative action)."""
+        device = self.registry.devices.pop(name)
+        if device.token is not None:
+            self.registry.tokens.pop(device.token, None)
+        self.limits.buckets.pop(name, None)
+        await self.disconnect(name, "device_deleted")
+
+    async def set_token(self, name: str, token: str) -> None:
+        """Change a device's access token; like a credentials update in TB, the session is closed."""
+        device = self.registry.devices[name]
+        if token in self.registry.tokens and self.registry.tokens[token] != name:
+            raise ValueError(f"token {token!r} is already used by {self.registry.tokens[token]!r}")
+        if device.token is not None:
+            self.registry.tokens.pop(device.token, None)
+        device.token = token
+        self.registry.tokens[token] = name
+        await self.disconnect(name, "credentials_updated")
+
     async def disconnect(self, name: str, reason: str = "admin_disconnect") -> bool:
         session = self.sessions.get(name)
         if session is None:
