@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import time
+
+import pytest
 
 from tests.standin.helpers import Device, acked
 from tools.tb_standin import StandIn
@@ -58,3 +61,14 @@ def test_disconnect_during_unacknowledged_publish(connected: Device, standin: St
     standin.disconnect("dev1")
     connected.wait_closed()
     assert not acked(info)
+
+
+def test_outage_refuses_connections_until_up(connected: Device, standin: StandIn) -> None:
+    standin.down()
+    connected.wait_closed()
+    assert standin.disconnect_reasons("dev1") == ["outage"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", standin.port), timeout=1).close()
+    standin.up()
+    connected.client.reconnect()
+    standin.wait_for(lambda: standin.is_connected("dev1"))

@@ -306,6 +306,14 @@ class StandIn:
         """Restart the server on the same ports: sessions drop, in-memory RPCs are lost, data stays."""
         self._await(self._server.restart())
 
+    def down(self, reason: str = "outage") -> None:
+        """Make ThingsBoard unreachable: close listeners and sessions; state (and pending RPCs) stay."""
+        self._await(self._server.stop(reason))
+
+    def up(self) -> None:
+        """End an outage begun with :meth:`down`: listen again on the same ports."""
+        self._await(self._server.start())
+
     def disconnect(self, device: str) -> bool:
         """Close the device's session from the server side; False if it was not connected."""
         return self._await(self._server.disconnect(device))
