@@ -328,7 +328,7 @@ class UplinkMachine(GatewayMachine):
             if stream is self.data:
                 self.pending_rows = max(0, self.pending_rows - r["rows"])
                 self.rows_per_packet = max(self.rows_per_packet, int(r["rows"]))
-            if r.get("bytes"):
+            if r.get("bytes") and reserved is not None:  # points are counted only under a limit
                 self.points_per_byte = r.get("points", 0) / r["bytes"]
         else:  # nothing went out: the packet's tokens were not spent
             self.messages.give_back(1, self.now_ms)

@@ -1,15 +1,16 @@
 """Telemetry packets from queue rows: validation, data-point cost, size limits.
 
 A packet is a JSON array of ``{"ts", "values"}`` records (PROTOCOL.md §1.1),
-built by joining the rows' own JSON text: rows are parsed once to validate
-them, read ``ts`` and count their data points, never re-serialised.
+built by joining the rows' own JSON text, never re-serialised. Rows are parsed
+when they leave the controller queue (validation, ts, archive); at send time
+only rows we did not validate ourselves, or data points under a rate limit,
+need another parse.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from operator import itemgetter
 
 import attrs
 
@@ -66,7 +67,7 @@ def build_packet(
     Stops before the row that would break ``max_bytes`` or ``max_points``. A
     row that alone exceeds the packet size, or costs more data points than
     the smallest rate-limit window holds, can never be sent: it goes to
-    ``dead``. Records are ordered by ts inside the packet.
+    ``dead``. Records keep id order: the transfer stored each batch in ts order.
     """
     packet = Packet(after_id=after_id, last_id=after_id)
     records: list[tuple[int, str]] = []
@@ -95,7 +96,6 @@ def build_packet(
             size += nbytes + 1
             packet.points += points
         packet.last_id = row_id
-    records.sort(key=itemgetter(0))
     packet.rows = len(records)
     if records:
         packet.payload = ("[" + ",".join(text for _, text in records) + "]").encode("utf-8")
