@@ -64,6 +64,7 @@ from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC, Publish, RequestAttributes
 from teg_fsm.events import Event
 
 CONTENT_PREFIX = "FILE_CONTENT_"
+LOG_CAP = 500
 OUTCOMES = ("succeeded", "failed", "timed_out", "cancelled")
 _REPLIES = {"request", "scan", "fetch", "write", "mirror", "report"}
 _NEWS = "shared_attributes_received shared_attributes_updated init_files_requested check_due"
@@ -416,10 +417,12 @@ class FileSyncMachine(GatewayMachine):
         return hashes
 
     def _log(self, level: str, key: str, message: str) -> None:
-        if level == "ERROR" or level == "WARNING":
-            if self.logged.get(key) == message:
-                return
-            self.logged[key] = message
+        """Report to the gateway log (forwarded to ThingsBoard); a repeat of the last message for a key is dropped."""
+        if len(message) > LOG_CAP:  # a value quoted in an error can be a whole file
+            message = message[:LOG_CAP] + "..."
+        if self.logged.get(key) == message:
+            return
+        self.logged[key] = message
         self.emit(Log(level=level, message=message))
 
     def snapshot(self) -> dict[str, Any]:

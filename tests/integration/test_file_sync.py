@@ -123,12 +123,14 @@ def test_files_are_created_updated_versioned_restored_mirrored_and_released(
 ) -> None:
     seen = Seen(standin)
     (data / "ro.txt").write_text("local only")
+    (data / "big.log").write_text("x" * 70_000)
     standin.set_shared(DEVICE, {
         "FILES": {
             "cfg": {"path": "$DATA_PATH/conf/cfg.txt", "encoding": "text", "restart_controller_on_change": True},
             "js": {"path": "$DATA_PATH/settings.json", "encoding": "json"},
             "bin": {"path": "$DATA_PATH/blob.bin", "encoding": "base64"},
             "ro": {"path": "$DATA_PATH/ro.txt", "encoding": "text"},
+            "big": {"path": "$DATA_PATH/big.log", "encoding": "text"},
         },
         "FILE_CONTENT_cfg": "interval=10\n",
         "FILE_CONTENT_js": {"a": 1},
@@ -137,7 +139,7 @@ def test_files_are_created_updated_versioned_restored_mirrored_and_released(
     gw = gateway()
 
     # Creation: every file written, hashed, mirrored; the read-only one mirrored as it is.
-    wait_for(lambda: len(seen.attr("FILE_HASHES") or {}) == 4, what="FILE_HASHES for four files")
+    wait_for(lambda: len(seen.attr("FILE_HASHES") or {}) == 5, what="FILE_HASHES for five files")
     assert (data / "conf" / "cfg.txt").read_text() == "interval=10\n"
     assert (data / "settings.json").read_bytes() == json.dumps({"a": 1}).encode()
     assert (data / "blob.bin").read_bytes() == b"\x00\x01\x02"
@@ -148,6 +150,9 @@ def test_files_are_created_updated_versioned_restored_mirrored_and_released(
     assert seen.attr("FILE_READ_js") == {"a": 1}
     assert seen.attr("FILE_READ_ro") == "local only"
     assert (data / "ro.txt").read_text() == "local only"
+    # A mirror over ThingsBoard's 65,536-byte packet limit is replaced by a marker and an error.
+    assert seen.attr("FILE_READ_big") == "E_TOOLARGE"
+    assert any(m.startswith("file big: too large to mirror") for m in journal_logs(gw))
 
     # Update (text), keeping the file's mode.
     (data / "conf" / "cfg.txt").chmod(0o640)
@@ -192,6 +197,7 @@ def test_files_are_created_updated_versioned_restored_mirrored_and_released(
     # Created, updated, restored: three changed writes, three restart requests.
     restarts = journal_events(gw, "restart_requested")
     assert restarts == [{"reason": "file cfg changed"}] * 3
+    assert standin.disconnect_reasons(DEVICE) == []
 
 
 def test_paths_outside_the_allowed_roots_are_refused_and_nothing_is_written(
