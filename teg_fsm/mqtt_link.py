@@ -239,7 +239,7 @@ class MqttLink:
         reason = session.reason or reason
         session.on_connected.fail(f"connection closed before CONNACK: {reason}", {"network": True})
         for on_done in pending.values():
-            on_done(False, f"session lost before PUBACK: {reason}")
+            on_done(False, f"session lost before the acknowledgement: {reason}")
         self.inbound.session_lost(session.number, reason)
         if session.connected and session.purpose == DEVICE:
             self._post("mqtt_disconnected", {"session": session.number, "reason": reason})
@@ -303,7 +303,7 @@ class MqttLink:
             if not lost and not early:
                 session.pending[mid] = on_done
         if lost:
-            on_done(False, f"session lost before PUBACK: {session.reason or 'connection closed'}")
+            on_done(False, f"session lost before the acknowledgement: {session.reason or 'connection closed'}")
         elif early:
             _finish(on_done, reason)
 
