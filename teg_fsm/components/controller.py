@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 from machines.controller import ControllerMachine
@@ -71,6 +71,7 @@ class ControllerComponent:
         self.engine = DockerEngine(config.docker_host, container_settings(config, container_name))
         self.watcher = EngineWatcher(config.docker_host, self._post, name=container_name)
         self._serial = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teg-docker")
+        self._last: Future[None] | None = None
         self._overrides = machine_settings
 
     def machine_specs(self) -> list[MachineSpec]:
@@ -98,8 +99,11 @@ class ControllerComponent:
         self.watcher.start()
 
     def stop(self) -> None:
+        """Never stops the controller: the next gateway adopts it."""
         self.watcher.stop()
         self._serial.shutdown(wait=False, cancel_futures=True)
+        if self._last is not None:  # let a short engine call finish rather than cut it off
+            wait([self._last], timeout=5.0)
         self.engine.close()
 
     def _post(self, name: str, data: dict[str, Any]) -> None:
@@ -107,7 +111,7 @@ class ControllerComponent:
 
     def _in_order(self, work: Callable[[Any], dict[str, Any]]) -> Callable[[Effect, Completion], None]:
         def handler(effect: Effect, completion: Completion) -> None:
-            self._serial.submit(_settle, completion, lambda: work(effect))
+            self._last = self._serial.submit(_settle, completion, lambda: work(effect))
 
         return handler
 
