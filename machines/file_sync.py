@@ -12,7 +12,7 @@ Work is a pipeline of steps, one effect each: requesting (FILES and FILE_HASHES)
 -> scanning (md5 of every file) -> fetching (the ``FILE_CONTENT_`` of the files that
 need it) -> writing (one file at a time) -> mirroring -> reporting (FILE_HASHES) ->
 in_sync. Every event first updates the *plan*, what is still to do
-(``_take_in``); then the machine moves to the first step, in pipeline order, that
+(``take_in``, a validator on every transition, so it runs before the guards); then the machine moves to the first step, in pipeline order, that
 the plan needs (the guards ask the plan). Events that arrive while a step runs
 only update the plan, so nothing is lost and one effect at most is in flight.
 
@@ -160,7 +160,7 @@ class FileSyncMachine(GatewayMachine):
     for _busy in (requesting, scanning, fetching, writing, mirroring, reporting):
         _busy.to.itself(internal=True, event=_NEWS, validators="take_in")
     # Every outcome (succeeded, failed, timed_out, cancelled) of a step moves on
-    # the same way: what failed was logged and dropped from the plan by _take_in.
+    # the same way: what failed was logged and dropped from the plan by take_in.
     _onward(requesting, _steps, in_sync, "request")
     _onward(scanning, _steps, in_sync, "scan")
     _onward(fetching, _steps, in_sync, "fetch")
