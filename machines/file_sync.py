@@ -12,9 +12,10 @@ Work is a pipeline of steps, one effect each: requesting (FILES and FILE_HASHES)
 -> scanning (md5 of every file) -> fetching (the ``FILE_CONTENT_`` of the files that
 need it) -> writing (one file at a time) -> mirroring -> reporting (FILE_HASHES) ->
 in_sync. Every event first updates the *plan*, what is still to do
-(``take_in``, a validator on every transition, so it runs before the guards); then the machine moves to the first step, in pipeline order, that
-the plan needs (the guards ask the plan). Events that arrive while a step runs
-only update the plan, so nothing is lost and one effect at most is in flight.
+(``take_in``, a validator on every transition, so it runs before the guards);
+then the machine moves to the first step, in pipeline order, that the plan
+needs (the guards ask the plan). Events that arrive while a step runs only
+update the plan, so nothing is lost and one effect at most is in flight.
 
 Work is planned: after each (re)connect and on ``init_files_requested`` a full
 pass (all contents fetched, every file mirrored, FILE_HASHES reported;
