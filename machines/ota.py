@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from statemachine import State
@@ -111,7 +111,7 @@ class OtaMachine(GatewayMachine):
 
     machine_name = "ota"
     settings_type = OtaSettings
-    resume_table = {
+    resume_table: ClassVar[dict[str, str]] = {
         "idle": "idle", "fetching": "fetching", "checking_out": "checking_out", "building": "building",
         "swapping": "swapping", "probation": "probation", "committing": "committing",
         "committed": "committed", "rolling_back": "rolling_back", "failed": "failed",

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 import docker
 import git
@@ -62,7 +63,7 @@ class GapWatch:
         self.db, self.gap_ms, self._stop = db, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> GapWatch:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

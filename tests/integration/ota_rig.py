@@ -30,7 +30,11 @@ from teg_fsm.effects import Effect, Log
 from teg_fsm.effects.mqtt import Publish
 from teg_fsm.events import Source
 from teg_fsm.runner import Completion
-from tests.machines.ota_fakes import FakeControllerMachine, FakeProbeController, FakeStartController
+from tests.machines.ota_fakes import (
+    FakeControllerMachine,
+    FakeProbeController,
+    FakeStartController,
+)
 
 HEALTHY = """\
 import sqlite3, time

@@ -42,7 +42,7 @@ def test_fetch_brings_new_tags_and_checkout_resolves_them(device_repo) -> None:
 
 
 def test_checkout_discards_local_edits_and_untracked_files_but_keeps_ignored(device_repo) -> None:
-    repo, clone, first = device_repo
+    _repo, clone, _first = device_repo
     (clone / "README").write_text("edited on the device\n")
     (clone / "stray.txt").write_text("x")
     (clone / ".git" / "info" / "exclude").write_text("local.env\n")

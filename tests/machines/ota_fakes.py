@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from statemachine import State
@@ -59,7 +59,7 @@ class FakeControllerMachine(GatewayMachine):
 
     machine_name = "controller"
     settings_type = FakeControllerSettings
-    resume_table = {"stable": "stable", "starting": "starting"}
+    resume_table: ClassVar[dict[str, str]] = {"stable": "stable", "starting": "starting"}
     rest_states = frozenset({"stable"})
 
     stable = State(initial=True)
