@@ -90,6 +90,10 @@ class Config:
         return self.data_path / "last_launched_controller_version.txt"
 
 
+# The existing gateway's read-only tool mounts (Raspberry Pi); missing host paths are skipped.
+_EXTRA_MOUNTS = "/bin/vcgencmd:/bin/vcgencmd:ro,/bin/uptime:/bin/uptime:ro,/bin/pigs:/bin/pigs:ro"
+
+
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     value = env.get(name)
     return value if value not in (None, "") else default
@@ -128,7 +132,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _list(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
-    raw = _get(env, name, default) or ""
+    raw = env.get(name, default) or ""  # set but empty means "none", not the default
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
@@ -181,9 +185,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         health_check_max_age_s=_float(env, "TEG_HEALTH_CHECK_MAX_AGE_S", 6 * 3600),
         restart_backoff_s=_float(env, "TEG_RESTART_BACKOFF_S", 600.0),
         restart_backoff_factor=_float(env, "TEG_RESTART_BACKOFF_FACTOR", 1.6),
-        controller_restart_policy=_get(env, "TEG_CONTROLLER_RESTART_POLICY", "no") or "no",
+        controller_restart_policy=_get(env, "TEG_CONTROLLER_RESTART_POLICY", "on-failure:3") or "on-failure:3",
         controller_privileged=_bool(env, "TEG_CONTROLLER_PRIVILEGED", True),
-        controller_extra_mounts=_list(env, "TEG_CONTROLLER_EXTRA_MOUNTS", "/dev:/dev,/sys:/sys"),
+        controller_extra_mounts=_list(env, "TEG_CONTROLLER_EXTRA_MOUNTS", _EXTRA_MOUNTS),
         controller_stop_timeout_s=_float(env, "TEG_CONTROLLER_STOP_TIMEOUT_S", 60.0),
         probation_s=_float(env, "TEG_OTA_PROBATION_S", 120.0),
         min_free_disk_mb=_int(env, "TEG_OTA_MIN_FREE_DISK_MB", 1024),
