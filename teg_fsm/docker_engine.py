@@ -73,10 +73,10 @@ def restart_policy(spec: str) -> dict[str, Any]:
     return policy
 
 
-def extra_volumes(specs: tuple[str, ...]) -> dict[str, dict[str, str]]:
+def extra_binds(specs: tuple[str, ...]) -> list[str]:
     """``host:container[:ro|rw]`` (read-only unless ``rw``); missing host paths are left out,
     because Docker would create them as empty directories."""
-    volumes: dict[str, dict[str, str]] = {}
+    binds: list[str] = []
     for spec in specs:
         parts = spec.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1] or parts[2:] not in ([], ["ro"], ["rw"]):
@@ -85,8 +85,8 @@ def extra_volumes(specs: tuple[str, ...]) -> dict[str, dict[str, str]]:
         if not Path(parts[0]).exists():
             log.info("extra mount %s skipped: the host path does not exist", parts[0])
             continue
-        volumes[parts[0]] = {"bind": parts[1], "mode": parts[2] if len(parts) == 3 else "ro"}
-    return volumes
+        binds.append(f"{parts[0]}:{parts[1]}:{parts[2] if len(parts) == 3 else 'ro'}")
+    return binds
 
 
 def parse_docker_time(text: str | None) -> int | None:
@@ -222,11 +222,11 @@ class DockerEngine:
         s = self.settings
         for path in (s.data_path, s.logs_path):
             path.mkdir(parents=True, exist_ok=True)  # ours; never mount a missing path
-        volumes = {
-            **extra_volumes(s.extra_mounts),
-            str(s.data_path.resolve()): {"bind": "/root/data", "mode": "rw"},
-            str(s.logs_path.resolve()): {"bind": "/root/logs", "mode": "rw"},
-        }
+        volumes = [
+            f"{s.data_path.resolve()}:/root/data:rw",
+            f"{s.logs_path.resolve()}:/root/logs:rw",
+            *extra_binds(s.extra_mounts),
+        ]
         return {
             "network_mode": "host",
             "privileged": s.privileged,

@@ -86,6 +86,7 @@ class Run:
             "TEG_CONTROLLER_DATA_PATH": str(self.data), "DOCKER_HOST": docker_host,
             "TEG_DEFAULT_CONTROLLER_VERSION": version, "TEG_CONTROLLER_PRIVILEGED": "false",
             "TEG_CONTROLLER_EXTRA_MOUNTS": "", "TEG_RESTART_BACKOFF_S": "1", "TEG_CONTROLLER_STOP_TIMEOUT_S": "5",
+            "TEG_CONTROLLER_RESTART_POLICY": "no",  # restarts are the machine's, unless a test says otherwise
             **env,
         })
         options = {"telemetry_interval_s": 0.5, "first_check_s": 0.5, "engine_retry_s": 0.5, **settings}
@@ -235,6 +236,34 @@ def test_a_stale_health_check_stops_the_controller_and_starts_a_new_one(
     assert r.machine.container_id != first
     r.wait(lambda: any(n.name == "controller_health_seen" for n in r.notices), "fresh health checks")
     assert r.machine.state_name == "running"
+
+
+def test_the_container_runs_with_the_configured_settings_and_an_engine_restart_is_adopted(
+    run: Callable[..., Run], docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    missing = tmp_path / "not-there"
+    r = run({"TEG_CONTROLLER_RESTART_POLICY": "", "TEG_CONTROLLER_LOGS_PATH": str(tmp_path / "logs"),
+             "TEG_CONTROLLER_EXTRA_MOUNTS": f"{tools}:/opt/tools,{missing}:/opt/missing,{tools}:/opt/rw:rw"})
+    r.gateway.start()
+    r.wait_state("running")
+    first = r.machine.container_id
+    host = docker_client.containers.get(first).attrs["HostConfig"]
+    assert host["NetworkMode"] == "host" and host["Privileged"] is False
+    assert host["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 3}, "the existing gateway's default"
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "5"}}
+    assert sorted(host["Binds"]) == sorted([
+        f"{r.data}:/root/data:rw", f"{tmp_path / 'logs'}:/root/logs:rw", f"{tools}:/opt/tools:ro", f"{tools}:/opt/rw:rw",
+    ])
+    assert not missing.exists(), "a missing host path is never bind-mounted (Docker would create it)"
+    # The engine's restart policy restarts a crash in place; the machine adopts that.
+    mark = len(r.moves)
+    r.mode("exit_once")
+    r.wait_state("unhealthy", after=mark)
+    r.wait_state("running", after=mark)
+    assert r.machine.container_id == first
+    assert [m[2] for m in r.moves[mark:]] == ["container_exited", "container_started"]
 
 
 class OwnDockerd:
