@@ -33,7 +33,12 @@ import docker.errors
 import requests
 from docker.types import LogConfig
 
-from teg_fsm.effects.controller import CONTAINER_NAME, ENGINE_UNREACHABLE, image_name, version_of_image
+from teg_fsm.effects.controller import (
+    CONTAINER_NAME,
+    ENGINE_UNREACHABLE,
+    image_name,
+    version_of_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ def parse_docker_time(text: str | None) -> int | None:
         return None
     main, _, rest = text.rstrip("Z").partition(".")
     fraction = (rest.split("+")[0].split("-")[0] + "000000")[:6]
-    moment = datetime.datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    moment = datetime.datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.UTC)
     return int(moment.timestamp() * 1000) + int(fraction) // 1000
 
 
@@ -272,7 +277,7 @@ class EngineWatcher:
         if stream is not None:
             try:
                 stream.close()  # unblocks the reading thread (closes the socket)
-            except Exception:  # noqa: BLE001 - a half-closed stream may complain; we are leaving
+            except Exception:
                 log.debug("closing the event stream", exc_info=True)
         if self._thread is not None:
             self._thread.join(timeout)

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 from machines.controller import ControllerMachine
 from teg_fsm.config import Config
 from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.docker_engine import ContainerSettings, DockerEngine, EngineError, EngineWatcher
+from teg_fsm.docker_engine import (
+    ContainerSettings,
+    DockerEngine,
+    EngineError,
+    EngineWatcher,
+)
 from teg_fsm.effects import Effect
 from teg_fsm.effects.controller import (
     CONTAINER_NAME,
@@ -123,6 +128,6 @@ def _settle(completion: Completion, work: Callable[[], dict[str, Any]]) -> None:
         completion.succeed(work())
     except EngineError as exc:
         completion.fail(str(exc), {"engine_unreachable": True} if exc.engine_down else None)
-    except Exception as exc:  # noqa: BLE001 - an adapter bug must still end the effect
+    except Exception as exc:
         log.exception("controller effect failed")
         completion.fail(f"{type(exc).__name__}: {exc}")

@@ -31,8 +31,7 @@ def version_of_image(image: str) -> str | None:
     if not name.startswith(IMAGE_PREFIX):
         return None
     version = name[len(IMAGE_PREFIX):]
-    if version.endswith(IMAGE_SUFFIX):
-        version = version[: -len(IMAGE_SUFFIX)]
+    version = version.removesuffix(IMAGE_SUFFIX)
     return version or None
 
 
