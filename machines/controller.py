@@ -285,8 +285,8 @@ class ControllerMachine(GatewayMachine):
 
     def container_gone(self, ev: Event) -> bool:
         found = _result(ev)
-        if found.get("running") is None:  # the engine did not answer: no news
-            return False
+        if found.get("running") is None or found.get("asked_for") != self.container_id:
+            return False  # the engine did not answer, or a late answer about a replaced container
         return found.get("running") is False or found.get("container_id") != self.container_id
 
     def health_stale(self, ev: Event) -> bool:
@@ -392,7 +392,7 @@ class ControllerMachine(GatewayMachine):
         self.stop_container_id = self.container_id
 
     def read_health(self) -> None:
-        self.emit(ReadControllerHealth(reply="health", timeout_s=30.0))
+        self.emit(ReadControllerHealth(container_id=self.container_id, reply="health", timeout_s=30.0))
         self.emit(StartTimer(name="telemetry_due", seconds=self.settings.telemetry_interval_s))
 
     def report_health(self, ev: Event) -> None:

@@ -97,7 +97,8 @@ class ControllerComponent:
         register(StartController, self._in_order(lambda e: self.engine.start(e.version)))
         register(StopController, self._in_order(lambda e: self.engine.stop(e.container_id)))
         queue_db = self.gateway.config.queue_db
-        register(ReadControllerHealth, lambda e, c: _settle(c, lambda: self.engine.read_health(queue_db)),
+        register(ReadControllerHealth,
+                 lambda e, c: _settle(c, lambda: {**self.engine.read_health(queue_db), "asked_for": e.container_id}),
                  blocking=True)
 
     def start(self) -> None:

@@ -70,6 +70,10 @@ class ReadControllerHealth(Effect):
     """Read the controller's last health check and whether its container runs.
 
     Succeeds with ``{"health_ts_ms": int | None, "running": bool | None,
-    "container_id": str | None}``; ``None`` means unknown (no table yet, or
-    the engine did not answer).
+    "container_id": str | None, "asked_for": <container_id>}``; ``None`` means
+    unknown (no table yet, or the engine did not answer). ``container_id`` is the
+    container the machine believes runs; it comes back as ``asked_for`` so a late
+    answer about a container replaced meanwhile can be told apart.
     """
+
+    container_id: str | None = None

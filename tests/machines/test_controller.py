@@ -90,7 +90,8 @@ class FakeEngine:
     def health(self, effect: ReadControllerHealth, completion: Completion) -> None:
         running = self.container["running"] if self.container else False
         completion.succeed({"health_ts_ms": self.health_ts_ms, "running": running if self.up else None,
-                            "container_id": self.container["container_id"] if self.container else None})
+                            "container_id": self.container["container_id"] if self.container else None,
+                            "asked_for": effect.container_id})
 
 
 class Rig:
@@ -321,6 +322,16 @@ def test_a_periodic_check_notices_a_vanished_container(make: Any, engine: FakeEn
     engine.container = None  # removed behind our back; its event was lost
     rig.advance(5)
     assert rig.state == "unhealthy" and "no longer running" in rig.notices("controller_exited")[-1].data["reason"]
+
+
+def test_a_late_health_answer_about_a_replaced_container_is_ignored(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    old = engine.container["container_id"]  # type: ignore[index]
+    rig.post("restart_requested", {"reason": "rpc"}, Source.SYSTEM)
+    late = {"health_ts_ms": None, "running": False, "container_id": old, "asked_for": old}
+    rig.dispatcher.post(Source.EFFECT, "health_succeeded", {"effect_id": "x", "result": late}, target="controller")
+    rig.dispatcher.run_until_idle()
+    assert rig.state == "running"
 
 
 # -- health checks ----------------------------------------------------------
