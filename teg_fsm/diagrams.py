@@ -53,6 +53,8 @@ def _svg(cls: type[GatewayMachine]) -> str:
     # Drop the XML declaration and doctype so the note can be the first line.
     svg = re.sub(r"^\s*<\?xml[^>]*\?>\s*", "", svg)
     svg = re.sub(r"^\s*<!DOCTYPE[^>]*>\s*", "", svg)
+    # The renderer names pseudo-nodes after Python object ids; make them stable.
+    svg = re.sub(r"(__(?:initial|atomic|final)_)\d+", r"\1node", svg)
     return f"<!-- {_NOTE} -->\n{svg}"
 
 
