@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from teg_fsm.logs import RedactSecrets
@@ -46,6 +47,7 @@ class BufferingLogHandler(logging.Handler):
         self.addFilter(RedactSecrets())
         self._records: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=MAX_MEMORY_RECORDS)
         self._lock_records = threading.Lock()
+        self.wake: Callable[[], None] = lambda: None  # set by the uplink I/O thread
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -53,7 +55,10 @@ class BufferingLogHandler(logging.Handler):
             if record.exc_info and record.exc_info[1] is not None:
                 text = f"{text}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
             with self._lock_records:
+                first = not self._records
                 self._records.append((record.levelname, text, int(record.created * 1000)))
+            if first:  # one wake-up per batch of records, not per record
+                self.wake()
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
 

@@ -10,16 +10,18 @@ only enqueue jobs here. A job that publishes hands the payload to
 back on paho's thread as another job, which deletes the packet's rows and
 only then settles the effect. Rows are never deleted before their PUBACK.
 
-Every ``TICK_S`` (50 ms) the thread looks for work nobody announced:
-- the controller queue file (db and -wal) changed size or mtime: post
-  ``rows_waiting`` (a stat costs ~2 µs; no polling of SQLite while idle);
-- log records waiting in the handler: store them, post ``logs_waiting``.
+Idle costs nothing: the thread blocks on its job queue. Work nobody
+announced arrives two ways:
+- ``FileWatch`` (inotify on the queue's directory, stat polling where there
+  is none) sees the queue db or its -wal change and posts ``rows_waiting``,
+  at most every 50 ms;
+- the log handler's first record after a flush enqueues a flush job; it
+  stores the records in the log buffer and posts ``logs_waiting``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -30,6 +32,7 @@ from typing import Any
 
 from teg_fsm.effects.mqtt import TELEMETRY_TOPIC
 from teg_fsm.effects.uplink import LOGS, SendPacket
+from teg_fsm.file_watch import FileWatch
 from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
 from teg_fsm.queue_store import QueueStore
 from teg_fsm.runner import Completion
@@ -37,7 +40,7 @@ from teg_fsm.sqlite_files import is_corruption, quarantine
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.05
+WATCH_DEBOUNCE_S = 0.05
 TRIM_REPORT_S = 60.0
 Publish = Callable[[str, bytes, int, Callable[[bool, "str | None"], None]], None]
 Post = Callable[[str, dict[str, Any]], None]
@@ -58,21 +61,29 @@ class UplinkIO:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._stamp: tuple[int, ...] = ()
+        self._watch: FileWatch | None = None
         self._last_trim_report = 0.0
+        handler.wake = lambda: self.submit(self._flush_logs)
 
     def open(self) -> None:
         self.store = self._open_store()
         self.logs = self._open_logs()
 
     def start(self) -> None:
-        self._stamp = self._queue_stamp()
+        assert self.store is not None
+        queue_db = self.store.queue_path
+        self._watch = FileWatch(queue_db.parent, (queue_db, Path(f"{queue_db}-wal")),
+                                lambda: self._post("rows_waiting", {}), WATCH_DEBOUNCE_S)
+        self._watch.start()
         self._thread = threading.Thread(target=self._run, name="teg-uplink-io", daemon=True)
         self._thread.start()
+        self.submit(self._flush_logs)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self._jobs.put(None)
+        if self._watch is not None:
+            self._watch.stop()
         if self._thread is not None:
             self._thread.join(timeout)
         self._flush_logs()
@@ -86,17 +97,13 @@ class UplinkIO:
     # -- the loop ------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_tick = time.monotonic()
         while not self._stopping.is_set():
-            try:
-                job = self._jobs.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                job = None
-            if job is not None:
-                self._guarded(job)
-            if time.monotonic() >= next_tick:
-                self._guarded(self._tick)
-                next_tick = time.monotonic() + TICK_S
+            job = self._jobs.get()
+            if job is None:
+                return
+            self._guarded(job)
+            if self.store is not None and self.store.trimmed_archive_rows:
+                self._guarded(self._report_trims)
 
     def _guarded(self, job: Job) -> None:
         try:
@@ -122,26 +129,6 @@ class UplinkIO:
             if not ok:
                 quarantine(path, "failed a quick check after a storage error")
         self.store = self._open_store()
-
-    def _tick(self) -> None:
-        stamp = self._queue_stamp()
-        if stamp != self._stamp:
-            self._stamp = stamp
-            self._post("rows_waiting", {})
-        self._flush_logs()
-        self._report_trims()
-
-    def _queue_stamp(self) -> tuple[int, ...]:
-        if self.store is None:
-            return ()
-        stamp: list[int] = []
-        for suffix in ("", "-wal"):
-            try:
-                st = os.stat(str(self.store.queue_path) + suffix)
-                stamp += [st.st_mtime_ns, st.st_size, st.st_ino]
-            except FileNotFoundError:
-                stamp += [0, 0, 0]
-        return tuple(stamp)
 
     def _flush_logs(self) -> None:
         records = self.handler.take()
