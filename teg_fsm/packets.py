@@ -37,6 +37,15 @@ def parse_record(text: object) -> tuple[int, int] | Reason:
     return int(ts), len(values)
 
 
+def archived_values(text: str) -> str:
+    """What the archive keeps of a valid row: its ``values`` object as JSON.
+
+    The existing gateway archives ``json.dumps(values)`` beside ``timestamp_ms``;
+    its archive files must stay readable (and republishable) after the switch.
+    """
+    return json.dumps(json.loads(text)["values"], separators=(",", ":"))
+
+
 def text_bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 

@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.packets import Packet, build_packet, parse_record
+from teg_fsm.packets import Packet, archived_values, build_packet, parse_record
 from teg_fsm.sqlite_files import open_checked
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class QueueStore:
                     continue
                 pending.append((parsed[0], kind, text))
                 if "log" not in (kind or ""):
-                    archive.append((parsed[0], text))
+                    archive.append((parsed[0], archived_values(text)))
             # ts order within a batch, so packets (built in id order) need no sort or parse.
             pending.sort(key=itemgetter(0))
             conn.executemany("INSERT INTO arc.controller_archive (timestamp_ms, message) VALUES (?, ?)", archive)
@@ -205,10 +205,11 @@ class QueueStore:
         """Copy archived rows of ``[start_ms, end_ms]`` back into pending (oldest first, up to the cap)."""
         room = max(0, pending_max_rows - self.pending_rows)
         total = self._scalar(
-            "SELECT count(*) FROM arc.controller_archive WHERE timestamp_ms BETWEEN ? AND ?", start_ms, end_ms)
+            "SELECT count(*) FROM arc.controller_archive WHERE timestamp_ms > ? AND timestamp_ms < ?", start_ms, end_ms)
         copied = self.conn.execute(
-            f"INSERT INTO {PENDING} (type, message) SELECT 'archive', message FROM arc.controller_archive "
-            "WHERE timestamp_ms BETWEEN ? AND ? ORDER BY timestamp_ms, id LIMIT ?", (start_ms, end_ms, room)).rowcount
+            f"INSERT INTO {PENDING} (type, message) SELECT 'archive', "
+            "'{\"ts\":' || timestamp_ms || ',\"values\":' || message || '}' FROM arc.controller_archive "
+            "WHERE timestamp_ms > ? AND timestamp_ms < ? ORDER BY timestamp_ms, id LIMIT ?", (start_ms, end_ms, room)).rowcount
         self.pending_rows += copied
         if copied < total:
             log.warning("republish: %d archived rows not copied, the pending buffer is full", total - copied)
@@ -217,7 +218,7 @@ class QueueStore:
     def discard(self, start_ms: int, end_ms: int) -> dict[str, int]:
         """Delete archived rows of ``[start_ms, end_ms]``."""
         deleted = self.conn.execute(
-            "DELETE FROM arc.controller_archive WHERE timestamp_ms BETWEEN ? AND ?", (start_ms, end_ms)).rowcount
+            "DELETE FROM arc.controller_archive WHERE timestamp_ms > ? AND timestamp_ms < ?", (start_ms, end_ms)).rowcount
         self.archive_rows = max(0, self.archive_rows - deleted)
         return {"rows": deleted}
 

@@ -90,7 +90,7 @@ def test_archive_row_cap_discards_the_oldest_rows_first(tmp_path: Path) -> None:
     store = _store(tmp_path, rows=20)
     store.transfer(100, 1000)
     conn = sqlite3.connect(tmp_path / "gateway_archive.db")
-    kept = [json.loads(m)["values"]["seq"] for (m,) in conn.execute("SELECT message FROM controller_archive")]
+    kept = [json.loads(m)["seq"] for (m,) in conn.execute("SELECT message FROM controller_archive")]
     assert kept == list(range(30, 50))
     assert store.trimmed_archive_rows == 30
 
@@ -111,11 +111,33 @@ def test_republish_copies_a_time_range_back_to_pending_and_discard_deletes_it(tm
     packet = store.next_packet(True, 60_000, None, None)
     store.ack(packet.after_id, packet.last_id)
     ts0 = 1_700_000_000_000
-    assert store.republish(ts0 + 2, ts0 + 4, 1000)["rows"] == 3
+    # Bounds are exclusive, as in the existing gateway's RPCs.
+    assert store.republish(ts0 + 1, ts0 + 5, 1000)["rows"] == 3
     again = store.next_packet(False, 60_000, None, None)
     assert [r["values"]["seq"] for r in json.loads(again.payload)] == [2, 3, 4]
-    assert store.discard(ts0, ts0 + 4)["rows"] == 5
+    assert store.discard(ts0 - 1, ts0 + 5)["rows"] == 5
     assert _count(tmp_path / "gateway_archive.db", "controller_archive") == 5
+
+
+def test_the_archive_keeps_the_existing_gateways_format_and_republishes_its_rows(tmp_path: Path) -> None:
+    archive = sqlite3.connect(tmp_path / "gateway_archive.db")
+    archive.execute("CREATE TABLE controller_archive (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp_ms INTEGER, message TEXT)")
+    # A row the existing gateway archived: json.dumps(values) beside the timestamp.
+    archive.execute("INSERT INTO controller_archive (timestamp_ms, message) VALUES (?, ?)", (1_700_000_000_500, '{"co2": 415.5}'))
+    archive.commit()
+    archive.close()
+    _insert(tmp_path, [("measurement", json.dumps({"ts": 1_700_000_000_600, "values": {"co2": 420}}))])
+    store = _store(tmp_path)
+    store.transfer(100, 1000)
+    rows = sqlite3.connect(tmp_path / "gateway_archive.db").execute(
+        "SELECT timestamp_ms, message FROM controller_archive ORDER BY id").fetchall()
+    assert [(ts, json.loads(m)) for ts, m in rows] == [(1_700_000_000_500, {"co2": 415.5}), (1_700_000_000_600, {"co2": 420})]
+    packet = store.next_packet(True, 60_000, None, None)
+    store.ack(packet.after_id, packet.last_id)
+    assert store.republish(1_700_000_000_000, 1_700_000_001_000, 1000)["rows"] == 2
+    again = store.next_packet(False, 60_000, None, None)
+    assert json.loads(again.payload) == [
+        {"ts": 1_700_000_000_500, "values": {"co2": 415.5}}, {"ts": 1_700_000_000_600, "values": {"co2": 420}}]
 
 
 def test_a_corrupt_queue_file_is_quarantined_not_deleted(tmp_path: Path) -> None:
