@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 
@@ -229,6 +229,50 @@ def read_journal(
                 yield entry
     finally:
         db.close()
+
+
+def read_entries(
+    path: Path,
+    *,
+    machine: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+) -> Iterator[JournalEntry]:
+    """Entries of a journal database or of a ``.jsonl`` export, with the same filters."""
+    if Path(path).suffix != ".jsonl":
+        yield from read_journal(path, machine=machine, since_ms=since_ms, until_ms=until_ms)
+        return
+    for entry in read_jsonl(path):
+        if since_ms is not None and entry.ts_ms < since_ms or until_ms is not None and entry.ts_ms > until_ms:
+            continue
+        if machine is None or _concerns(entry, machine):
+            yield entry
+
+
+def entry_to_jsonl(entry: JournalEntry) -> str:
+    """One entry as one JSON line, fields in journal column order (diffable)."""
+    return json.dumps(attrs.asdict(entry), ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def write_jsonl(entries: Iterable[JournalEntry], out: TextIO) -> int:
+    """Write entries one per line; returns how many."""
+    count = 0
+    for entry in entries:
+        out.write(entry_to_jsonl(entry) + "\n")
+        count += 1
+    return count
+
+
+def read_jsonl(path: Path) -> Iterator[JournalEntry]:
+    """Entries of a JSON Lines export (blank lines skipped); a bad line names its number."""
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield JournalEntry(**json.loads(line))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not a journal entry: {exc}") from exc
 
 
 def _concerns(entry: JournalEntry, machine: str) -> bool:

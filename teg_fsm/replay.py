@@ -21,7 +21,7 @@ from teg_fsm.clock import FakeClock
 from teg_fsm.codec import Codec
 from teg_fsm.dispatcher import Dispatcher
 from teg_fsm.events import STARTED, Event, Source
-from teg_fsm.journal import JournalEntry, read_journal
+from teg_fsm.journal import JournalEntry, read_entries
 from teg_fsm.timers import Timers
 
 
@@ -91,4 +91,5 @@ def replay_entries(
 
 
 def replay_journal(path: Path, overrides: Mapping[str, type[GatewayMachine]] | None = None) -> ReplayResult:
-    return replay_entries(read_journal(path), overrides)
+    """Replay a journal database or a ``.jsonl`` export of one."""
+    return replay_entries(read_entries(path), overrides)
