@@ -18,16 +18,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     diagrams.set_defaults(func=_diagrams)
 
     replay = sub.add_parser("replay", help="re-run a recorded journal against the current machines")
-    replay.add_argument("journal", type=Path)
+    replay.add_argument("journal", type=Path, help="teg_journal.db or a .jsonl export")
     replay.set_defaults(func=_replay)
 
     journal = sub.add_parser("journal", help="list the journal: time, event, transitions, effects")
     journal.add_argument("--data", type=Path, default=None, help="data dir (default $TEG_DATA_PATH or ./data)")
-    journal.add_argument("--file", type=Path, default=None, help="a journal file instead of the data dir's")
+    journal.add_argument("--file", type=Path, default=None, help="a journal file (.db or .jsonl) instead of the data dir's")
     journal.add_argument("--machine", help="only events that concern this machine")
     journal.add_argument("--since", help="ISO time or unix ms")
     journal.add_argument("--until", help="ISO time or unix ms")
     journal.add_argument("--limit", type=int, default=0, help="only the last N lines")
+    journal.add_argument("--jsonl", action="store_true", help="one JSON entry per line (the replay corpus format)")
     journal.set_defaults(func=_journal)
 
     status = sub.add_parser("status", help="every machine's state (from the checkpoints)")
@@ -87,7 +88,7 @@ def format_time(ts_ms: int) -> str:
 
 
 def _journal(args: argparse.Namespace) -> int:
-    from teg_fsm.journal import read_journal
+    from teg_fsm.journal import entry_to_jsonl, read_entries
 
     path = args.file or _data_dir(args.data) / "teg_journal.db"
     if not path.exists():
@@ -98,10 +99,8 @@ def _journal(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"teg journal: bad time: {exc}", file=sys.stderr)
         return 2
-    lines = [
-        _journal_line(e)
-        for e in read_journal(path, machine=args.machine, since_ms=since, until_ms=until)
-    ]
+    render = entry_to_jsonl if args.jsonl else _journal_line
+    lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
     for line in lines[-args.limit :] if args.limit else lines:
         print(line)
     return 0
