@@ -185,7 +185,13 @@ class DockerEngine:
             except docker.errors.ImageNotFound:
                 raise EngineError(f"image {image} not found") from None
             self._remove_existing(client)
-            container = client.containers.run(image, detach=True, name=self.settings.name, **self._run_options())
+            # create + start, not run(): run() pulls a missing image, which on an
+            # offline device hangs until DNS gives up instead of failing at once.
+            try:
+                container = client.containers.create(image, name=self.settings.name, **self._run_options())
+            except docker.errors.ImageNotFound:
+                raise EngineError(f"image {image} not found") from None
+            container.start()
             container.reload()
             described = _describe(container.attrs)
             return {"container_id": container.id, "started_at_ms": described["started_at_ms"], "version": version}
