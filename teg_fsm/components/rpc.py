@@ -130,8 +130,9 @@ class RpcComponent:
         except subprocess.TimeoutExpired as exc:
             output = _capped(exc.output or b"", self.config.run_command_output_cap)
             return f"Error - Error running command '{command}': Timeout after {timeout_s} seconds. Output: {output}"
-        except OSError as exc:
-            return f"Error - Running command failed: {exc.strerror or exc}"
+        except OSError as exc:  # no shell: a missing or non-executable program ends here, named
+            named = f": {exc.filename!r}" if exc.filename is not None else ""
+            return f"Error - Running command failed: {exc.strerror or exc}{named}"
         output = _capped(done.stdout, self.config.run_command_output_cap)
         return f"OK - Command executed - Command '{command}' exited with code {done.returncode}. Output: {output}"
 
