@@ -102,6 +102,7 @@ class MqttLink:
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
         self._current: Session | None = None
+        self._closed = False  # after close(): the gateway is stopping, so no new session
         self.inbound = Inbound(post=post, token_path=token_path)
         self._post = post
 
@@ -134,7 +135,12 @@ class MqttLink:
         session = Session(next(self._numbers), purpose, self._make_client(username), completion)
         session.client.user_data_set(session)
         with self._lock:
-            self._current = session
+            closed = self._closed
+            if not closed:
+                self._current = session
+        if closed:  # the machines keep running while the other components stop
+            completion.fail("the gateway is stopping", {"network": True})
+            return
         threading.Thread(target=self._open, args=(session,), name=f"teg-mqtt-connect-{session.number}", daemon=True).start()
 
     def _make_client(self, username: str) -> mqtt.Client:
@@ -190,6 +196,7 @@ class MqttLink:
     def close(self, timeout: float = 3.0) -> None:
         """Disconnect cleanly; a dead network is cut off after ``timeout`` s."""
         with self._lock:
+            self._closed = True
             session, self._current = self._current, None
         if session is None:
             return
