@@ -122,11 +122,10 @@ def run_demo(work: Path) -> None:
         print(f"\ngateway log: {log_path}")
     step("Where to look")
     data = work / "data"
-    print(f"  teg status --data {data}            # every machine's state")
+    print(f"  teg status --data {data}            # every machine's state (as the gateway left them)")
     print(f"  teg status --data {data} --mermaid  # diagrams with the active state")
     print(f"  teg journal --data {data} --machine ota   # why the gateway did what it did")
     print(f"  teg replay {data / 'teg_journal.db'}       # re-run this journal against the machines")
-    subprocess.run([sys.executable, "-m", "teg_fsm.cli", "status", "--data", str(data)], cwd=REPO, check=False)
 
 
 def show(work: Path, tb: StandIn) -> None:
@@ -178,6 +177,9 @@ def show(work: Path, tb: StandIn) -> None:
     print(f"sw_error = {tb.latest(DEVICE).get('sw_error')!r}")
     wait("v3.0.0 running again", lambda: tb.latest(DEVICE).get("current_sw_version") == "v3.0.0", 60)
     print(f"current_sw_version = {tb.latest(DEVICE).get('current_sw_version')}")
+
+    step("8. The machines now (teg status, read from the checkpoints)")
+    subprocess.run([sys.executable, "-m", "teg_fsm.cli", "status", "--data", str(work / "data")], cwd=REPO, check=False)
 
 
 def main() -> None:
