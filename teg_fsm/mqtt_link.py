@@ -177,6 +177,7 @@ class MqttLink:
             session.client.disconnect()  # closed while we were connecting
             self._ended(session, "closed while connecting")
             return
+        _no_delay(session.client.socket())
         session.client.loop_start()
 
     def close_current(self, reason: str) -> None:
@@ -328,3 +329,13 @@ def _first_failure(codes: Any) -> Any:
         if getattr(code, "is_failure", False):
             return code
     return None
+
+
+def _no_delay(sock: Any) -> None:
+    """TCP_NODELAY: paho does not set it. Without it an RPC reply, written by the
+    dispatcher thread just after paho's thread wrote the request's PUBACK, waits for
+    the broker's delayed ACK of that PUBACK (Nagle): about 40 ms per RPC on Linux."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # no socket (closed meanwhile) or not TCP
+        pass
