@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -504,3 +505,10 @@ def test_restart_controller_restarts_the_running_controller(
     assert after["Config"]["Image"] == image_name(controller_version)
     machine: Any = running.gateway.dispatcher.machines["controller"]
     assert machine.container_id == after["Id"]
+
+
+def test_the_gateway_socket_has_nagle_off_so_a_reply_does_not_wait_for_a_delayed_ack(
+        in_process: Callable[..., InProcess]) -> None:
+    running = in_process(controller=False)
+    session = running.gateway.components["mqtt"].link.session  # type: ignore[attr-defined]
+    assert session.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
