@@ -30,7 +30,8 @@ Events taken: ``mqtt_connected``, ``mqtt_disconnected``, ``session_limits_receiv
 ``rows_waiting`` (adapter: the controller queue changed), ``logs_waiting``
 {top}, ``pending_refilled`` {top} (archive republish), outcomes of
 ``transfer`` / ``data_packet`` / ``log_packet``, timers ``hold_elapsed`` and
-``transfer_retry_elapsed``, ``work_changed`` (from itself).
+``transfer_retry_elapsed``, ``work_changed`` (from itself), ``gateway_stopping``
+(start nothing new; the component waits for the packets in flight).
 Effects: ``TransferRows``, ``SendPacket``, ``StartTimer``/``CancelTimer``, ``Log``,
 ``Notify`` (to itself).
 
@@ -124,6 +125,7 @@ class UplinkMachine(GatewayMachine):
         | _loops(offline, idle, draining, throttled)  # already where the work says
     )
     session_limits_received = _loops(offline, idle, draining, throttled)
+    gateway_stopping = _loops(offline, idle, draining, throttled)
     rows_waiting = _loops(offline, idle, draining, throttled)
     logs_waiting = _loops(offline, idle, draining, throttled)
     pending_refilled = _loops(offline, idle, draining, throttled)
@@ -163,6 +165,7 @@ class UplinkMachine(GatewayMachine):
         self.rows_per_packet = 0
         self.max_payload_size = s.max_payload_size
         self.session_inflight: int | None = None
+        self.stopping = False
         self._set_limits(s.rate_messages, s.rate_telemetry_messages, s.rate_data_points, 0)
 
     def _set_limits(self, messages: str, telemetry: str, points: str, now_ms: int) -> None:
@@ -374,8 +377,19 @@ class UplinkMachine(GatewayMachine):
             return self.settings.max_inflight
         return max(1, min(self.settings.max_inflight, self.session_inflight))
 
+    def on_gateway_stopping(self) -> None:
+        # Shutdown: start nothing new, so the packets in flight can get their
+        # PUBACKs before the session closes (fewer rows sent twice).
+        self.stopping = True
+
+    def in_flight(self) -> int:
+        """Packets awaiting PUBACK (read by the component while the gateway stops)."""
+        return self._in_flight()
+
     def _plan(self) -> None:
         """Issue the work that can go now, then let ``work_changed`` pick the state."""
+        if self.stopping:
+            return
         self._plan_transfer()
         if self.connected:
             self._plan_packets()

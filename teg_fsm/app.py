@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from teg_fsm.clock import Clock, RealClock
@@ -15,6 +16,7 @@ from teg_fsm.codec import Codec
 from teg_fsm.components import Component, default_components
 from teg_fsm.config import Config
 from teg_fsm.dispatcher import Dispatcher, MachineSpec
+from teg_fsm.events import Source
 from teg_fsm.journal import Journal
 from teg_fsm.runner import EffectRunner
 from teg_fsm.systemd import Notifier, status_line
@@ -74,9 +76,16 @@ class Gateway:
         if self.notifier.watchdog():
             self.notifier.status(status_line(self.dispatcher.states()))
 
-    def stop(self) -> None:
-        """Stop taking work, flush, close databases."""
+    def stop(self, quiesce_s: float = 3.0) -> None:
+        """Stop taking work, let work in flight settle (bounded), flush, close databases."""
         self.notifier.stopping()
+        if self.dispatcher.thread is not None and self.dispatcher.thread.is_alive():
+            self.dispatcher.post(Source.SYSTEM, "gateway_stopping")
+            deadline = time.monotonic() + quiesce_s
+            for component in self.components.values():
+                quiesce = getattr(component, "quiesce", None)
+                if quiesce is not None:
+                    quiesce(deadline)
         for component in reversed(list(self.components.values())):
             try:
                 component.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,12 @@ class UplinkComponent:
             self.io.publish = link.publish_async
         self.io.start()
         self.gateway.dispatcher.post(Source.QUEUE, "rows_waiting", {}, target="uplink")
+
+    def quiesce(self, deadline: float) -> None:
+        """Before the link closes: wait (until ``deadline``, monotonic) for in-flight PUBACKs."""
+        machine = self.gateway.dispatcher.machines.get("uplink")
+        while machine is not None and machine.in_flight() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
 
     def stop(self) -> None:
         logging.getLogger().removeHandler(self.handler)
