@@ -134,12 +134,15 @@ class GatewayMachine(StateChart):
         if not candidates:
             return
         callbacks = self._callbacks
-        event = self._event_objects()[ev.name]
-        base = {"ev": ev, "machine": self, "model": self.model, "event": event, "event_data": None}
+        kwargs = {"ev": ev, "machine": self, "model": self.model, "event": self._event_objects()[ev.name],
+                  "event_data": None, "state": state, "source": state}
         for transition in candidates:
-            kwargs = {**base, "transition": transition, "state": state, "source": state, "target": transition.target}
-            callbacks.call(transition.validators.key, **kwargs)
-            if callbacks.all(transition.cond.key, **kwargs):
+            kwargs["transition"] = transition
+            kwargs["target"] = transition.target
+            validators, cond = transition.validators.key, transition.cond.key
+            if validators in callbacks:
+                callbacks.call(validators, **kwargs)
+            if cond not in callbacks or callbacks.all(cond, **kwargs):
                 self._take(transition, state, kwargs)
                 return
 
@@ -147,19 +150,23 @@ class GatewayMachine(StateChart):
         callbacks = self._callbacks
         target = transition.target
         previous = self.current_state_value
+        internal = transition.internal
         try:
-            callbacks.call(transition.before.key, **kwargs)
-            if not transition.internal:
-                callbacks.call(state.exit.key, **kwargs)
-            callbacks.call(transition.on.key, **kwargs)
-            if not transition.internal:
+            for key in (transition.before.key, None if internal else state.exit.key, transition.on.key):
+                if key in callbacks:
+                    callbacks.call(key, **kwargs)
+            if not internal:
                 self.current_state_value = target.value
-                callbacks.call(target.enter.key, **{**kwargs, "state": target})
+                kwargs["state"] = target
+                if target.enter.key in callbacks:
+                    callbacks.call(target.enter.key, **kwargs)
         except Exception:
             self.current_state_value = previous
             raise
         self.transition_log.append((state.id, target.id, kwargs["event"].id))
-        callbacks.call(transition.after.key, **{**kwargs, "state": target})
+        kwargs["state"] = target
+        if transition.after.key in callbacks:
+            callbacks.call(transition.after.key, **kwargs)
 
     def _event_objects(self) -> dict[str, Any]:
         cls = type(self)
