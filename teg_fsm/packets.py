@@ -10,6 +10,7 @@ need another parse.
 from __future__ import annotations
 
 import json
+from typing import Any
 from collections.abc import Iterable
 
 import attrs
@@ -19,6 +20,12 @@ Reason = str
 
 def parse_record(text: object) -> tuple[int, int] | Reason:
     """``(ts, data points)`` of a queue row, or why it cannot be sent."""
+    parsed = parse_values(text)
+    return parsed if isinstance(parsed, str) else parsed[:2]
+
+
+def parse_values(text: object) -> tuple[int, int, dict[str, Any]] | Reason:
+    """``(ts, data points, values)`` of a queue row, or why it cannot be sent."""
     if not isinstance(text, str):
         return "message is not text" if text is not None else "message is NULL"
     try:
@@ -34,16 +41,19 @@ def parse_record(text: object) -> tuple[int, int] | Reason:
         return f"ts is not a number of milliseconds: {str(ts)[:40]!r}"
     if not isinstance(values, dict):
         return "values is not an object"
-    return int(ts), len(values)
+    return int(ts), len(values), values
 
 
-def archived_values(text: str) -> str:
+def archived_values(values: dict[str, Any]) -> str:
     """What the archive keeps of a valid row: its ``values`` object as JSON.
 
     The existing gateway archives ``json.dumps(values)`` beside ``timestamp_ms``;
     its archive files must stay readable (and republishable) after the switch.
     """
-    return json.dumps(json.loads(text)["values"], separators=(",", ":"))
+    return _compact(values)
+
+
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def text_bytes(text: str) -> int:

@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.packets import Packet, archived_values, build_packet, parse_record
+from teg_fsm.packets import Packet, archived_values, build_packet, parse_record, parse_values
 from teg_fsm.sqlite_files import open_checked
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,13 @@ class QueueStore:
             rows = conn.execute("SELECT id, type, message FROM messages ORDER BY id LIMIT ?", (limit,)).fetchall()
             archive, pending, dead = [], [], []
             for row_id, kind, text in rows:
-                parsed = parse_record(text)
+                parsed = parse_values(text)
                 if isinstance(parsed, str):
                     dead.append(("messages", row_id, kind, text, parsed))
                     continue
                 pending.append((parsed[0], kind, text))
                 if "log" not in (kind or ""):
-                    archive.append((parsed[0], archived_values(text)))
+                    archive.append((parsed[0], archived_values(parsed[2])))
             # ts order within a batch, so packets (built in id order) need no sort or parse.
             pending.sort(key=itemgetter(0))
             conn.executemany("INSERT INTO arc.controller_archive (timestamp_ms, message) VALUES (?, ?)", archive)
