@@ -47,8 +47,13 @@ def wait(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
     raise SystemExit(f"demo failed: timed out after {timeout:.0f} s waiting for {what}")
 
 
-def make_controller_repo(work: Path) -> Path:
-    """A controller repository with three releases: v1 and v3 healthy, v2 crashing at start."""
+RELEASES = (("v1.0.0", "healthy"), ("v2.0.0", "crash"), ("v3.0.0", "healthy"))
+
+
+def make_controller_repo(
+    work: Path, releases: tuple[tuple[str, str], ...] = RELEASES, dockerfile_extra: str = ""
+) -> Path:
+    """A controller repository with one tag per release (by default v1 and v3 healthy, v2 crashing at start)."""
     origin = work / "controller-origin.git"
     git.Repo.init(origin, bare=True)
     repo_dir = work / "controller"
@@ -60,7 +65,10 @@ def make_controller_repo(work: Path) -> Path:
     docker_dir.mkdir()
     for name in ("Dockerfile", "controller.py"):
         shutil.copy(REPO / "tools" / "demo_controller" / name, docker_dir / name)
-    for version, behaviour in (("v1.0.0", "healthy"), ("v2.0.0", "crash"), ("v3.0.0", "healthy")):
+    if dockerfile_extra:
+        with open(docker_dir / "Dockerfile", "a") as dockerfile:
+            dockerfile.write(dockerfile_extra)
+    for version, behaviour in releases:
         (docker_dir / "release.env").write_text(f"CONTROLLER_VERSION={version}\nCONTROLLER_BEHAVIOUR={behaviour}\n")
         repo.index.add(["docker/Dockerfile", "docker/controller.py", "docker/release.env"])
         repo.index.commit(f"release {version} ({behaviour})")

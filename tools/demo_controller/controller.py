@@ -8,6 +8,7 @@ The only contract with the gateway is the SQLite file (DESIGN.md): rows in
 import json
 import math
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -34,6 +35,9 @@ def interval_s() -> float:
 
 
 def main() -> None:
+    # As PID 1 in the container, SIGTERM is ignored unless handled: without this
+    # `docker stop` would wait its whole timeout and then SIGKILL us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if BEHAVIOUR == "crash":
         print(f"controller {VERSION}: cannot open sensor /dev/ttyCO2 - exiting", flush=True)
         sys.exit(3)

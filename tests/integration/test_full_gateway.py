@@ -1,0 +1,148 @@
+"""The whole gateway, every real machine and adapter, against the stand-in.
+
+One scenario, as an operator would drive it: self-provisioning, OTA of a
+controller built from a real git repository on the real Docker engine,
+telemetry from the controller's SQLite queue, RPCs, a pushed file, an update,
+a tag that does not exist, and a release whose controller crashes at start
+(automatic rollback). The gateway runs as ``teg run`` in a subprocess; its
+journal is replayed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from teg_fsm.replay import replay_journal
+from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
+from tools.tb_standin import StandIn
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def _wait(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _remove_controller(client: docker.DockerClient) -> None:
+    try:
+        client.containers.get("teg_controller").remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+@pytest.fixture
+def releases() -> dict[str, str]:
+    """Versions unique to this run, so a shared engine's images never collide."""
+    run = uuid.uuid4().hex[:6]
+    return {"good": f"v1.0.0-{run}", "crash": f"v2.0.0-{run}", "better": f"v3.0.0-{run}"}
+
+
+@pytest.fixture
+def controller_engine(
+    docker_client: docker.DockerClient, base_image: str, releases: dict[str, str]
+) -> Iterator[docker.DockerClient]:
+    _remove_controller(docker_client)
+    yield docker_client
+    _remove_controller(docker_client)
+    for version in releases.values():
+        try:
+            docker_client.images.remove(f"teg-controller-{version}:latest", force=True)
+        except docker.errors.APIError:
+            pass
+
+
+def test_provision_update_telemetry_rpc_file_and_rollback_end_to_end(
+    tmp_path: Path, controller_engine: docker.DockerClient, releases: dict[str, str],
+    docker_test_labels: dict[str, str],
+) -> None:
+    labels = " ".join(f"{k}={v}" for k, v in docker_test_labels.items())
+    repo_dir = make_controller_repo(
+        tmp_path,
+        releases=((releases["good"], "healthy"), (releases["crash"], "crash"), (releases["better"], "healthy")),
+        dockerfile_extra=f"LABEL {labels}\n",
+    )
+    with StandIn(tls_port=0) as tb:
+        tb.add_provision_profile(PROFILE_KEY, PROFILE_SECRET)
+        env = gateway_env(tmp_path, tb, repo_dir)
+        env["DOCKER_HOST"] = os.environ.get("DOCKER_HOST", "")
+        with open(tmp_path / "gateway.log", "w") as log:
+            gateway = subprocess.Popen([sys.executable, "-m", "teg_fsm.cli", "run"], cwd=REPO, env=env,
+                                       stdout=log, stderr=subprocess.STDOUT)
+            try:
+                _scenario(tmp_path, tb, controller_engine, releases)
+            finally:
+                gateway.send_signal(signal.SIGTERM)
+                assert gateway.wait(25) == 0
+    journal = tmp_path / "data" / "teg_journal.db"
+    assert replay_journal(journal).identical
+
+
+def _latest(tb: StandIn, key: str) -> Any:
+    return tb.latest(DEVICE).get(key)
+
+
+def _running_image(client: docker.DockerClient) -> str:
+    container = client.containers.get("teg_controller")
+    return container.attrs["Config"]["Image"] if container.status == "running" else ""
+
+
+def _assign(tb: StandIn, version: str, state: str, timeout: float = 180) -> None:
+    tb.assign_ota(DEVICE, kind="sw", title="co2-controller", version=version)
+    _wait(f"{state} for {version}", lambda: _latest(tb, "sw_state") == state
+          and (state == "FAILED" or _latest(tb, "current_sw_version") == version), timeout)
+
+
+def _scenario(work: Path, tb: StandIn, client: docker.DockerClient, releases: dict[str, str]) -> None:
+    good, crash, better = releases["good"], releases["crash"], releases["better"]
+    _wait("self-provisioning", lambda: tb.is_connected(DEVICE), 30)
+    assert (work / "tb_access_token").stat().st_mode & 0o777 == 0o600
+
+    _assign(tb, good, "UPDATED")
+    assert _running_image(client) == f"teg-controller-{good}:latest"
+    assert (work / "data" / "last_launched_controller_version.txt").read_text().strip() == good
+    _wait("controller telemetry", lambda: _latest(tb, "controller_version") == good, 60)
+
+    assert tb.rpc(DEVICE, "ping", {}, timeout=10) == {"message": "Pong"}
+    started = client.containers.get("teg_controller").attrs["State"]["StartedAt"]
+    assert tb.rpc(DEVICE, "restart_controller", {}, timeout=10) == {"message": "OK - Restarting Controller"}
+    _wait("the controller restarted", lambda: client.containers.get("teg_controller").attrs["State"]["StartedAt"]
+          != started and _running_image(client), 60)
+
+    tb.set_shared(DEVICE, {"FILES": {"config": {"path": "$DATA_PATH/config.json", "encoding": "json"}},
+                           "FILE_CONTENT_config": {"measurement_interval_s": 1}})
+    _wait("the pushed file", lambda: (work / "data" / "config.json").exists(), 30)
+    hashes = _wait("FILE_HASHES", lambda: tb.client_attributes(DEVICE).get("FILE_HASHES"), 30)
+    assert set(hashes) == {"config"}
+
+    _assign(tb, "v9.9.9-no-such-tag", "FAILED")
+    assert "v9.9.9-no-such-tag" in _latest(tb, "sw_error")
+    assert _running_image(client) == f"teg-controller-{good}:latest"
+
+    _assign(tb, better, "UPDATED")
+    assert _running_image(client) == f"teg-controller-{better}:latest"
+
+    _assign(tb, crash, "FAILED")
+    assert _latest(tb, "sw_error").startswith(f"rolled back to {better}: ")
+    _wait("the last good controller back", lambda: _running_image(client) == f"teg-controller-{better}:latest", 60)
+    assert _latest(tb, "current_sw_version") == better
+    states = [value for _, value in tb.telemetry(DEVICE, "sw_state")]
+    assert states.count("UPDATED") == 2 and states[-1] == "FAILED"
