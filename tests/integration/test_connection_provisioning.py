@@ -9,10 +9,9 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -21,21 +20,10 @@ from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
 from teg_fsm.dispatcher import Dispatched
 from tools.tb_standin import StandIn
+from tests.rig.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
 KEY, SECRET, DEVICE = "prov-key-1", "prov-secret-s3cr3t", "teg-test-device"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
 
 
 class Running:

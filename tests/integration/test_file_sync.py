@@ -11,10 +11,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -24,21 +23,10 @@ from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
 from teg_fsm.journal import read_journal
 from tools.tb_standin import StandIn
+from tests.rig.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
 DEVICE, TOKEN = "teg-files-device", "files-token-0123456"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
 
 
 def md5(data: bytes) -> str:

@@ -14,9 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,12 @@ import docker.errors
 import pytest
 
 from teg_fsm.replay import replay_journal
+from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-def _wait(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _remove_controller(client: docker.DockerClient) -> None:
@@ -89,6 +79,10 @@ def test_provision_update_telemetry_rpc_file_and_rollback_end_to_end(
                                        stdout=log, stderr=subprocess.STDOUT)
             try:
                 _scenario(tmp_path, tb, controller_engine, releases)
+            except BaseException:
+                # Shown by pytest with the failure: what the gateway was doing.
+                print((tmp_path / "gateway.log").read_text()[-6000:])
+                raise
             finally:
                 gateway.send_signal(signal.SIGTERM)
                 assert gateway.wait(25) == 0
@@ -107,30 +101,30 @@ def _running_image(client: docker.DockerClient) -> str:
 
 def _assign(tb: StandIn, version: str, state: str, timeout: float = 180) -> None:
     tb.assign_ota(DEVICE, kind="sw", title="co2-controller", version=version)
-    _wait(f"{state} for {version}", lambda: _latest(tb, "sw_state") == state
-          and (state == "FAILED" or _latest(tb, "current_sw_version") == version), timeout)
+    wait_for(lambda: _latest(tb, "sw_state") == state
+             and (state == "FAILED" or _latest(tb, "current_sw_version") == version), timeout, f"{state} for {version}", 0.2)
 
 
 def _scenario(work: Path, tb: StandIn, client: docker.DockerClient, releases: dict[str, str]) -> None:
     good, crash, better = releases["good"], releases["crash"], releases["better"]
-    _wait("self-provisioning", lambda: tb.is_connected(DEVICE), 30)
+    wait_for(lambda: tb.is_connected(DEVICE), 30, "self-provisioning", 0.2)
     assert (work / "tb_access_token").stat().st_mode & 0o777 == 0o600
 
     _assign(tb, good, "UPDATED")
     assert _running_image(client) == f"teg-controller-{good}:latest"
     assert (work / "data" / "last_launched_controller_version.txt").read_text().strip() == good
-    _wait("controller telemetry", lambda: _latest(tb, "controller_version") == good, 60)
+    wait_for(lambda: _latest(tb, "controller_version") == good, 60, "controller telemetry", 0.2)
 
     assert tb.rpc(DEVICE, "ping", {}, timeout=10) == {"message": "Pong"}
     started = client.containers.get("teg_controller").attrs["State"]["StartedAt"]
     assert tb.rpc(DEVICE, "restart_controller", {}, timeout=10) == {"message": "OK - Restarting Controller"}
-    _wait("the controller restarted", lambda: client.containers.get("teg_controller").attrs["State"]["StartedAt"]
-          != started and _running_image(client), 60)
+    wait_for(lambda: client.containers.get("teg_controller").attrs["State"]["StartedAt"] != started
+             and _running_image(client), 60, "the controller restarted", 0.2)
 
     tb.set_shared(DEVICE, {"FILES": {"config": {"path": "$DATA_PATH/config.json", "encoding": "json"}},
                            "FILE_CONTENT_config": {"measurement_interval_s": 1}})
-    _wait("the pushed file", lambda: (work / "data" / "config.json").exists(), 30)
-    hashes = _wait("FILE_HASHES", lambda: tb.client_attributes(DEVICE).get("FILE_HASHES"), 30)
+    wait_for(lambda: (work / "data" / "config.json").exists(), 30, "the pushed file", 0.2)
+    hashes = wait_for(lambda: tb.client_attributes(DEVICE).get("FILE_HASHES"), 30, "FILE_HASHES", 0.2)
     assert set(hashes) == {"config"}
 
     _assign(tb, "v9.9.9-no-such-tag", "FAILED")
@@ -142,7 +136,7 @@ def _scenario(work: Path, tb: StandIn, client: docker.DockerClient, releases: di
 
     _assign(tb, crash, "FAILED")
     assert _latest(tb, "sw_error").startswith(f"rolled back to {better}: ")
-    _wait("the last good controller back", lambda: _running_image(client) == f"teg-controller-{better}:latest", 60)
+    wait_for(lambda: _running_image(client) == f"teg-controller-{better}:latest", 60, "the last good controller back", 0.2)
     assert _latest(tb, "current_sw_version") == better
     states = [value for _, value in tb.telemetry(DEVICE, "sw_state")]
     assert states.count("UPDATED") == 2 and states[-1] == "FAILED"

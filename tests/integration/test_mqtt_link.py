@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from teg_fsm.mqtt_link import DEVICE, PROVISION, MqttLink
 from tools.tb_standin import StandIn
+from tests.rig.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
 TOKEN = "link-test-token"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
 
 
 class Settled:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from tests.rig import waiting
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -105,14 +106,7 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(interval)
+    return waiting.wait_for(predicate, timeout, what, interval)
 
 
 def seqs(tb: Any, device: str = "station-1") -> list[int]:
