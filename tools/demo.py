@@ -130,10 +130,12 @@ def run_demo(work: Path) -> None:
         print(f"\ngateway log: {log_path}")
     step("Where to look")
     data = work / "data"
-    print(f"  teg status --data {data}            # every machine's state (as the gateway left them)")
-    print(f"  teg status --data {data} --mermaid  # diagrams with the active state")
-    print(f"  teg journal --data {data} --machine ota   # why the gateway did what it did")
-    print(f"  teg replay {data / 'teg_journal.db'}       # re-run this journal against the machines")
+    teg = Path(sys.executable).parent / "teg"
+    teg = teg if teg.exists() else Path("teg")
+    print(f"  {teg} status --data {data}             # every machine's state (as the gateway left them)")
+    print(f"  {teg} status --data {data} --mermaid   # diagrams with the active state")
+    print(f"  {teg} journal --data {data} --machine ota  # why the gateway did what it did")
+    print(f"  {teg} replay {data / 'teg_journal.db'}  # re-run this journal against the machines")
 
 
 def show(work: Path, tb: StandIn) -> None:
