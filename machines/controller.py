@@ -54,54 +54,18 @@ restart; a swap in flight is answered ``swap_failed``).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import attrs
 from statemachine import State
 
+from machines import controller_support as support
 from machines.base import GatewayMachine
-from teg_fsm.effects import Log, Notify, StartTimer
-from teg_fsm.effects.controller import (
-    ENGINE_UNREACHABLE,
-    InspectController,
-    ReadControllerHealth,
-    StartController,
-    StopController,
-)
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish, RequestAttributes
+from machines.controller_support import NO_VERSION_ERROR, ControllerSettings, stay
+from teg_fsm.effects import StartTimer
+from teg_fsm.effects.controller import InspectController, ReadControllerHealth
 from teg_fsm.events import Event
 
-NO_VERSION_ERROR = "No previous version known to launch from, requested version info from ThingsBoard"
-
-
-@attrs.define
-class ControllerSettings:
-    boot_version: str | None = None
-    health_check_max_age_s: float = 6 * 3600.0
-    restart_backoff_s: float = 600.0
-    restart_backoff_factor: float = 1.6
-    restart_backoff_max_s: float = 24 * 3600.0
-    stop_timeout_s: float = 60.0
-    telemetry_interval_s: float = 20.0
-    first_check_s: float = 5.0
-    engine_retry_s: float = 10.0
-    version_request_retry_s: float = 600.0
-    attributes_timeout_s: float = 30.0
-
-
-_PERSISTED = (
-    "version", "container_id", "started_at_ms", "backoff_s", "restart_due_ms",
-    "restart_queued", "pending_swap", "swap_version", "engine_down_since_ms",
-)
-
-
-def _stay(*states: State, **options: Any) -> Any:
-    """The same internal (no exit/enter) transition out of each of ``states``."""
-    transitions = states[0].to.itself(internal=True, **options)
-    for state in states[1:]:
-        transitions = transitions | state.to.itself(internal=True, **options)
-    return transitions
+__all__ = ["NO_VERSION_ERROR", "ControllerMachine", "ControllerSettings"]
 
 
 class ControllerMachine(GatewayMachine):
@@ -177,10 +141,10 @@ class ControllerMachine(GatewayMachine):
     restart_requested = (
         running.to(restarting, on="log_restart_request")
         | unhealthy.to(restarting, cond="has_version", on="log_restart_request")
-        | _stay(stopped, inspecting, starting, restarting, swapping, engine_unreachable, on="queue_restart")
+        | stay(stopped, inspecting, starting, restarting, swapping, engine_unreachable, on="queue_restart")
     )
     swap_requested = (
-        _stay(
+        stay(
             stopped, inspecting, starting, running, unhealthy, restarting, swapping, awaiting_version,
             engine_unreachable, unless="names_a_version", on="refuse_swap",
         )
@@ -236,13 +200,13 @@ class ControllerMachine(GatewayMachine):
         self.stop_container_id: str | None = None
 
     def snapshot(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in _PERSISTED}
+        return {key: getattr(self, key) for key in support.PERSISTED}
 
     def restore(self, data: Any) -> None:
-        for key in _PERSISTED:
+        for key in support.PERSISTED:
             if key in data:
                 setattr(self, key, data[key])
-        self.backoff_s = self._clamp(float(self.backoff_s))
+        self.backoff_s = support.clamp(float(self.backoff_s), self.settings)
         # A swap cut short by a crash is done again: OTA still waits for its answer.
         self.pending_swap = self.pending_swap or self.swap_version
         self.swap_version = None
@@ -270,9 +234,7 @@ class ControllerMachine(GatewayMachine):
         return self.restart_due_ms is not None and self.restart_due_ms > self.now_ms
 
     def found_wanted_running(self, ev: Event) -> bool:
-        found = _result(ev)
-        version = found.get("version")
-        return bool(found.get("running")) and version is not None and self.wanted in (None, version)
+        return support.found_running(support.result(ev), self.wanted)
 
     def engine_down(self, ev: Event) -> bool:
         return bool(ev.data.get("engine_unreachable"))
@@ -284,13 +246,10 @@ class ControllerMachine(GatewayMachine):
         return ev.data.get("status") == "unhealthy"
 
     def container_gone(self, ev: Event) -> bool:
-        found = _result(ev)
-        if found.get("running") is None or found.get("asked_for") != self.container_id:
-            return False  # the engine did not answer, or a late answer about a replaced container
-        return found.get("running") is False or found.get("container_id") != self.container_id
+        return support.gone(support.result(ev), self.container_id)
 
     def health_stale(self, ev: Event) -> bool:
-        latest = max(self.health_ts_ms or 0, _result(ev).get("health_ts_ms") or 0, self.started_at_ms or 0)
+        latest = support.latest_sign_ms(self.health_ts_ms, support.result(ev), self.started_at_ms)
         return self.now_ms - latest > self.settings.health_check_max_age_s * 1000
 
     # -- entering states -----------------------------------------------------
@@ -301,17 +260,17 @@ class ControllerMachine(GatewayMachine):
     # A fresh start serves every restart asked for before it; asks during it queue again.
     def on_enter_starting(self) -> None:
         self.restart_queued = False
-        self._start(self.wanted or "", "start")
+        self.emit(support.start(self.wanted or "", "start", self.settings))
 
     def on_enter_restarting(self) -> None:
         self.restart_queued = False
         self.restart_due_ms = None
-        self._start(self.wanted or "", "start")
+        self.emit(support.start(self.wanted or "", "start", self.settings))
 
     def on_enter_swapping(self) -> None:
         self.restart_queued = False
         self.swap_version, self.pending_swap = self.pending_swap, None
-        self._start(self.swap_version or "", "swap_container")
+        self.emit(support.start(self.swap_version or "", "swap_container", self.settings))
 
     def on_enter_running(self) -> None:
         self.restart_due_ms = None
@@ -322,21 +281,16 @@ class ControllerMachine(GatewayMachine):
     def on_enter_unhealthy(self, ev: Event | None = None) -> None:
         if ev is None:  # entered at construction (crash loop): ``resumed`` does the work
             return
-        self.emit(Notify(machine=None, name="controller_exited", data={"version": self.wanted, "reason": self.exit_reason}))
+        self.emit(support.exited(self.wanted, self.exit_reason))
         if self.stop_container_id is not None:
-            timeout = self.settings.stop_timeout_s + 30
-            self.emit(StopController(container_id=self.stop_container_id, reply="stop", timeout_s=timeout))
+            self.emit(support.stop(self.stop_container_id, self.settings))
             self.stop_container_id = None
         delay = self._arm_restart()
         self._log("warning", f"controller {self.wanted} unhealthy: {self.exit_reason}; restarting in {delay:.0f} s")
 
     def on_enter_awaiting_version(self) -> None:
-        self._log("error", "No controller version known (no last launched version, no TEG_DEFAULT_CONTROLLER_VERSION): "
-                  "asked ThingsBoard for sw_title,sw_url,sw_version; waiting for an OTA assignment")
-        self.emit(RequestAttributes(shared_keys=("sw_title", "sw_url", "sw_version"), reply="sw_info",
-                                    timeout_s=self.settings.attributes_timeout_s))
-        self._publish({"current_sw_title": "UNKNOWN", "current_sw_version": "UNKNOWN", "sw_state": "FAILED",
-                       "sw_error": NO_VERSION_ERROR})
+        self._log("error", support.NO_VERSION_LOG)
+        self.emit(support.ask_sw_info(self.settings), support.no_version_report())
         self.emit(StartTimer(name="version_request_due", seconds=self.settings.version_request_retry_s))
 
     def on_enter_engine_unreachable(self, ev: Event | None = None) -> None:
@@ -344,7 +298,7 @@ class ControllerMachine(GatewayMachine):
             self.engine_down_since_ms = self.now_ms
             error = (ev.data.get("error") if ev is not None else None) or "no answer"
             self._log("error", f"Docker engine unreachable ({error}); retrying every {self.settings.engine_retry_s:g} s")
-            self._publish({"ts": self.now_ms, "values": {"docker_engine_reachable": False}})
+            self.emit(support.engine_reachable(self.now_ms, False))
         self.emit(StartTimer(name="engine_retry_due", seconds=self.settings.engine_retry_s))
 
     # -- transition actions --------------------------------------------------
@@ -353,21 +307,21 @@ class ControllerMachine(GatewayMachine):
         if self.engine_down_since_ms is not None:
             down_s = (self.now_ms - self.engine_down_since_ms) / 1000
             self._log("info", f"Docker engine reachable again after {down_s:.0f} s")
-            self._publish({"ts": self.now_ms, "values": {"docker_engine_reachable": True}})
+            self.emit(support.engine_reachable(self.now_ms, True))
             self.engine_down_since_ms = None
 
     def adopt(self, ev: Event) -> None:
-        self._took_container(_result(ev))
-        self._log("info", f"adopted the running controller {self.version} ({(self.container_id or '')[:12]})")
+        self._took_container(support.result(ev))
+        self._log("info", f"adopted the running controller {self.version} ({support.short_id(self.container_id)})")
 
     def note_started(self, ev: Event) -> None:
-        self._took_container(_result(ev))
-        self._log("info", f"controller {self.version} started ({(self.container_id or '')[:12]})")
+        self._took_container(support.result(ev))
+        self._log("info", f"controller {self.version} started ({support.short_id(self.container_id)})")
 
     def note_restarted_by_engine(self, ev: Event) -> None:
         self.started_at_ms = ev.data.get("started_at_ms") or self.now_ms
         self._log("info", f"controller {self.version} restarted by the engine's restart policy")
-        self._broadcast_started()
+        self.emit(support.started(self.version))
 
     def note_backoff_resumed(self) -> None:
         self.exit_reason = "gateway restarted during the restart backoff"
@@ -386,9 +340,8 @@ class ControllerMachine(GatewayMachine):
         self.exit_reason = "container no longer running (periodic check)"
 
     def note_stale(self, ev: Event) -> None:
-        latest = max(self.health_ts_ms or 0, _result(ev).get("health_ts_ms") or 0, self.started_at_ms or 0)
-        limit = self.settings.health_check_max_age_s
-        self.exit_reason = f"no health check for {(self.now_ms - latest) / 1000:.0f} s (limit {limit:g} s)"
+        latest = support.latest_sign_ms(self.health_ts_ms, support.result(ev), self.started_at_ms)
+        self.exit_reason = support.stale_reason(self.now_ms, latest, self.settings)
         self.stop_container_id = self.container_id
 
     def read_health(self) -> None:
@@ -396,40 +349,33 @@ class ControllerMachine(GatewayMachine):
         self.emit(StartTimer(name="telemetry_due", seconds=self.settings.telemetry_interval_s))
 
     def report_health(self, ev: Event) -> None:
-        health = _result(ev).get("health_ts_ms")
+        health = support.result(ev).get("health_ts_ms")
         if isinstance(health, int):
             self.health_ts_ms = max(self.health_ts_ms or 0, health)
-        values = {"ms_since_controller_startup": self.now_ms - (self.started_at_ms or self.now_ms)}
-        if self.health_ts_ms is not None:
-            values["ms_since_last_controller_health_check"] = self.now_ms - self.health_ts_ms
-        self._publish({"ts": self.now_ms, "values": values})
-        fresh = self.health_ts_ms is not None and self.health_ts_ms >= (self.started_at_ms or 0)
-        if fresh and self.health_ts_ms > self.reported_health_ts_ms:  # type: ignore[operator]
+        self.emit(support.health_report(self.now_ms, self.started_at_ms, self.health_ts_ms))
+        if support.newly_seen(self.health_ts_ms, self.started_at_ms, self.reported_health_ts_ms):
             self.reported_health_ts_ms = self.health_ts_ms or 0
-            data = {"version": self.version, "health_ts_ms": self.health_ts_ms}
-            self.emit(Notify(machine=None, name="controller_health_seen", data=data))
+            self.emit(support.health_seen(self.version, self.health_ts_ms))
 
     def decay_backoff(self) -> None:
-        base = self.settings.restart_backoff_s
-        self.backoff_s = max(base, self.backoff_s / self.settings.restart_backoff_factor)
+        self.backoff_s = support.decayed(self.backoff_s, self.settings)
         self.mark_dirty()
-        if self.backoff_s > base:
+        if self.backoff_s > self.settings.restart_backoff_s:
             self.emit(StartTimer(name="backoff_decay_due", seconds=self.backoff_s))
 
     def grow_backoff(self) -> None:
-        # As the existing gateway: the delay grows when a restart is made.
-        self.backoff_s = self._clamp(self.backoff_s * self.settings.restart_backoff_factor)
+        self.backoff_s = support.grown(self.backoff_s, self.settings)
 
     def log_stop_failure(self, ev: Event) -> None:
         self._log("warning", f"stopping the unhealthy controller failed: {ev.data.get('error')}")
 
     def log_restart_request(self, ev: Event) -> None:
-        self._log("info", f"controller restart requested: {ev.data.get('reason', 'no reason given')}")
+        self._log("info", f"controller restart requested: {ev.data.get('reason', support.NO_REASON)}")
 
     def queue_restart(self, ev: Event) -> None:
         self.restart_queued = True
         self.mark_dirty()
-        reason = ev.data.get("reason", "no reason given")
+        reason = ev.data.get("reason", support.NO_REASON)
         self._log("info", f"controller restart requested ({reason}) while {self.state_name}: queued until it runs")
 
     def take_swap(self, ev: Event) -> None:
@@ -445,43 +391,34 @@ class ControllerMachine(GatewayMachine):
 
     def refuse_swap(self, ev: Event) -> None:
         version = ev.data.get("version")
-        if not self.names_a_version(ev):
-            error = f"swap_requested without a version: {version!r}"
-        else:
-            error = f"{ENGINE_UNREACHABLE}: cannot swap now"
-        self.emit(Notify(machine="ota", name="swap_failed", data={"version": version, "error": error}))
+        self.emit(support.swap_failed(version, support.refusal(version, self.names_a_version(ev))))
 
     def finish_swap(self, ev: Event) -> None:
-        self._took_container(_result(ev))
+        self._took_container(support.result(ev))
         self.version = self.swap_version
-        self._log("info", f"swapped to controller {self.version} ({(self.container_id or '')[:12]})")
-        self.emit(Notify(machine="ota", name="swap_succeeded", data={"version": self.swap_version}))
+        self._log("info", f"swapped to controller {self.version} ({support.short_id(self.container_id)})")
+        self.emit(support.swap_succeeded(self.swap_version))
         self.swap_version = None
 
     def fail_swap(self, ev: Event) -> None:
         error = ev.data.get("error") or "unknown error"
         self.exit_reason = f"swap to {self.swap_version} failed: {error}"
-        self.emit(Notify(machine="ota", name="swap_failed", data={"version": self.swap_version, "error": error}))
+        self.emit(support.swap_failed(self.swap_version, error))
         self.swap_version = None
 
     def log_sw_info(self, ev: Event) -> None:
-        shared = _result(ev).get("shared") or {}
-        offered = ", ".join(f"{k}={shared[k]}" for k in ("sw_title", "sw_version") if k in shared) or "no version"
+        offered = support.offered(support.result(ev).get("shared") or {})
         self._log("info", f"ThingsBoard assigns {offered}; waiting for OTA to install it")
 
     def resume_after_crash_loop(self, ev: Event) -> None:
         self.exit_reason = f"the gateway crashed repeatedly while {ev.data.get('from_state')}"
         if self.pending_swap is not None:
-            error = self.exit_reason
-            self.emit(Notify(machine="ota", name="swap_failed", data={"version": self.pending_swap, "error": error}))
+            self.emit(support.swap_failed(self.pending_swap, self.exit_reason))
             self.pending_swap = None
         delay = self._arm_restart()
         self._log("error", f"{self.exit_reason}: restarting the controller in {delay:.0f} s")
 
     # -- helpers -------------------------------------------------------------
-
-    def _start(self, version: str, reply: str) -> None:
-        self.emit(StartController(version=version, reply=reply, timeout_s=self.settings.stop_timeout_s + 120))
 
     def _took_container(self, found: dict[str, Any]) -> None:
         self.version = found.get("version") or self.wanted
@@ -489,28 +426,15 @@ class ControllerMachine(GatewayMachine):
         self.started_at_ms = found.get("started_at_ms") or self.now_ms
         self.health_ts_ms = None
         self.reported_health_ts_ms = 0
-        self._broadcast_started()
+        self.emit(support.started(self.version))
 
     def _arm_restart(self) -> float:
+        """Arm the restart timer for the pending backoff, or a fresh one; returns its delay."""
         if not self.backoff_pending():
             self.restart_due_ms = self.now_ms + int(self.backoff_s * 1000)
         delay = ((self.restart_due_ms or self.now_ms) - self.now_ms) / 1000
         self.emit(StartTimer(name="restart_backoff_elapsed", seconds=delay))
         return delay
 
-    def _clamp(self, backoff_s: float) -> float:
-        return min(max(backoff_s, self.settings.restart_backoff_s), self.settings.restart_backoff_max_s)
-
-    def _broadcast_started(self) -> None:
-        self.emit(Notify(machine=None, name="controller_started", data={"version": self.version}))
-
-    def _publish(self, payload: dict[str, Any]) -> None:
-        self.emit(Publish(topic=TELEMETRY_TOPIC, payload=json.dumps(payload, sort_keys=True)))
-
     def _log(self, level: str, message: str) -> None:
-        self.emit(Log(level=level, message=message))
-
-
-def _result(ev: Event) -> dict[str, Any]:
-    result = ev.data.get("result")
-    return result if isinstance(result, dict) else {}
+        self.emit(support.log(level, message))
