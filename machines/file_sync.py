@@ -42,74 +42,18 @@ init_files_requested.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
-import attrs
 from statemachine import State
 
+from machines import file_sync_plan as support
 from machines.base import GatewayMachine
+from machines.file_sync_plan import NEWS, OUTCOMES, REPLIES, FileSyncSettings, Plan, content_key, onward
 from teg_fsm.effects import Log, Notify, StartTimer
-from teg_fsm.effects.files import (
-    NO_FILE,
-    ContentError,
-    MirrorFiles,
-    ScanFiles,
-    WriteFile,
-    content_bytes,
-    parse_definitions,
-    parse_hashes,
-)
-from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC, Publish, RequestAttributes
+from teg_fsm.effects.files import NO_FILE, ContentError, parse_definitions, parse_hashes
 from teg_fsm.events import Event
 
-CONTENT_PREFIX = "FILE_CONTENT_"
-LOG_CAP = 500
-OUTCOMES = ("succeeded", "failed", "timed_out", "cancelled")
-_REPLIES = {"request", "scan", "fetch", "write", "mirror", "report"}
-_NEWS = "shared_attributes_received shared_attributes_updated init_files_requested check_due"
-
-
-@attrs.define
-class Plan:
-    """What is still to do; rebuilt after a restart, so never persisted."""
-
-    full: bool = False  # a full pass is wanted (requesting comes next)
-    in_full: bool = False  # a full pass is under way: fetch, mirror and report everything
-    force: bool = False  # init_files: rewrite even identical files
-    scan: bool = False
-    changed: set[str] = attrs.field(factory=set)  # definitions that changed: fetch after the scan
-    fetch: set[str] = attrs.field(factory=set)
-    fetching: list[str] = attrs.field(factory=list)
-    writes: dict[str, Any] = attrs.field(factory=dict)  # key -> content, in arrival order
-    writing: str | None = None
-    mirror: set[str] = attrs.field(factory=set)
-    report: bool = False
-
-    def forget(self, key: str) -> None:
-        for keys in (self.changed, self.fetch, self.mirror):
-            keys.discard(key)
-        self.writes.pop(key, None)
-
-
-@attrs.define
-class FileSyncSettings:
-    check_interval_s: float = 30.0
-    request_timeout_s: float = 30.0
-    write_timeout_s: float = 120.0
-
-
-def _onward(src: State, steps: list[tuple[State, str]], last: State, reply: str) -> Any:
-    """``src`` on every outcome of ``reply``: to the first step the plan needs, else ``last``."""
-    event = " ".join(f"{reply}_{outcome}" for outcome in OUTCOMES) if reply in _REPLIES else reply
-    chain = None
-    for target, guard in steps:
-        transition = src.to(target, cond=guard, event=event, validators="take_in")
-        chain = transition if chain is None else chain | transition
-    if last is src:
-        return chain | src.to.itself(internal=True, event=event, validators="take_in")
-    return chain | src.to(last, event=event, validators="take_in")
+__all__ = ["FileSyncMachine", "FileSyncSettings", "Plan"]
 
 
 class FileSyncMachine(GatewayMachine):
@@ -155,19 +99,19 @@ class FileSyncMachine(GatewayMachine):
         (reporting, "has_report"),
     ]
     # News (a connect, a push, init_files, the check timer) at rest starts the pipeline ...
-    _onward(idle, _steps, idle, _NEWS)
-    _onward(in_sync, _steps, in_sync, _NEWS)
+    onward(idle, _steps, idle, NEWS)
+    onward(in_sync, _steps, in_sync, NEWS)
     # ... and while a step runs it only updates the plan.
     for _busy in (requesting, scanning, fetching, writing, mirroring, reporting):
-        _busy.to.itself(internal=True, event=_NEWS, validators="take_in")
+        _busy.to.itself(internal=True, event=NEWS, validators="take_in")
     # Every outcome (succeeded, failed, timed_out, cancelled) of a step moves on
     # the same way: what failed was logged and dropped from the plan by take_in.
-    _onward(requesting, _steps, in_sync, "request")
-    _onward(scanning, _steps, in_sync, "scan")
-    _onward(fetching, _steps, in_sync, "fetch")
-    _onward(writing, _steps, in_sync, "write")
-    _onward(mirroring, _steps, in_sync, "mirror")
-    _onward(reporting, _steps, in_sync, "report")
+    onward(requesting, _steps, in_sync, "request")
+    onward(scanning, _steps, in_sync, "scan")
+    onward(fetching, _steps, in_sync, "fetch")
+    onward(writing, _steps, in_sync, "write")
+    onward(mirroring, _steps, in_sync, "mirror")
+    onward(reporting, _steps, in_sync, "report")
     suspended.to(requesting, event="init_files_requested", validators="take_in")
     resumed = idle.to.itself(internal=True) | in_sync.to.itself(internal=True) | suspended.to.itself(internal=True)
     del _steps, _busy
@@ -204,36 +148,29 @@ class FileSyncMachine(GatewayMachine):
 
     def on_enter_requesting(self) -> None:
         self.plan.full, self.plan.in_full = False, True
-        self.emit(RequestAttributes(client_keys=("FILE_HASHES",), shared_keys=("FILES",), reply="request",
-                                    timeout_s=self.settings.request_timeout_s))
+        self.emit(support.request_definitions(self.settings))
 
     def on_enter_scanning(self) -> None:
         self.plan.scan = False
-        self.emit(ScanFiles(files={k: d["path"] for k, d in self.definitions.items()}, reply="scan"))
+        self.emit(support.scan(self.definitions))
 
     def on_enter_fetching(self) -> None:
         self.plan.fetching, self.plan.fetch = sorted(self.plan.fetch), set()
-        keys = tuple(CONTENT_PREFIX + k for k in self.plan.fetching)
-        self.emit(RequestAttributes(shared_keys=keys, reply="fetch", timeout_s=self.settings.request_timeout_s))
+        self.emit(support.fetch(self.plan.fetching, self.settings))
 
     def on_enter_writing(self) -> None:
         key = next(iter(self.plan.writes))
         content = self.plan.writes.pop(key)
         self.plan.writing = key
-        d = self.definitions[key]
-        self.emit(WriteFile(key=key, path=d["path"], encoding=d["encoding"], content=content, create=d["create"],
-                            force=self.plan.force, reply="write", timeout_s=self.settings.write_timeout_s))
+        self.emit(support.write(key, self.definitions[key], content, self.plan.force, self.settings))
 
     def on_enter_mirroring(self) -> None:
         keys, self.plan.mirror = sorted(k for k in self.plan.mirror if k in self.definitions), set()
-        files = {k: {"path": self.definitions[k]["path"], "encoding": self.definitions[k]["encoding"]} for k in keys}
-        self.emit(MirrorFiles(files=files, reply="mirror"))
+        self.emit(support.mirror(keys, self.definitions))
 
     def on_enter_reporting(self) -> None:
         self.plan.report = False
-        payload = json.dumps({"FILE_HASHES": self._hashes_attribute()}, sort_keys=True)
-        self.emit(Publish(topic=ATTRIBUTES_TOPIC, payload=payload, reply="report",
-                          timeout_s=self.settings.request_timeout_s))
+        self.emit(support.report(support.hashes_attribute(self.recorded, self.definitions), self.settings))
 
     def on_enter_in_sync(self) -> None:
         self.plan.in_full = self.plan.force = False
@@ -261,7 +198,7 @@ class FileSyncMachine(GatewayMachine):
             self._take_push(data.get("values") or {}, data.get("deleted") or [])
         elif name == "check_due":
             self.plan.scan = self.state_name == "in_sync" or self.plan.scan
-        elif reply in _REPLIES and outcome in OUTCOMES:
+        elif reply in REPLIES and outcome in OUTCOMES:
             ok = outcome == "succeeded"
             result = (data.get("result") or {}) if ok else None
             getattr(self, f"_took_{reply}")(result, data.get("error") or outcome.replace("_", " "))
@@ -275,11 +212,12 @@ class FileSyncMachine(GatewayMachine):
         elif "FILES" in values:
             self._set_definitions(values["FILES"])
         for name, value in values.items():
-            if name.startswith(CONTENT_PREFIX):
-                self.logged.pop(name[len(CONTENT_PREFIX):], None)
-                self._take_content(name[len(CONTENT_PREFIX):], value)
+            key = content_key(name)
+            if key is not None:
+                self.logged.pop(key, None)
+                self._take_content(key, value)
         for name in deleted:
-            key = name[len(CONTENT_PREFIX):] if name.startswith(CONTENT_PREFIX) else None
+            key = content_key(name)
             if key in self.definitions:  # from now on read-only: mirror what is there
                 self.plan.writes.pop(key, None)
                 self.plan.mirror.add(key)
@@ -316,10 +254,7 @@ class FileSyncMachine(GatewayMachine):
             if key not in self.definitions:
                 continue
             if "error" in found:
-                self.local.pop(key, None)
-                self.plan.forget(key)
-                self.plan.report = self.plan.report or self.recorded.pop(key, None) is not None
-                self._log("ERROR", key, f"file {key}: refused: {found['error']}")
+                self._refused(key, found["error"])
                 continue
             self.local[key] = found["hash"]
             if self.plan.in_full or key in self.plan.changed or self._drifted(key):
@@ -329,12 +264,14 @@ class FileSyncMachine(GatewayMachine):
             self.plan.mirror |= set(self.local)
             self.plan.report = True
 
+    def _refused(self, key: str, reason: str) -> None:
+        self.local.pop(key, None)
+        self.plan.forget(key)
+        self.plan.report = self.plan.report or self.recorded.pop(key, None) is not None
+        self._log("ERROR", key, f"file {key}: refused: {reason}")
+
     def _drifted(self, key: str) -> bool:
-        recorded = self.recorded.get(key) or {}
-        version = self.definitions[key]["write_version"]
-        if self.local[key] != recorded.get("hash"):
-            return True
-        return version is not None and version != recorded.get("write_version")
+        return support.drifted(self.local[key], self.recorded.get(key) or {}, self.definitions[key]["write_version"])
 
     def _took_fetch(self, result: dict[str, Any] | None, error: str) -> None:
         keys, self.plan.fetching = self.plan.fetching, []
@@ -345,18 +282,18 @@ class FileSyncMachine(GatewayMachine):
         for key in keys:
             if key not in self.definitions or key not in self.local:
                 continue
-            if CONTENT_PREFIX + key in shared:
-                self._take_content(key, shared[CONTENT_PREFIX + key])
+            if support.CONTENT_PREFIX + key in shared:
+                self._take_content(key, shared[support.CONTENT_PREFIX + key])
             else:  # no content attribute: the file is mirrored read-only
                 self._record(key, self.local[key])
 
     def _take_content(self, key: str, value: Any) -> None:
         d = self.definitions.get(key)
         if d is None:
-            self._log("WARNING", key, f"{CONTENT_PREFIX}{key} has no definition in FILES; ignored")
+            self._log("WARNING", key, f"{support.CONTENT_PREFIX}{key} has no definition in FILES; ignored")
             return
         try:
-            digest = hashlib.md5(content_bytes(d["encoding"], value)).hexdigest()
+            digest = support.digest(d["encoding"], value)
         except ContentError as exc:
             self._log("ERROR", key, f"file {key}: content rejected, nothing written: {exc}")
             return
@@ -387,12 +324,9 @@ class FileSyncMachine(GatewayMachine):
             self._log("WARNING", "*", f"mirroring files failed: {error}")
             return
         for key, status in sorted(result.items()):
-            if status.startswith("too_large:"):
-                size = status.partition(":")[2]
-                self._log("ERROR", key, f"file {key}: too large to mirror into FILE_READ_{key} "
-                                        f"({size} bytes, ThingsBoard accepts 65536 per message); sent E_TOOLARGE")
-            elif status.startswith("error:"):
-                self._log("ERROR", key, f"file {key}: cannot be mirrored: {status.partition(':')[2]}")
+            problem = support.mirror_problem(key, status)
+            if problem is not None:
+                self._log("ERROR", key, problem)
 
     def _took_report(self, result: dict[str, Any] | None, error: str) -> None:
         if result is None:  # the next connect reports again: every full pass does
@@ -407,20 +341,9 @@ class FileSyncMachine(GatewayMachine):
             self.plan.report = True
         self.recorded[key] = entry
 
-    def _hashes_attribute(self) -> dict[str, dict[str, Any]]:
-        hashes = {}
-        for key in sorted(self.recorded):
-            if key in self.definitions:
-                entry = {"hash": self.recorded[key]["hash"]}
-                if self.recorded[key].get("write_version") is not None:
-                    entry["write_version"] = self.recorded[key]["write_version"]
-                hashes[key] = entry
-        return hashes
-
     def _log(self, level: str, key: str, message: str) -> None:
         """Report to the gateway log (forwarded to ThingsBoard); a repeat of the last message for a key is dropped."""
-        if len(message) > LOG_CAP:  # a value quoted in an error can be a whole file
-            message = message[:LOG_CAP] + "..."
+        message = support.capped(message)
         if self.logged.get(key) == message:
             return
         self.logged[key] = message
