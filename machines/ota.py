@@ -32,77 +32,28 @@ from ``fetching`` (via ``idle``) and the latest assignment wins.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, ClassVar
 
-import attrs
 from statemachine import State
 
+from machines import ota_reasons as reason
 from machines.base import GatewayMachine
+
+# version_error and OtaSettings are also imported from here (OTA component, tests).
+from machines.ota_support import (
+    OtaSettings, assigned, build_effect, checkout_effect, fetch_effect, next_target, prune_effect, record_effect,
+    sw_state_payload, version_error,
+)
 from teg_fsm.effects import CancelTimer, Log, Notify, StartTimer
 from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish
-from teg_fsm.effects.ota import (
-    BuildControllerImage,
-    CheckoutControllerVersion,
-    FetchControllerRepo,
-    PruneControllerImages,
-    WriteControllerVersion,
-)
+from teg_fsm.effects.ota import WriteControllerVersion
 from teg_fsm.events import Event
-
-# Docker repository path component (lowercase, separators . _ __ -), so the
-# image name is valid; it also rules out spaces, shell characters and "..".
-_TAG = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-VERSION_RULE = (
-    "a version must be a git tag of lowercase letters, digits and . _ - "
-    "(e.g. v1.2.3, at most 128 characters) or a full 40-hex commit hash"
-)
-
-
-def version_error(version: Any) -> str | None:
-    """Why ``version`` cannot be installed, or None when it is acceptable."""
-    if not isinstance(version, str) or not version:
-        return f"refused version {version!r}: {VERSION_RULE}"
-    if _COMMIT.fullmatch(version) or (
-        len(version) <= 128 and _TAG.fullmatch(version) and not version.endswith(".lock")
-    ):
-        return None
-    return f"refused version {version!r}: {VERSION_RULE}"
-
-
-def image_name(version: str) -> str:
-    return f"teg-controller-{version}:latest"
-
-
-@attrs.define
-class OtaSettings:
-    git_dir: str = ""
-    context_dir: str = ""
-    dockerfile: str = "./Dockerfile"
-    version_file: str = "last_launched_controller_version.txt"
-    last_good: str | None = None  # read from version_file at boot; a checkpoint wins
-    title: str = "controller"  # current_sw_title until a package title is known
-    probation_s: float = 120.0
-    health_timeout_s: float = 120.0
-    min_free_disk_mb: int = 1024
-    keep_images: int = 2
-    fetch_timeout_s: float = 300.0
-    fetch_retry_s: float = 600.0
-    checkout_timeout_s: float = 120.0
-    build_timeout_s: float = 3600.0
-    swap_timeout_s: float = 300.0
-    record_timeout_s: float = 30.0
-    image_labels: dict[str, str] = attrs.field(factory=dict)
-    build_network_mode: str | None = None
-
 
 _PERSISTED = (
     "desired", "desired_title", "target", "target_title", "running", "running_title", "last_good",
     "blocked", "reason", "transient", "health_seen", "window_over", "swap_started_ms",
     "rollback_asked", "last_report",
 )
-_BUSY = ("fetching", "checking_out", "building")
 _LIVE = ("swapping", "probation")
 
 
@@ -272,31 +223,14 @@ class OtaMachine(GatewayMachine):
                 setattr(self, key, data[key])
 
     def _next_target(self, desired: str | None = None, blocked: str | None = "") -> str | None:
-        """The version to install next, or None (nothing assigned, refused, running or blocked)."""
+        """The version to install next (for ``desired``, else the assigned one); ``blocked=None`` ignores blocks."""
         desired = self.desired if desired is None else desired
-        blocked = self.blocked if blocked == "" else blocked
-        if desired is None or version_error(desired) or desired == self.running or desired == blocked:
-            return None
-        return desired
-
-    @staticmethod
-    def _assigned(ev: Event, current: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
-        """(version, title) after an attribute push or response; unchanged when it names none."""
-        if ev.name == "shared_attributes_received":
-            shared = ev.data.get("shared") or {}
-            return shared.get("sw_version", shared.get("sf_version")), shared.get("sw_title", shared.get("sf_title"))
-        values, deleted = ev.data.get("values") or {}, ev.data.get("deleted") or []
-        for prefix in ("sw", "sf"):
-            if f"{prefix}_version" in values:
-                return values[f"{prefix}_version"], values.get(f"{prefix}_title")
-        if "sw_version" in deleted or "sf_version" in deleted:
-            return None, None
-        return current
+        return next_target(desired, self.running, self.blocked if blocked == "" else blocked)
 
     # -- guards --------------------------------------------------------------
 
     def assignment_starts(self, ev: Event) -> bool:
-        version, _ = self._assigned(ev, (self.desired, self.desired_title))
+        version, _ = assigned(ev, (self.desired, self.desired_title))
         blocked = self.blocked if version == self.desired else None
         return version is not None and self._next_target(version, blocked) is not None
 
@@ -333,7 +267,7 @@ class OtaMachine(GatewayMachine):
     # -- assignments and operator requests -------------------------------------
 
     def _note_assignment(self, ev: Event) -> None:
-        version, title = self._assigned(ev, (self.desired, self.desired_title))
+        version, title = assigned(ev, (self.desired, self.desired_title))
         changed = version != self.desired
         if changed:
             self.blocked = None  # a new assignment lifts the block on a rolled-back release
@@ -372,25 +306,22 @@ class OtaMachine(GatewayMachine):
 
     def ask_rollback(self) -> None:
         self.rollback_asked = True
-        self.blocked = self.target
-        self.reason = "operator asked for a rollback"
+        self._block(reason.OPERATOR_ROLLBACK)
         self.mark_dirty()
 
     def note_operator_rollback(self) -> None:
-        self.reason = "operator asked for a rollback"
+        self.reason = reason.OPERATOR_ROLLBACK
 
     # -- entering states ---------------------------------------------------------
 
     def on_enter_idle(self) -> None:
-        if not self.ready:
-            return
-        if self._pending_newer():
+        if not self.ready or self._pending_newer():
             return
         error = version_error(self.desired) if self.desired is not None else None
         if error:
             self._report("FAILED", error)
         elif self.desired is not None and self.desired == self.blocked:
-            self._report("FAILED", f"update to {self.target} cancelled by operator; {self.running} still running")
+            self._report("FAILED", reason.cancelled_by_operator(self.target, self.running))
         elif self.desired is not None and self.desired == self.running:
             self._report("UPDATED")
 
@@ -401,24 +332,15 @@ class OtaMachine(GatewayMachine):
         self.target_title = self.desired_title or self.settings.title
         self.reason, self.transient, self.rollback_asked = "", False, False
         self._report("DOWNLOADING")
-        s = self.settings
-        self.emit(FetchControllerRepo(git_dir=s.git_dir, reply="fetch", timeout_s=s.fetch_timeout_s))
+        self.emit(fetch_effect(self.settings))
 
     def on_enter_checking_out(self) -> None:
-        if not self.ready:
-            return
-        s = self.settings
-        self.emit(CheckoutControllerVersion(
-            git_dir=s.git_dir, version=self.target or "", reply="checkout", timeout_s=s.checkout_timeout_s))
+        if self.ready:
+            self.emit(checkout_effect(self.settings, self.target))
 
     def on_enter_building(self) -> None:
-        if not self.ready:
-            return
-        s = self.settings
-        self.emit(BuildControllerImage(
-            context_dir=s.context_dir, dockerfile=s.dockerfile, image=image_name(self.target or ""),
-            min_free_mb=s.min_free_disk_mb, labels=dict(s.image_labels), network_mode=s.build_network_mode,
-            reply="build", timeout_s=s.build_timeout_s))
+        if self.ready:
+            self.emit(build_effect(self.settings, self.target))
 
     def on_enter_swapping(self) -> None:
         if not self.ready:
@@ -447,21 +369,16 @@ class OtaMachine(GatewayMachine):
         # Persisted before the write goes out: a crash here resumes as committed-to-be.
         self.last_good, self.running = self.target, self.target
         self.running_title = self.target_title or self.settings.title
-        self.emit(WriteControllerVersion(path=self.settings.version_file, version=self.target or "",
-                                         reply="record", timeout_s=self.settings.record_timeout_s))
+        self.emit(record_effect(self.settings, self.target))
 
     def on_enter_committed(self) -> None:
-        if not self.ready:
-            return
-        # reply=None: pruning is best effort; no decision depends on its outcome.
-        keep = tuple(v for v in (self.running, self.last_good) if v)
-        self.emit(PruneControllerImages(keep=tuple(image_name(v) for v in keep), keep_count=self.settings.keep_images))
-        self._pending_newer()
+        if self.ready:
+            self.emit(prune_effect(self.settings, self.running, self.last_good))
+            self._pending_newer()
 
     def on_enter_rolling_back(self) -> None:
-        if not self.ready:
-            return
-        self._request_swap(self.last_good)
+        if self.ready:
+            self._request_swap(self.last_good)
 
     def on_exit_rolling_back(self) -> None:
         self.emit(CancelTimer(name="swap_deadline_elapsed"))
@@ -470,8 +387,7 @@ class OtaMachine(GatewayMachine):
         if not self.ready:
             return
         self._report("FAILED", self.reason)
-        if self.transient:
-            self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
+        self._arm_fetch_retry()
         self._pending_newer()
 
     def _pending_newer(self) -> bool:
@@ -486,10 +402,11 @@ class OtaMachine(GatewayMachine):
         self.emit(Notify(machine="controller", name="swap_requested", data={"version": version}))
         self.emit(StartTimer(name="swap_deadline_elapsed", seconds=self.settings.swap_timeout_s))
 
-    # -- transition actions: outcomes and reasons ---------------------------------
+    def _arm_fetch_retry(self) -> None:
+        if self.transient:
+            self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
 
-    def _error(self, ev: Event) -> str:
-        return str(ev.data.get("error") or ev.data.get("reason") or ev.name.replace("_", " "))
+    # -- transition actions: outcomes and reasons ---------------------------------
 
     def note_health(self) -> None:
         self.health_seen = True
@@ -506,27 +423,25 @@ class OtaMachine(GatewayMachine):
         self._report("VERIFIED")
 
     def fail_transient(self, ev: Event) -> None:
-        self.reason = f"fetching the controller repository for {self.target} failed: {self._error(ev)}"
+        self.reason = reason.fetch_failed(self.target, reason.error_of(ev))
         self.transient = True
 
+    def _block(self, why: str) -> None:
+        """Fail the target for ``why``; a blocked version is not retried until it is reassigned."""
+        self.reason, self.blocked = why, self.target
+
     def fail_blocking(self, ev: Event) -> None:
-        step = "checking out" if ev.name.startswith("checkout") else "building the image of"
-        self.reason = f"{step} {self.target} failed: {self._error(ev)}"
-        self.blocked = self.target
+        self._block(reason.step_failed(ev.name, self.target, reason.error_of(ev)))
 
     # Every way into rolling_back blocks the target: a rolled-back release is not retried.
     def note_reason(self, ev: Event) -> None:
-        what = "starting" if ev.name.startswith("swap") else "probation of"
-        self.reason = f"{what} {self.target} failed: {self._error(ev)}"
-        self.blocked = self.target
+        self._block(reason.live_failed(ev.name, self.target, reason.error_of(ev)))
 
     def note_swap_timeout(self) -> None:
-        self.reason = f"the swap to {self.target} did not finish within {self.settings.swap_timeout_s:g} s"
-        self.blocked = self.target
+        self._block(reason.swap_timed_out(self.target, self.settings.swap_timeout_s))
 
     def note_no_health(self) -> None:
-        self.reason = f"{self.target} wrote no health check within {self.settings.health_timeout_s:g} s"
-        self.blocked = self.target
+        self._block(reason.no_health(self.target, self.settings.health_timeout_s))
 
     def fail_no_health(self) -> None:
         self.note_no_health()
@@ -537,33 +452,27 @@ class OtaMachine(GatewayMachine):
             self.note_reason(ev)
         elif ev is not None and ev.name == "swap_deadline_elapsed":
             self.note_swap_timeout()
-        self.reason = f"{self.reason}; no last good version to roll back to"
-        self.blocked = self.target
+        self._block(reason.without_rollback(self.reason))
 
     def rolled_back(self) -> None:
         self.running = self.last_good
-        self.reason = f"rolled back to {self.last_good}: {self.reason}"
+        self.reason = reason.rolled_back(self.last_good, self.reason)
 
     def rollback_failed(self, ev: Event) -> None:
         self.running = None
-        self.reason = f"rolling back to {self.last_good} failed ({self._error(ev)}) after: {self.reason}"
+        self.reason = reason.rollback_failed(self.last_good, reason.error_of(ev), self.reason)
 
     def note_crash_loop(self, ev: Event) -> None:
-        where = str(ev.data.get("from_state", "")).replace("_", " ")
-        self.reason = f"the gateway restarted repeatedly during {where} of {self.target}"
-        self.blocked = self.target
+        self._block(reason.crash_loop(ev.data.get("from_state", ""), self.target))
 
     def settle_crash_loop(self, ev: Event) -> None:
         """A resume in ``failed``: re-arm the retry timer, or report a crash loop we gave up on."""
         if not ev.data.get("crash_loop"):
-            if self.transient:
-                self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
+            self._arm_fetch_retry()
             return
-        where = str(ev.data.get("from_state", "")).replace("_", " ")
-        self.reason = f"gave up on {self.target}: the gateway restarted repeatedly while {where}"
+        self._block(reason.gave_up(ev.data.get("from_state", ""), self.target))
         if ev.data.get("from_state") == "rolling_back":
             self.running = None
-        self.blocked = self.target
         self._report("FAILED", self.reason)
 
     def rewrite_version_file(self) -> None:
@@ -576,8 +485,7 @@ class OtaMachine(GatewayMachine):
         self._report("UPDATED")
 
     def report_record_failed(self, ev: Event) -> None:
-        error = (f"{self.running} runs, but {self.settings.version_file} could not be written "
-                 f"({self._error(ev)}); free space or fix permissions")
+        error = reason.record_failed(self.running, self.settings.version_file, reason.error_of(ev))
         self.emit(Log(level="ERROR", message=error))
         self._report("UPDATED", error)
 
@@ -588,12 +496,7 @@ class OtaMachine(GatewayMachine):
         if state is None:
             payload = dict(self.last_report or {})
         else:
-            payload = {"current_sw_title": self.running_title}
-            if self.running is not None:
-                payload["current_sw_version"] = self.running
-            payload["sw_state"] = state
-            if error:
-                payload["sw_error"] = error
+            payload = sw_state_payload(self.running_title, self.running, state, error)
         if not payload or (payload == self.last_report and not force):
             return
         self.last_report = payload

@@ -1,0 +1,137 @@
+"""What the ota machine computes, kept apart from its table (machines/ota.py).
+
+Pure functions and data, no I/O and no machine state: the version rule, the
+machine's settings, how an assignment is read from shared attributes, which
+version to install next, the effect commands of each step and the
+``sw_state`` telemetry payload. The texts of ``sw_error`` are in
+machines/ota_reasons.py.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+from teg_fsm.effects.controller import image_name
+from teg_fsm.effects.ota import (
+    BuildControllerImage,
+    CheckoutControllerVersion,
+    FetchControllerRepo,
+    PruneControllerImages,
+    WriteControllerVersion,
+)
+from teg_fsm.events import Event
+
+# Docker repository path component (lowercase, separators . _ __ -), so the
+# image name is valid; it also rules out spaces, shell characters and "..".
+_TAG = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+VERSION_RULE = (
+    "a version must be a git tag of lowercase letters, digits and . _ - "
+    "(e.g. v1.2.3, at most 128 characters) or a full 40-hex commit hash"
+)
+
+
+def version_error(version: Any) -> str | None:
+    """Why ``version`` cannot be installed, or None when it is acceptable."""
+    if not isinstance(version, str) or not version:
+        return f"refused version {version!r}: {VERSION_RULE}"
+    if _COMMIT.fullmatch(version) or (
+        len(version) <= 128 and _TAG.fullmatch(version) and not version.endswith(".lock")
+    ):
+        return None
+    return f"refused version {version!r}: {VERSION_RULE}"
+
+
+@attrs.define
+class OtaSettings:
+    git_dir: str = ""
+    context_dir: str = ""
+    dockerfile: str = "./Dockerfile"
+    version_file: str = "last_launched_controller_version.txt"
+    last_good: str | None = None  # read from version_file at boot; a checkpoint wins
+    title: str = "controller"  # current_sw_title until a package title is known
+    probation_s: float = 120.0
+    health_timeout_s: float = 120.0
+    min_free_disk_mb: int = 1024
+    keep_images: int = 2
+    fetch_timeout_s: float = 300.0
+    fetch_retry_s: float = 600.0
+    checkout_timeout_s: float = 120.0
+    build_timeout_s: float = 3600.0
+    swap_timeout_s: float = 300.0
+    record_timeout_s: float = 30.0
+    image_labels: dict[str, str] = attrs.field(factory=dict)
+    build_network_mode: str | None = None
+
+
+# -- assignments ---------------------------------------------------------------
+
+Assignment = tuple[str | None, str | None]  # (version, title)
+
+
+def assigned(ev: Event, current: Assignment) -> Assignment:
+    """(version, title) after an attribute push or response; ``current`` when it names none."""
+    if ev.name == "shared_attributes_received":
+        shared = ev.data.get("shared") or {}
+        return shared.get("sw_version", shared.get("sf_version")), shared.get("sw_title", shared.get("sf_title"))
+    values, deleted = ev.data.get("values") or {}, ev.data.get("deleted") or []
+    for prefix in ("sw", "sf"):  # sw_* first, then the legacy sf_*
+        if f"{prefix}_version" in values:
+            return values[f"{prefix}_version"], values.get(f"{prefix}_title")
+    if "sw_version" in deleted or "sf_version" in deleted:
+        return None, None
+    return current
+
+
+def next_target(desired: str | None, running: str | None, blocked: str | None) -> str | None:
+    """The version to install next, or None (nothing assigned, refused, running or blocked)."""
+    if desired is None or version_error(desired) or desired == running or desired == blocked:
+        return None
+    return desired
+
+
+# -- effect commands -------------------------------------------------------------
+
+
+def fetch_effect(s: OtaSettings) -> FetchControllerRepo:
+    return FetchControllerRepo(git_dir=s.git_dir, reply="fetch", timeout_s=s.fetch_timeout_s)
+
+
+def checkout_effect(s: OtaSettings, version: str | None) -> CheckoutControllerVersion:
+    return CheckoutControllerVersion(
+        git_dir=s.git_dir, version=version or "", reply="checkout", timeout_s=s.checkout_timeout_s)
+
+
+def build_effect(s: OtaSettings, version: str | None) -> BuildControllerImage:
+    return BuildControllerImage(
+        context_dir=s.context_dir, dockerfile=s.dockerfile, image=image_name(version or ""),
+        min_free_mb=s.min_free_disk_mb, labels=dict(s.image_labels), network_mode=s.build_network_mode,
+        reply="build", timeout_s=s.build_timeout_s)
+
+
+def record_effect(s: OtaSettings, version: str | None) -> WriteControllerVersion:
+    return WriteControllerVersion(
+        path=s.version_file, version=version or "", reply="record", timeout_s=s.record_timeout_s)
+
+
+def prune_effect(s: OtaSettings, *versions: str | None) -> PruneControllerImages:
+    """Prune old images, keeping those of ``versions``; reply=None: nothing depends on its outcome."""
+    keep = tuple(v for v in versions if v)
+    return PruneControllerImages(keep=tuple(image_name(v) for v in keep), keep_count=s.keep_images)
+
+
+# -- sw_state telemetry ----------------------------------------------------------
+
+
+def sw_state_payload(title: str, running: str | None, state: str, error: str | None) -> dict[str, Any]:
+    """The ``sw_state`` telemetry ThingsBoard's OTA dashboard reads (keys in this order)."""
+    payload: dict[str, Any] = {"current_sw_title": title}
+    if running is not None:
+        payload["current_sw_version"] = running
+    payload["sw_state"] = state
+    if error:
+        payload["sw_error"] = error
+    return payload
