@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from teg_fsm.gateway_logs import LogBuffer
-from teg_fsm.packets import build_packet, parse_record
+from teg_fsm.packets import build_packet, parse_record, parse_values
 from teg_fsm.queue_store import QueueStore
 from tests.integration import uplink_rig as rig
 
@@ -177,3 +177,15 @@ def test_parse_record_accepts_only_timestamped_objects(text: str | None, ok: boo
 def test_a_record_larger_than_any_packet_is_dead_not_stuck() -> None:
     packet = build_packet([(1, 1, 1, "x" * 100), (2, 2, 1, '{"ts":2,"values":{"a":1}}')], 0, 50, None, None)
     assert [row_id for row_id, _ in packet.dead] == [1] and packet.rows == 1 and packet.last_id == 2
+
+
+@pytest.mark.parametrize("text", [
+    '{"ts": 1700000000000, "values": {"co2": 415.5, "tags": ["a", {"b": "}"}]}}',
+    '  {"ts":12,"values":{}}  ', '{"values": {"a": 1}, "ts": 5}', '{"ts": "12", "values": {"a": null}}',
+    '{"ts": 1, "values": {"a": 1}, "extra": true}', '{"ts": 1, "values": {"a": 1}, "values": {"b": 2}}',
+])
+def test_archived_values_are_the_rows_values_whichever_way_the_row_is_written(text: str) -> None:
+    ts, points, values_text = parse_values(text)
+    row = json.loads(text)
+    assert (ts, points) == (int(row["ts"]), len(row["values"]))
+    assert json.loads(values_text) == row["values"]
