@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -44,6 +45,23 @@ log = logging.getLogger(__name__)
 
 Post = Callable[[str, dict[str, Any]], None]
 _TRANSPORT_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+_MAX_RECONNECT_S = 10.0
+_DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+
+
+def open_client(base_url: str | None, timeout_s: float) -> docker.DockerClient:
+    """A client for the engine; fails at once (and cheaply) when its unix socket is absent.
+
+    docker-py builds a requests session and asks the engine's API version on
+    every attempt; while dockerd is stopped its socket file is gone, and checking
+    that first keeps a long outage from costing CPU on every retry.
+    """
+    url = base_url or _DEFAULT_SOCKET
+    if url.startswith("unix://") and not os.path.exists(url[len("unix://"):]):
+        raise docker.errors.DockerException(f"no Docker engine socket at {url[len('unix://'):]}")
+    return docker.DockerClient(base_url=url, timeout=timeout_s)
 
 
 class EngineError(Exception):
@@ -134,7 +152,7 @@ class DockerEngine:
         with self._lock:
             if self._client is None:
                 # Asks the engine's API version, so it fails at once when the engine is down.
-                self._client = docker.DockerClient(base_url=self.base_url, timeout=self._timeout_s)
+                self._client = open_client(self.base_url, self._timeout_s)
             return self._client
 
     def close(self) -> None:
@@ -145,7 +163,7 @@ class DockerEngine:
 
     def reachable(self) -> bool:
         try:
-            probe = docker.DockerClient(base_url=self.base_url, timeout=5)
+            probe = open_client(self.base_url, 5)
         except _TRANSPORT_ERRORS:
             return False
         try:
@@ -291,15 +309,19 @@ class EngineWatcher:
     def _run(self) -> None:
         lost = False
         since: int | None = None
+        wait_s = self._retry_s
         while not self._stop.is_set():
             try:
-                client = docker.DockerClient(base_url=self.base_url, timeout=5)
+                client = open_client(self.base_url, 5)
             except _TRANSPORT_ERRORS as exc:
                 if not lost:
                     lost = True
                     self._post("docker_engine_lost", {"error": str(exc)})
-                self._stop.wait(self._retry_s)
+                self._stop.wait(wait_s)
+                # A long outage must not cost a client set-up every second.
+                wait_s = min(wait_s * 2, _MAX_RECONNECT_S)
                 continue
+            wait_s = self._retry_s
             if lost:
                 lost, since = False, None  # the machine re-inspects; old events are moot
                 self._post("docker_engine_returned", {})
