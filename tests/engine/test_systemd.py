@@ -22,6 +22,7 @@ class Unblock:
     """Shared between the test and its machine instance (tests only)."""
 
     gate = threading.Event()
+    entered = threading.Event()
 
 
 class StuckMachine(GatewayMachine):
@@ -33,6 +34,7 @@ class StuckMachine(GatewayMachine):
     recover = wedged.to(ok)
 
     def on_wedge(self) -> None:
+        Unblock.entered.set()
         Unblock.gate.wait(10)  # a machine bug that blocks the dispatcher thread
 
 
@@ -77,6 +79,7 @@ def test_ready_watchdog_status_and_stopping_and_a_wedged_dispatcher_stops_pings(
 ) -> None:
     sock, path = notify_socket
     Unblock.gate.clear()
+    Unblock.entered.clear()
     config = load_config({"TB_HOST": "127.0.0.1", "TB_PORT": "1", "TEG_DATA_PATH": str(tmp_path / "data")})
     notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
     gateway = Gateway(config, components=lambda gw: [StuckComponent(gw)], notifier=notifier)
@@ -86,7 +89,8 @@ def test_ready_watchdog_status_and_stopping_and_a_wedged_dispatcher_stops_pings(
         assert first[0] == "READY=1" and first[1] == "STATUS=stuck=ok"
         assert first.count("WATCHDOG=1") >= 3  # every 50 ms while idle
         gateway.dispatcher.post("test", "wedge")
-        time.sleep(0.1)
+        assert Unblock.entered.wait(5)
+        _drain(sock, 0.1)  # pings sent before the dispatcher blocked may still be queued
         wedged = _drain(sock, 0.5)
         assert "WATCHDOG=1" not in wedged, "a blocked dispatcher must stop the pings"
         Unblock.gate.set()
