@@ -96,8 +96,12 @@ def test_pending_publishes_fail_when_the_session_is_lost(standin: StandIn, make_
     results: list[tuple[bool, str | None]] = []
     link.publish_async("v1/devices/me/telemetry", b'{"x": 1}', 1, lambda ok, err: results.append((ok, err)))
     wait_for(lambda: results)
-    assert results[0][0] is False and "session lost" in (results[0][1] or "")
     wait_for(lambda: ("mqtt_disconnected" in [name for name, _ in events]))
+    # Depending on when paho notices the closed socket, the publish is failed as
+    # lost in flight or refused on the spot; either way exactly once, never ok.
+    [(ok, error)] = results
+    assert ok is False
+    assert "session lost" in (error or "") or "not currently connected" in (error or "")
     after: list[tuple[bool, str | None]] = []
     link.publish_async("v1/devices/me/telemetry", b'{"x": 2}', 1, lambda ok, err: after.append((ok, err)))
     assert after == [(False, "not connected to ThingsBoard")]
