@@ -35,6 +35,7 @@ import json
 from typing import Any, ClassVar
 
 from statemachine import State
+from statemachine.transition_list import TransitionList
 
 from machines import ota_reasons as reason
 from machines.base import GatewayMachine
@@ -55,6 +56,16 @@ _PERSISTED = (
     "rollback_asked", "last_report",
 )
 _LIVE = ("swapping", "probation")
+
+
+def _assignment_transitions(fetching: State, rest: tuple[State, ...], busy: tuple[State, ...]) -> TransitionList:
+    """From a rest state an assignment may start the pipeline; anywhere else it is only recorded."""
+    transitions = TransitionList()
+    for state in rest:
+        transitions = transitions | state.to(fetching, cond="assignment_starts")
+    for state in (*rest, *busy):
+        transitions = transitions | state.to.itself(internal=True)
+    return transitions
 
 
 class OtaMachine(GatewayMachine):
@@ -83,23 +94,13 @@ class OtaMachine(GatewayMachine):
     failed = State()
 
     # Assignments: start from a rest state; otherwise just recorded (see _note_assignment).
-    shared_attributes_updated = (
-        idle.to(fetching, cond="assignment_starts") | committed.to(fetching, cond="assignment_starts")
-        | failed.to(fetching, cond="assignment_starts")
-        | idle.to.itself(internal=True) | committed.to.itself(internal=True) | failed.to.itself(internal=True)
-        | fetching.to.itself(internal=True) | checking_out.to.itself(internal=True)
-        | building.to.itself(internal=True) | swapping.to.itself(internal=True)
-        | probation.to.itself(internal=True) | committing.to.itself(internal=True)
-        | rolling_back.to.itself(internal=True)
+    shared_attributes_updated = _assignment_transitions(
+        fetching, rest=(idle, committed, failed),
+        busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
     )
-    shared_attributes_received = (
-        idle.to(fetching, cond="assignment_starts") | committed.to(fetching, cond="assignment_starts")
-        | failed.to(fetching, cond="assignment_starts")
-        | idle.to.itself(internal=True) | committed.to.itself(internal=True) | failed.to.itself(internal=True)
-        | fetching.to.itself(internal=True) | checking_out.to.itself(internal=True)
-        | building.to.itself(internal=True) | swapping.to.itself(internal=True)
-        | probation.to.itself(internal=True) | committing.to.itself(internal=True)
-        | rolling_back.to.itself(internal=True)
+    shared_attributes_received = _assignment_transitions(
+        fetching, rest=(idle, committed, failed),
+        busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
     )
     # A rest state entered with a newer target pending posts this to itself.
     assignment_pending = (
