@@ -19,6 +19,7 @@ import docker
 
 from machines.ota import OtaMachine, version_error
 from teg_fsm.dispatcher import MachineSpec
+from teg_fsm.docker_engine import open_client
 from teg_fsm.docker_images import ControllerImages, ImageError
 from teg_fsm.effects.ota import (
     BuildControllerImage,
@@ -110,8 +111,7 @@ class OtaComponent:
         with self._client_lock:
             if self._images is None:
                 if self._client is None:
-                    host = self.gateway.config.docker_host
-                    self._client = docker.DockerClient(base_url=host, timeout=600) if host else docker.from_env(timeout=600)
+                    self._client = open_client(self.gateway.config.docker_host, 600)
                 self._images = ControllerImages(self._client)
             return self._images
 

@@ -11,7 +11,6 @@ Publish handler instead of going to ThingsBoard.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from teg_fsm.app import Gateway
 from teg_fsm.components.ota import OtaComponent
 from teg_fsm.config import Config, load_config
 from teg_fsm.dispatcher import MachineSpec
+from teg_fsm.docker_engine import read_health_ts
 from teg_fsm.effects import Effect, Log
 from teg_fsm.effects.mqtt import Publish
 from teg_fsm.events import Source
@@ -57,17 +57,8 @@ def controller_files(base_image: str, script: str) -> dict[str, str]:
 
 
 def read_health_ms(db_path: Path) -> int | None:
-    if not db_path.exists():
-        return None
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)
-        try:
-            row = db.execute("SELECT timestamp_ms FROM health_check WHERE id = 1").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    return int(row[0]) if row else None
+    """The controller's latest health check, read as the gateway reads it."""
+    return read_health_ts(db_path)
 
 
 class DockerController:
