@@ -94,9 +94,22 @@ def _latest(tb: StandIn, key: str) -> Any:
     return tb.latest(DEVICE).get(key)
 
 
+def _controller(client: docker.DockerClient) -> dict[str, Any]:
+    """The controller container's attributes; empty while a restart or swap has it removed."""
+    try:
+        return client.containers.get("teg_controller").attrs
+    except docker.errors.NotFound:
+        return {}
+
+
 def _running_image(client: docker.DockerClient) -> str:
-    container = client.containers.get("teg_controller")
-    return container.attrs["Config"]["Image"] if container.status == "running" else ""
+    attrs = _controller(client)
+    return attrs["Config"]["Image"] if attrs and attrs["State"]["Running"] else ""
+
+
+def _started(client: docker.DockerClient) -> tuple[str, str]:
+    attrs = _controller(client)
+    return (attrs["Id"], attrs["State"]["StartedAt"]) if attrs else ("", "")
 
 
 def _assign(tb: StandIn, version: str, state: str, timeout: float = 180) -> None:
@@ -116,10 +129,11 @@ def _scenario(work: Path, tb: StandIn, client: docker.DockerClient, releases: di
     wait_for(lambda: _latest(tb, "controller_version") == good, 60, "controller telemetry", 0.2)
 
     assert tb.rpc(DEVICE, "ping", {}, timeout=10) == {"message": "Pong"}
-    started = client.containers.get("teg_controller").attrs["State"]["StartedAt"]
+    started = _started(client)
+    assert started[0]
     assert tb.rpc(DEVICE, "restart_controller", {}, timeout=10) == {"message": "OK - Restarting Controller"}
-    wait_for(lambda: client.containers.get("teg_controller").attrs["State"]["StartedAt"] != started
-             and _running_image(client), 60, "the controller restarted", 0.2)
+    wait_for(lambda: _started(client) not in (started, ("", "")) and _running_image(client),
+             60, "the controller restarted", 0.2)
 
     tb.set_shared(DEVICE, {"FILES": {"config": {"path": "$DATA_PATH/config.json", "encoding": "json"}},
                            "FILE_CONTENT_config": {"measurement_interval_s": 1}})
