@@ -1,8 +1,8 @@
 """The controller machine's pure parts: settings, backoff arithmetic, payloads, texts.
 
-Nothing here keeps state or emits: ``machines/controller.py`` holds the table
-and calls these to compute values and build the effects it then emits, so its
-actions stay one or two lines each.
+Nothing here keeps state or emits: ``machines/controller.py`` holds the table,
+and its actions (``machines/controller_actions.py``) call these to compute values
+and build the effects they then emit, so they stay one or two lines each.
 """
 
 from __future__ import annotations
