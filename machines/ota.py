@@ -27,28 +27,27 @@ A crash loop lands in ``failed``: before the swap that gives up on the target
 Concurrency: one step runs at a time. An assignment arriving mid-update is
 recorded; when the running step ends, a newer target restarts the pipeline
 from ``fetching`` (via ``idle``) and the latest assignment wins.
+
+This module is the table: states, transitions, data and guards. The actions
+it names are in machines/ota_actions.py, the effects and payloads in
+machines/ota_support.py.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
-from machines import ota_reasons as reason
 from machines.base import GatewayMachine
+from machines.ota_actions import OtaActions
 
-# version_error and OtaSettings are also imported from here (OTA component, tests).
-from machines.ota_support import (
-    OtaSettings, assigned, build_effect, checkout_effect, fetch_effect, next_target, prune_effect, record_effect,
-    sw_state_payload, version_error,
-)
-from teg_fsm.effects import CancelTimer, Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish
-from teg_fsm.effects.ota import WriteControllerVersion
+# OtaSettings and version_error are re-exported: the OTA component and tests import them from here.
+from machines.ota_support import OtaSettings, assigned, next_target, version_error
 from teg_fsm.events import Event
+
+__all__ = ["OtaMachine", "OtaSettings", "version_error"]
 
 _PERSISTED = (
     "desired", "desired_title", "target", "target_title", "running", "running_title", "last_good",
@@ -68,7 +67,7 @@ def _assignment_transitions(fetching: State, rest: tuple[State, ...], busy: tupl
     return transitions
 
 
-class OtaMachine(GatewayMachine):
+class OtaMachine(OtaActions, GatewayMachine):
     """Installs the assigned controller version; rolls back to the last good one."""
 
     machine_name = "ota"
@@ -264,242 +263,3 @@ class OtaMachine(GatewayMachine):
 
     def crashed_committing(self, ev: Event) -> bool:
         return bool(ev.data.get("crash_loop")) and ev.data.get("from_state") == "committing"
-
-    # -- assignments and operator requests -------------------------------------
-
-    def _note_assignment(self, ev: Event) -> None:
-        version, title = assigned(ev, (self.desired, self.desired_title))
-        changed = version != self.desired
-        if changed:
-            self.blocked = None  # a new assignment lifts the block on a rolled-back release
-        self.desired, self.desired_title = version, title
-        self.mark_dirty()
-        resting = self.state_name in self.rest_states
-        if resting and self._next_target() is not None:
-            return  # entering fetching reports DOWNLOADING
-        if resting and changed and version is not None and version_error(version):
-            self.reason = version_error(version) or ""
-            self._report("FAILED", self.reason)
-        elif ev.name == "shared_attributes_received" and self.last_report is not None:
-            self._report(force=True)  # after a reconnect ThingsBoard hears the current state again
-        elif resting and version is not None and version == self.running:
-            self._report("UPDATED")  # first contact: tell ThingsBoard what runs
-
-    def on_shared_attributes_updated(self, ev: Event) -> None:
-        self._note_assignment(ev)
-
-    def on_shared_attributes_received(self, ev: Event) -> None:
-        self._note_assignment(ev)
-
-    def on_ota_retry_requested(self) -> None:
-        self.blocked = None
-        self.mark_dirty()
-
-    def on_controller_started(self, ev: Event) -> None:
-        version = ev.data.get("version")
-        if isinstance(version, str) and version != self.running:
-            self.running = version
-            self.mark_dirty()
-
-    def block_target(self) -> None:
-        self.blocked = self.target
-        self.mark_dirty()
-
-    def ask_rollback(self) -> None:
-        self.rollback_asked = True
-        self._block(reason.OPERATOR_ROLLBACK)
-        self.mark_dirty()
-
-    def note_operator_rollback(self) -> None:
-        self.reason = reason.OPERATOR_ROLLBACK
-
-    # -- entering states ---------------------------------------------------------
-
-    def on_enter_idle(self) -> None:
-        if not self.ready or self._pending_newer():
-            return
-        error = version_error(self.desired) if self.desired is not None else None
-        if error:
-            self._report("FAILED", error)
-        elif self.desired is not None and self.desired == self.blocked:
-            self._report("FAILED", reason.cancelled_by_operator(self.target, self.running))
-        elif self.desired is not None and self.desired == self.running:
-            self._report("UPDATED")
-
-    def on_enter_fetching(self) -> None:
-        if not self.ready:
-            return
-        self.target = self._next_target() or self.target
-        self.target_title = self.desired_title or self.settings.title
-        self.reason, self.transient, self.rollback_asked = "", False, False
-        self._report("DOWNLOADING")
-        self.emit(fetch_effect(self.settings))
-
-    def on_enter_checking_out(self) -> None:
-        if self.ready:
-            self.emit(checkout_effect(self.settings, self.target))
-
-    def on_enter_building(self) -> None:
-        if self.ready:
-            self.emit(build_effect(self.settings, self.target))
-
-    def on_enter_swapping(self) -> None:
-        if not self.ready:
-            return
-        self.swap_started_ms = self.now_ms
-        self.health_seen = self.window_over = False
-        self._report("UPDATING")
-        self._request_swap(self.target)
-
-    def on_exit_swapping(self) -> None:
-        self.emit(CancelTimer(name="swap_deadline_elapsed"))
-
-    def on_enter_probation(self) -> None:
-        if not self.ready:
-            return
-        self.window_over = False
-        self.emit(StartTimer(name="probation_elapsed", seconds=self.settings.probation_s))
-        self.emit(StartTimer(name="health_deadline_elapsed", seconds=self.settings.health_timeout_s))
-
-    def on_exit_probation(self) -> None:
-        self.emit(CancelTimer(name="probation_elapsed"), CancelTimer(name="health_deadline_elapsed"))
-
-    def on_enter_committing(self) -> None:
-        if not self.ready:
-            return
-        # Persisted before the write goes out: a crash here resumes as committed-to-be.
-        self.last_good, self.running = self.target, self.target
-        self.running_title = self.target_title or self.settings.title
-        self.emit(record_effect(self.settings, self.target))
-
-    def on_enter_committed(self) -> None:
-        if self.ready:
-            self.emit(prune_effect(self.settings, self.running, self.last_good))
-            self._pending_newer()
-
-    def on_enter_rolling_back(self) -> None:
-        if self.ready:
-            self._request_swap(self.last_good)
-
-    def on_exit_rolling_back(self) -> None:
-        self.emit(CancelTimer(name="swap_deadline_elapsed"))
-
-    def on_enter_failed(self) -> None:
-        if not self.ready:
-            return
-        self._report("FAILED", self.reason)
-        self._arm_fetch_retry()
-        self._pending_newer()
-
-    def _pending_newer(self) -> bool:
-        """Post ``assignment_pending`` when a different version than the last target waits."""
-        upcoming = self._next_target()
-        if upcoming is None or upcoming == self.target:
-            return False
-        self.emit(Notify(machine=self.machine_name, name="assignment_pending"))
-        return True
-
-    def _request_swap(self, version: str | None) -> None:
-        self.emit(Notify(machine="controller", name="swap_requested", data={"version": version}))
-        self.emit(StartTimer(name="swap_deadline_elapsed", seconds=self.settings.swap_timeout_s))
-
-    def _arm_fetch_retry(self) -> None:
-        if self.transient:
-            self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
-
-    # -- transition actions: outcomes and reasons ---------------------------------
-
-    def note_health(self) -> None:
-        self.health_seen = True
-        self.mark_dirty()
-
-    def note_window_over(self) -> None:
-        self.window_over = True
-        self.mark_dirty()
-
-    def report_downloaded(self) -> None:
-        self._report("DOWNLOADED")
-
-    def report_verified(self) -> None:
-        self._report("VERIFIED")
-
-    def fail_transient(self, ev: Event) -> None:
-        self.reason = reason.fetch_failed(self.target, reason.error_of(ev))
-        self.transient = True
-
-    def _block(self, why: str) -> None:
-        """Fail the target for ``why``; a blocked version is not retried until it is reassigned."""
-        self.reason, self.blocked = why, self.target
-
-    def fail_blocking(self, ev: Event) -> None:
-        self._block(reason.step_failed(ev.name, self.target, reason.error_of(ev)))
-
-    # Every way into rolling_back blocks the target: a rolled-back release is not retried.
-    def note_reason(self, ev: Event) -> None:
-        self._block(reason.live_failed(ev.name, self.target, reason.error_of(ev)))
-
-    def note_swap_timeout(self) -> None:
-        self._block(reason.swap_timed_out(self.target, self.settings.swap_timeout_s))
-
-    def note_no_health(self) -> None:
-        self._block(reason.no_health(self.target, self.settings.health_timeout_s))
-
-    def fail_no_health(self) -> None:
-        self.note_no_health()
-        self.fail_without_rollback()
-
-    def fail_without_rollback(self, ev: Event | None = None) -> None:
-        if ev is not None and ev.name in ("swap_failed", "controller_exited"):
-            self.note_reason(ev)
-        elif ev is not None and ev.name == "swap_deadline_elapsed":
-            self.note_swap_timeout()
-        self._block(reason.without_rollback(self.reason))
-
-    def rolled_back(self) -> None:
-        self.running = self.last_good
-        self.reason = reason.rolled_back(self.last_good, self.reason)
-
-    def rollback_failed(self, ev: Event) -> None:
-        self.running = None
-        self.reason = reason.rollback_failed(self.last_good, reason.error_of(ev), self.reason)
-
-    def note_crash_loop(self, ev: Event) -> None:
-        self._block(reason.crash_loop(ev.data.get("from_state", ""), self.target))
-
-    def settle_crash_loop(self, ev: Event) -> None:
-        """A resume in ``failed``: re-arm the retry timer, or report a crash loop we gave up on."""
-        if not ev.data.get("crash_loop"):
-            self._arm_fetch_retry()
-            return
-        self._block(reason.gave_up(ev.data.get("from_state", ""), self.target))
-        if ev.data.get("from_state") == "rolling_back":
-            self.running = None
-        self._report("FAILED", self.reason)
-
-    def rewrite_version_file(self) -> None:
-        # reply=None: heals a write lost to a crash; the checkpoint is the truth.
-        if self.last_good:
-            self.emit(WriteControllerVersion(path=self.settings.version_file, version=self.last_good))
-
-    def report_updated(self) -> None:
-        self.reason = ""
-        self._report("UPDATED")
-
-    def report_record_failed(self, ev: Event) -> None:
-        error = reason.record_failed(self.running, self.settings.version_file, reason.error_of(ev))
-        self.emit(Log(level="ERROR", message=error))
-        self._report("UPDATED", error)
-
-    # -- reports -------------------------------------------------------------
-
-    def _report(self, state: str | None = None, error: str | None = None, *, force: bool = False) -> None:
-        """Publish sw_state telemetry; a repeat of the last report is sent only when forced."""
-        if state is None:
-            payload = dict(self.last_report or {})
-        else:
-            payload = sw_state_payload(self.running_title, self.running, state, error)
-        if not payload or (payload == self.last_report and not force):
-            return
-        self.last_report = payload
-        self.mark_dirty()
-        self.emit(Publish(topic=TELEMETRY_TOPIC, payload=json.dumps(payload)))
