@@ -5,7 +5,8 @@ gateway's own log records, reach ThingsBoard as telemetry arrays (QoS 1), at
 least once, in order, without ever tripping ThingsBoard's payload or rate
 limits (a tripped limit closes the session: PROTOCOL.md §1.2, §6.3).
 
-Two pipelines, both decided here and carried out by the queue adapter:
+Two pipelines, decided by this machine (the planning and the rate budget are in
+machines/uplink_plan.py) and carried out by the queue adapter:
 - transfer: ``TransferRows`` moves a batch from ``messages`` to the archive and
   ``pending_mqtt_messages`` (one transaction), while pending is below its cap.
   Runs online and offline, one batch at a time.
@@ -46,54 +47,15 @@ ignored.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import attrs
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
 from machines.base import GatewayMachine
-from teg_fsm.effects import CancelTimer, Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC
-from teg_fsm.effects.uplink import DATA, LOGS, SendPacket, TransferRows
+from machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
+from teg_fsm.effects import CancelTimer, Log, StartTimer
 from teg_fsm.events import Event
-from teg_fsm.rate_limits import TokenBuckets
-
-# MQTT remaining length = 2 + topic + 2 (packet id) [+ MQTT 5 property length]; the
-# limit counts all of it (PROTOCOL.md §1.2). A few bytes of slack on top.
-PACKET_OVERHEAD = 2 + len(TELEMETRY_TOPIC) + 2 + 1 + 4
-
-
-@attrs.define
-class UplinkSettings:
-    batch_rows: int = 2000
-    pending_max_rows: int = 5_000_000
-    max_inflight: int = 16
-    max_payload_size: int = 65536
-    rate_messages: str = ""
-    rate_telemetry_messages: str = ""
-    rate_data_points: str = ""
-    packet_timeout_s: float = 60.0
-    transfer_timeout_s: float = 120.0
-    retry_s: float = 1.0
-    transfer_retry_s: float = 5.0
-
-
-@attrs.define
-class Stream:
-    """Where one send pipeline stands: ids known to exist vs. ids already taken."""
-
-    reply: str
-    known_top: int | None = None  # highest id known to be pending; None: unknown, probe
-    sent_top: int = 0  # highest id the adapter has looked at since the cursor restarted
-    in_flight: int = 0
-    restart: bool = True
-
-    @property
-    def waiting(self) -> bool:
-        return self.known_top is None or self.known_top > self.sent_top
-
 
 def _loops(*states: State) -> TransitionList:
     """Internal self-transitions in every given state (bookkeeping events)."""
@@ -103,7 +65,7 @@ def _loops(*states: State) -> TransitionList:
     return transitions
 
 
-class UplinkMachine(GatewayMachine):
+class UplinkMachine(UplinkPlanning, GatewayMachine):
     """Controller queue and gateway logs -> ThingsBoard telemetry."""
 
     machine_name = "uplink"
@@ -168,12 +130,6 @@ class UplinkMachine(GatewayMachine):
         self.stopping = False
         self._set_limits(s.rate_messages, s.rate_telemetry_messages, s.rate_data_points, 0)
 
-    def _set_limits(self, messages: str, telemetry: str, points: str, now_ms: int) -> None:
-        self.limits_spec = (messages, telemetry, points)
-        self.messages = TokenBuckets(messages, now_ms)
-        self.telemetry = TokenBuckets(telemetry, now_ms)
-        self.points = TokenBuckets(points, now_ms)
-
     # -- guards ---------------------------------------------------------------
 
     def is_idle(self) -> bool:
@@ -184,13 +140,6 @@ class UplinkMachine(GatewayMachine):
 
     def is_throttled(self) -> bool:
         return self.holding
-
-    def _wanted_state(self) -> str:
-        if not self.connected:
-            return "offline"
-        if self.holding:
-            return "throttled"
-        return "draining" if self._in_flight() else "idle"
 
     def on_work_changed(self) -> None:
         self.settle_pending = False
@@ -216,23 +165,7 @@ class UplinkMachine(GatewayMachine):
             stream.in_flight, stream.sent_top, stream.restart = 0, 0, True
 
     def on_session_limits_received(self, ev: Event) -> None:
-        s, data = self.settings, ev.data
-        rates = data.get("rateLimits") or {}
-        spec = (
-            rates.get("messages") or s.rate_messages,
-            rates.get("telemetryMessages") or s.rate_telemetry_messages,
-            rates.get("telemetryDataPoints") or s.rate_data_points,
-        )
-        if spec != self.limits_spec:
-            try:
-                self._set_limits(*spec, self.now_ms)
-            except ValueError as exc:
-                self.emit(Log(level="WARNING", message=f"ignoring session limits: {exc}"))
-        size = data.get("maxPayloadSize")
-        self.max_payload_size = min(s.max_payload_size, int(size)) if size else s.max_payload_size
-        inflight = data.get("maxInflightMessages")
-        # As ThingsBoard's SDK does: 80 % of what the server reports.
-        self.session_inflight = max(1, int(inflight) * 8 // 10) if inflight else None
+        self._take_session_limits(ev.data)
         self._plan()
 
     # -- transfer -------------------------------------------------------------
@@ -324,23 +257,14 @@ class UplinkMachine(GatewayMachine):
             return
         r = ev.data.get("result") or {}
         stream.in_flight -= 1
-        reserved = r.get("max_points")
-        if reserved is not None:
-            self.points.give_back(max(0, reserved - r.get("points", 0)), self.now_ms)
-        if r.get("rows"):
-            if stream is self.data:
-                self.pending_rows = max(0, self.pending_rows - r["rows"])
-                self.rows_per_packet = max(self.rows_per_packet, int(r["rows"]))
-            if r.get("bytes") and reserved is not None:  # points are counted only under a limit
-                self.points_per_byte = r.get("points", 0) / r["bytes"]
-        else:  # nothing went out: the packet's tokens were not spent
-            self.messages.give_back(1, self.now_ms)
-            self.telemetry.give_back(1, self.now_ms)
+        if r.get("rows") and stream is self.data:
+            self.pending_rows = max(0, self.pending_rows - r["rows"])
+            self.rows_per_packet = max(self.rows_per_packet, int(r["rows"]))
+        self._settle_budget(r)
         top = int(r.get("top") or 0)
         stream.sent_top = max(stream.sent_top, top)
         if not r.get("more"):
             stream.known_top = max(stream.known_top or 0, top)
-        self.need_points = int(r.get("needs_points") or 0)
         self._plan()
 
     def _packet_lost(self, stream: Stream, ev: Event, how: str | None) -> None:
@@ -356,26 +280,11 @@ class UplinkMachine(GatewayMachine):
         self._hold(self.settings.retry_s)
         self._plan()
 
-    # -- timers ---------------------------------------------------------------
+    # -- pause and shutdown ---------------------------------------------------
 
     def on_hold_elapsed(self) -> None:
         self.holding = False
         self._plan()
-
-    def _hold(self, seconds: float) -> None:
-        if not self.holding:
-            self.holding = True
-            self.emit(StartTimer(name="hold_elapsed", seconds=max(seconds, 0.01)))
-
-    # -- planning -------------------------------------------------------------
-
-    def _in_flight(self) -> int:
-        return self.data.in_flight + self.logs.in_flight
-
-    def _window(self) -> int:
-        if self.session_inflight is None:
-            return self.settings.max_inflight
-        return max(1, min(self.settings.max_inflight, self.session_inflight))
 
     def on_gateway_stopping(self) -> None:
         # Shutdown: start nothing new, so the packets in flight can get their
@@ -385,87 +294,6 @@ class UplinkMachine(GatewayMachine):
     def in_flight(self) -> int:
         """Packets awaiting PUBACK (read by the component while the gateway stops)."""
         return self._in_flight()
-
-    def _plan(self) -> None:
-        """Issue the work that can go now, then let ``work_changed`` pick the state."""
-        if self.stopping:
-            return
-        self._plan_transfer()
-        if self.connected:
-            self._plan_packets()
-        if self._wanted_state() != self.current_state_value and not self.settle_pending:
-            self.settle_pending = True
-            self.emit(Notify(machine=self.machine_name, name="work_changed"))
-
-    def _plan_transfer(self) -> None:
-        if self.transfer_in_flight or self.transfer_held or not self.rows_maybe_waiting:
-            return
-        if self.pending_full and self.pending_rows >= self.settings.pending_max_rows:
-            return
-        s = self.settings
-        self.transfer_in_flight = True
-        self.emit(TransferRows(max_rows=s.batch_rows, pending_max_rows=s.pending_max_rows,
-                               reply="transfer", timeout_s=s.transfer_timeout_s))
-
-    def _plan_packets(self) -> None:
-        while not self.holding and self._in_flight() < self._window():
-            if self.logs.waiting and self.logs.in_flight == 0:
-                stream = self.logs
-            elif self.data.waiting and self._data_packets_useful():
-                stream = self.data
-            else:
-                return
-            budget = self._points_budget()
-            if budget is None:
-                return
-            self._send(stream, budget)
-
-    def _data_packets_useful(self) -> bool:
-        """Another data packet has rows to carry (probe with one while the size is unknown)."""
-        if self.data.in_flight == 0:
-            return True
-        if self.data.known_top is None or self.rows_per_packet == 0:
-            return False
-        return self.data.in_flight < -(-self.pending_rows // self.rows_per_packet)
-
-    def _points_budget(self) -> int | None:
-        """Points the next packet may carry (-1: no limit); None when it must wait (then holds)."""
-        now = self.now_ms
-        if self.messages.available(now) < 1 or self.telemetry.available(now) < 1:
-            self._hold(max(self.messages.wait_s(1, now), self.telemetry.wait_s(1, now)))
-            return None
-        if self.points.unlimited:
-            return -1
-        wanted = min(self.points.capacity, max(self.need_points, self._points_per_packet()))
-        available = self.points.available(now)
-        if available < wanted:
-            self._hold(self.points.wait_s(wanted, now))
-            return None
-        return int(wanted)
-
-    def _points_per_packet(self) -> float:
-        if self.points_per_byte is None:
-            return self.points.capacity
-        return math.ceil(self.points_per_byte * (self.max_payload_size - PACKET_OVERHEAD) * 1.1) + 1
-
-    def _send(self, stream: Stream, budget: int) -> None:
-        now = self.now_ms
-        self.messages.take(1, now)
-        self.telemetry.take(1, now)
-        if budget >= 0:
-            self.points.take(budget, now)
-        capacity = None if self.points.unlimited else int(self.points.capacity)
-        self.emit(SendPacket(
-            stream=DATA if stream is self.data else LOGS,
-            restart=stream.restart,
-            max_payload_bytes=self.max_payload_size - PACKET_OVERHEAD,
-            max_points=budget if budget >= 0 else None,
-            points_capacity=capacity,
-            reply=stream.reply,
-            timeout_s=self.settings.packet_timeout_s,
-        ))
-        stream.restart = False
-        stream.in_flight += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {}
