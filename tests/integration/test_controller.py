@@ -159,6 +159,14 @@ def remove_container(client: docker.DockerClient, name: str) -> None:
             time.sleep(0.2)
 
 
+def is_running(client: docker.DockerClient, container_id: str) -> bool:
+    """False once the container stopped, or is already removed by the gateway's restart."""
+    try:
+        return bool(client.containers.get(container_id).attrs["State"]["Running"])
+    except docker.errors.NotFound:
+        return False
+
+
 def started_at(client: docker.DockerClient, container_id: str) -> int:
     return parse_docker_time(client.containers.get(container_id).attrs["State"]["StartedAt"]) or 0
 
@@ -229,7 +237,7 @@ def test_a_stale_health_check_stops_the_controller_and_starts_a_new_one(
     r.wait_state("unhealthy", timeout=10)
     assert "no health check for" in [n.data for n in r.notices if n.name == "controller_exited"][-1]["reason"]
     r.mode(None)  # the next one writes its health checks
-    r.wait(lambda: not docker_client.containers.get(first).attrs["State"]["Running"], "the silent one stopped")
+    r.wait(lambda: not is_running(docker_client, first), "the silent one stopped")
     mark = len(r.moves)
     r.wait_state("running", after=mark)
     assert r.machine.container_id != first
