@@ -18,6 +18,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+QUARANTINE_MARK = ".corrupt-"
 CORRUPT_MARKERS = ("file is not a database", "malformed", "disk image", "file is encrypted")
 
 
@@ -40,11 +41,11 @@ def connect(path: Path, *, wal: bool = True) -> sqlite3.Connection:
 def quarantine(path: Path, reason: str) -> Path:
     """Move ``path`` (and its -wal/-shm) aside; return the new name."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    target = path.with_name(f"{path.name}{QUARANTINE_MARK}{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        target = path.with_name(f"{path.name}{QUARANTINE_MARK}{stamp}-{n}")
     for suffix in ("", "-wal", "-shm"):
         side = Path(str(path) + suffix)
         if side.exists():
@@ -53,8 +54,17 @@ def quarantine(path: Path, reason: str) -> Path:
     return target
 
 
-def open_checked(path: Path, schema: Callable[[sqlite3.Connection], None], *, wal: bool = True) -> sqlite3.Connection:
-    """Open ``path`` and apply ``schema``; a corrupt file is quarantined and replaced once."""
+def open_checked(
+    path: Path,
+    schema: Callable[[sqlite3.Connection], None],
+    *,
+    wal: bool = True,
+    on_quarantine: Callable[[Path], None] | None = None,
+) -> sqlite3.Connection:
+    """Open ``path`` and apply ``schema``; a corrupt file is quarantined and replaced once.
+
+    ``on_quarantine`` receives the new name of a file moved aside, so the caller can report it.
+    """
     conn: sqlite3.Connection | None = None
     try:
         conn = connect(path, wal=wal)
@@ -66,7 +76,9 @@ def open_checked(path: Path, schema: Callable[[sqlite3.Connection], None], *, wa
             raise
         if conn is not None:
             conn.close()
-        quarantine(path, str(exc))
+        moved = quarantine(path, str(exc))
+        if on_quarantine is not None:
+            on_quarantine(moved)
     conn = connect(path, wal=wal)
     schema(conn)
     return conn
