@@ -7,9 +7,11 @@ needs comes from the ``Gateway`` it is given.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from teg_fsm.clock import Clock, RealClock
 from teg_fsm.codec import Codec
@@ -19,11 +21,13 @@ from teg_fsm.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.events import Source
 from teg_fsm.journal import Journal
 from teg_fsm.runner import EffectRunner
-from teg_fsm.systemd import Notifier, status_line
+from teg_fsm.sqlite_files import QUARANTINE_MARK
+from teg_fsm.systemd import Notifier, StatusFile, status_line
 from teg_fsm.timers import Timers
 
 log = logging.getLogger(__name__)
 
+STATUS_FILE_NAME = "teg_status.json"
 ComponentsFactory = Callable[["Gateway"], list[Component]]
 
 
@@ -43,9 +47,11 @@ class Gateway:
         config.data_path.mkdir(parents=True, exist_ok=True)
         self.codec = Codec()
         self.timers = Timers(self.clock)
+        self.started_at = time.time()
         self.journal = Journal(
             config.journal_db, max_bytes=config.journal_max_bytes, max_age_s=config.journal_max_age_s
         )
+        self.status_file = StatusFile(config.data_path / STATUS_FILE_NAME)
         self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)
         self.runner = EffectRunner(self.dispatcher.post_outcome)
         self.dispatcher.attach_runner(self.runner)
@@ -59,7 +65,9 @@ class Gateway:
         self.stopped = threading.Event()
 
     def machine_specs(self) -> list[MachineSpec]:
-        return [spec for c in self.components.values() for spec in c.machine_specs()]
+        from machines.health import HealthMachine
+
+        return [spec for c in self.components.values() for spec in c.machine_specs()] + [MachineSpec(HealthMachine)]
 
     def start(self) -> None:
         for component in self.components.values():
@@ -68,13 +76,33 @@ class Gateway:
         self.dispatcher.start()
         for component in self.components.values():
             component.start()
+        self._report_quarantines_at_start()
         self.notifier.ready(status_line(self.dispatcher.states()))
         log.info("gateway started: %s", ", ".join(self.dispatcher.machines))
+
+    def _report_quarantines_at_start(self) -> None:
+        """Files the components moved aside while opening (the journal reports its own)."""
+        own = {Path(p).name for p in self.journal.quarantined}
+        since = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.started_at))
+        folders = {self.config.data_path, self.config.controller_data_path}
+        for folder in folders:
+            for path in sorted(folder.glob(f"*{QUARANTINE_MARK}*")):
+                stamp = path.name.split(QUARANTINE_MARK, 1)[1][:16]
+                if stamp >= since and path.name not in own and not path.name.endswith(("-wal", "-shm")):
+                    self.dispatcher.report_quarantine(path)
+
+    def conditions(self) -> dict[str, str]:
+        """The declared degraded conditions in force right now."""
+        journal = self.journal
+        return {journal.condition: journal.condition_detail} if journal.condition else {}
 
     def _heartbeat(self) -> None:
         """Runs in the dispatcher thread: a wedged dispatcher stops the watchdog pings."""
         if self.notifier.watchdog():
-            self.notifier.status(status_line(self.dispatcher.states()))
+            states, conditions = self.dispatcher.states(), self.conditions()
+            self.notifier.status(status_line(states, conditions))
+            self.status_file.write({"pid": os.getpid(), "conditions": conditions,
+                                    "states": {name: info["state"] for name, info in states.items()}})
 
     def stop(self, quiesce_s: float = 3.0) -> None:
         """Stop taking work, let work in flight settle (bounded), flush, close databases."""
@@ -94,5 +122,7 @@ class Gateway:
         self.dispatcher.stop()
         self.runner.shutdown(wait=False)
         self.journal.close()
+        self.status_file.write({"pid": None, "stopped": True, "conditions": self.conditions()})
+        self.status_file.close()
         self.notifier.close()
         self.stopped.set()
