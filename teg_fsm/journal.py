@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_AGE_S = 30 * 24 * 3600
 # Below this much free space the disk counts as full: the reserve is for the controller queue.
-DEFAULT_MIN_FREE_BYTES = 1024 * 1024
+DEFAULT_RESERVE_BYTES = 1024 * 1024
 MAX_PENDING_ROWS = 20_000  # rows kept in memory while they cannot be written
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 15.0
@@ -138,14 +138,14 @@ class Journal:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_age_s: float = DEFAULT_MAX_AGE_S,
         flush_interval_s: float = 0.1,
-        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self._max_bytes = max_bytes
         self._max_age_ms = int(max_age_s * 1000)
         self._flush_interval_s = flush_interval_s
-        self._min_free_bytes = min_free_bytes
+        self.reserve_bytes = reserve_bytes
         self._monotonic = monotonic
         self._rows: list[tuple[Any, ...]] = []
         self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
@@ -230,8 +230,8 @@ class Journal:
             self._due |= set(self._latest)
         db = self._db
         assert db is not None
-        if self.condition == DISK_FULL and self.free_bytes() < self._min_free_bytes:
-            raise sqlite3.OperationalError(f"database or disk is full (less than {self._min_free_bytes} bytes free)")
+        if self.condition == DISK_FULL and self.free_bytes() < self.reserve_bytes:
+            raise sqlite3.OperationalError(f"database or disk is full (less than {self.reserve_bytes} bytes free)")
         db.execute("BEGIN")
         try:
             if self._rows:
@@ -324,12 +324,12 @@ class Journal:
         try:
             stats = os.statvfs(self.path.parent)
         except OSError:
-            return self._min_free_bytes
+            return self.reserve_bytes
         return stats.f_bavail * stats.f_frsize
 
     def check_space(self) -> None:
         """Declare the disk full before SQLite does, and try again when it is not."""
-        if self.condition is None and self.free_bytes() < self._min_free_bytes:
+        if self.condition is None and self.free_bytes() < self.reserve_bytes:
             self._failed(sqlite3.OperationalError("database or disk is full (free space below the reserve)"))
         elif self.condition is not None:
             self.flush()
