@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from teg_fsm.timers import Timers
 log = logging.getLogger(__name__)
 
 STATUS_FILE_NAME = "teg_status.json"
+INSTALL_RETRY_MIN_S = 1.0
+INSTALL_RETRY_MAX_S = 15.0
 ComponentsFactory = Callable[["Gateway"], list[Component]]
 
 
@@ -63,6 +66,8 @@ class Gateway:
         for component in components(self):
             self.components[component.name] = component
         self.stopped = threading.Event()
+        self._stopping = threading.Event()
+        self._installer: threading.Thread | None = None
 
     def machine_specs(self) -> list[MachineSpec]:
         from machines.health import HealthMachine
@@ -70,15 +75,39 @@ class Gateway:
         return [spec for c in self.components.values() for spec in c.machine_specs()] + [MachineSpec(HealthMachine)]
 
     def start(self) -> None:
-        for component in self.components.values():
-            component.install()
+        waiting = [c for c in self.components.values() if not self._install(c)]
         self.dispatcher.boot(self.machine_specs(), self.journal.load_checkpoints())
         self.dispatcher.start()
         for component in self.components.values():
-            component.start()
+            if component not in waiting:
+                component.start()
+        if waiting:
+            self._installer = threading.Thread(target=self._install_later, args=(waiting,),
+                                               name="teg-install-retry", daemon=True)
+            self._installer.start()
         self._report_quarantines_at_start()
         self.notifier.ready(status_line(self.dispatcher.states()))
         log.info("gateway started: %s", ", ".join(self.dispatcher.machines))
+
+    def _install(self, component: Component) -> bool:
+        """Install one component; one whose files cannot be opened (full disk, I/O error) waits instead."""
+        try:
+            component.install()
+            return True
+        except (sqlite3.Error, OSError) as exc:
+            log.error("%s cannot open its files (%s); running without it and retrying", component.name, exc)
+            return False
+
+    def _install_later(self, waiting: list[Component]) -> None:
+        """Start-up never fails on storage: retry the waiting components with backoff until they open."""
+        delay = INSTALL_RETRY_MIN_S
+        while waiting and not self._stopping.wait(delay):
+            for component in list(waiting):
+                if self._install(component):
+                    component.start()
+                    waiting.remove(component)
+                    log.warning("%s started: its files can be opened again", component.name)
+            delay = min(delay * 2, INSTALL_RETRY_MAX_S)
 
     def _report_quarantines_at_start(self) -> None:
         """Files the components moved aside while opening (the journal reports its own)."""
@@ -107,6 +136,9 @@ class Gateway:
     def stop(self, quiesce_s: float = 3.0) -> None:
         """Stop taking work, let work in flight settle (bounded), flush, close databases."""
         self.notifier.stopping()
+        self._stopping.set()
+        if self._installer is not None:
+            self._installer.join(INSTALL_RETRY_MAX_S)
         if self.dispatcher.thread is not None and self.dispatcher.thread.is_alive():
             self.dispatcher.post(Source.SYSTEM, "gateway_stopping")
             deadline = time.monotonic() + quiesce_s

@@ -276,6 +276,8 @@ class Journal:
 
     def _failed(self, exc: BaseException) -> None:
         condition = _classify(exc)
+        if condition == STORAGE_ERROR and self.free_bytes() < self.reserve_bytes:
+            condition = DISK_FULL  # SQLite says "disk I/O error" when it cannot even map its -shm file
         if sqlite_files.is_corruption(exc):
             self._quarantine_live(str(exc))
         now = self._monotonic()

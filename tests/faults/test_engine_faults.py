@@ -149,3 +149,31 @@ def test_a_malformed_shared_attribute_is_rejected_by_name_and_the_journal_replay
     replay = _teg("replay", str(gateway.data / "teg_journal.db"))
     assert "Traceback" not in replay.stdout + replay.stderr
     assert replay.returncode == 0 and replay.stdout.startswith("identical"), replay.stdout + replay.stderr
+
+
+def test_a_gateway_restarted_on_a_full_disk_starts_degraded_and_recovers(
+    tb: StandIn, tmp_path: Path, small_disk: Path
+) -> None:
+    first = rig.start_gateway(tb, tmp_path)
+    try:
+        written = _write_rows(first.queue, 0, 1_000)
+        rig.assert_rows_arrived(tb, first.device, range(written))
+    finally:
+        uplink_rig.stop(first.proc)
+    _fill_disk(small_disk / "filler")
+    env = uplink_rig.gateway_env(tb, tmp_path / "elsewhere", tb.devices()[first.device] or "",
+                                 THINGSBOARD_DEVICE_NAME=first.device, TEG_DATA_PATH=str(small_disk),
+                                 THINGSBOARD_ACCESS_TOKEN=str(small_disk / "tb_access_token"),
+                                 DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    proc = uplink_rig.start_gateway(env, tmp_path / "gateway-2.log")
+    gateway = rig.FaultedGateway(tb, first.device, proc, small_disk, tmp_path / "gateway-2.log")
+    try:
+        rig.wait_until_rpc_ready(gateway)
+        rig.assert_answers_ping(gateway)
+        wait_for(lambda: _condition(tb, gateway.device) == "disk_full", 30, "disk_full reported after the restart")
+        (small_disk / "filler").unlink()
+        wait_for(lambda: _condition(tb, gateway.device) == "ok", 60, "recovery reported")
+        written = _write_rows(gateway.queue, written, 500)
+        rig.finish(gateway, expected_seqs=range(written))
+    finally:
+        uplink_rig.stop(gateway.proc)
