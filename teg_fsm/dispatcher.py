@@ -148,7 +148,7 @@ class Dispatcher:
         plan: dict[str, JsonDict] = {}
         for spec in specs:
             cp = (checkpoints or {}).get(spec.cls.machine_name)
-            if cp is not None:
+            if cp is not None and _resumable(spec, _resume_plan(spec.cls, cp)):
                 plan[spec.cls.machine_name] = _resume_plan(spec.cls, cp)
         record = {
             "machines": {
@@ -438,6 +438,17 @@ class Dispatcher:
         return {
             name: {"state": m.state_name, "since_ms": self.since_ms.get(name)} for name, m in self.machines.items()
         }
+
+
+def _resumable(spec: MachineSpec, plan: JsonDict) -> bool:
+    """A checkpoint the current machine cannot take back (renamed state, damaged data) means a fresh start."""
+    try:
+        spec.cls(spec.settings, start_value=plan["state"]).restore(plan["data"])
+        return True
+    except Exception as exc:
+        log.error("checkpoint of %s (state %s) cannot be resumed, it starts fresh: %r",
+                  spec.cls.machine_name, plan["stored_state"], exc)
+        return False
 
 
 def _resume_plan(cls: type[GatewayMachine], cp: Checkpoint) -> JsonDict:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from teg_fsm.journal import DISK_FULL, STORAGE_ERROR, Checkpoint, Journal, read_
 from teg_fsm.replay import replay_journal
 from teg_fsm.timers import Timers
 from tests.engine.harness import make_engine
+from tests.rig.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MALFORMED_PUSH = {"values": {}, "deleted": [1, 2, {"a": 1}]}  # as the field testers' broker delivered it
@@ -221,3 +223,36 @@ def test_a_report_that_did_not_reach_thingsboard_is_sent_again_after_the_next_co
     dispatcher.post("effect", "report_succeeded", {"effect_id": resent.effects[0].id}, target="health")
     dispatcher.post("system", "shared_attributes_received", {"client": {}, "shared": {}})
     assert dispatcher.run_until_idle()[-1].effects == []
+
+
+def test_a_checkpoint_the_machine_cannot_take_back_starts_it_fresh_instead_of_failing_the_start(tmp_path: Path) -> None:
+    journal, _ = _journal(tmp_path)
+    journal.save_checkpoint(Checkpoint("brittle", "a_state_since_renamed", {}, 0), 1)
+    journal.close()
+    dispatcher, _, reopened = make_engine([MachineSpec(Brittle)], tmp_path / "teg_journal.db")
+    assert dispatcher.machines["brittle"].state_name == "calm"
+    assert reopened is not None
+    reopened.close()
+
+
+def test_a_timer_whose_firing_raises_does_not_stop_the_later_ones() -> None:
+    clock = FakeClock()
+    timers = Timers(clock)
+    fired: list[str] = []
+
+    def fire(machine: str, name: str, generation: int) -> None:
+        fired.append(name)
+        if name == "first":
+            raise RuntimeError("sink broke")
+
+    timers.start("m", "first", 0)
+    timers.start("m", "second", 0)
+    stop = threading.Event()
+    thread = threading.Thread(target=timers.run_forever, args=(fire, stop), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: fired == ["first", "second"], 5, "both timers fired")
+    finally:
+        stop.set()
+        timers.wake()
+        thread.join(5)

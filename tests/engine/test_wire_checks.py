@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from machines.file_sync import FileSyncMachine
 from machines.ota import OtaMachine
+from machines.rpc import RpcMachine
 from teg_fsm import codec
 from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.mqtt_inbound import Inbound
@@ -76,6 +77,24 @@ def test_any_rpc_request_becomes_a_valid_event_or_a_named_rejection(raw_id: str,
         assert len(checked.errors) == 1 and checked.errors[0]
         return
     assert isinstance(checked.data["request_id"], int) and isinstance(checked.data["method"], str)
+
+
+METHODS = st.sampled_from(["ping", "list", "run_command", "archive_republish_messages", "restart_controller",
+                           "init_files", "ota_retry", "no_such_method"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(min_value=1, max_value=10**6), METHODS, JSON)
+def test_any_params_of_a_known_method_are_answered_never_raise_in_the_rpc_machine(
+    request_id: int, method: str, params: Any
+) -> None:
+    checked = codec.rpc_request_from_wire(str(request_id), {"method": method, "params": params})
+    assert checked.data is not None
+    dispatcher, _, _ = make_engine([MachineSpec(RpcMachine)])
+    dispatcher.post("mqtt", "rpc_requested", checked.data)
+    answered, *handed_over = dispatcher.run_until_idle()
+    assert answered.effects, answered  # a reply, a worker job or a hand-over: never silence
+    assert all(t.error is None for done in [answered, *handed_over] for t in done.transitions)
 
 
 def test_the_field_push_is_rejected_by_element_and_the_rest_of_the_update_still_applies(
