@@ -1,4 +1,4 @@
-"""Opening the gateway's SQLite files: WAL, busy timeout, and quarantine instead of deletion.
+"""Opening the gateway's SQLite (and small text) files: WAL, busy timeout, and quarantine instead of deletion.
 
 The existing gateway deleted the controller queue when it met a schema error
 and lost every queued row. Here a file SQLite cannot read is moved aside as
@@ -50,8 +50,29 @@ def quarantine(path: Path, reason: str) -> Path:
         side = Path(str(path) + suffix)
         if side.exists():
             side.rename(Path(str(target) + suffix))
-    log.error("database %s is unreadable (%s); moved aside to %s, starting a fresh one", path, reason, target)
+    log.error("file %s is unreadable (%s); moved aside to %s, starting a fresh one", path, reason, target)
     return target
+
+
+def read_text_checked(path: Path) -> str:
+    """A small gateway-owned text file (e.g. the last launched version); "" when missing or unreadable.
+
+    A file that is not UTF-8 text is damaged: it is quarantined like a database, so the
+    next start does not meet it again and nothing is deleted.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except UnicodeDecodeError as exc:
+        try:
+            quarantine(path, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+        except OSError as move_error:
+            log.error("file %s is not UTF-8 text and cannot be moved aside: %s", path, move_error)
+        return ""
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return ""
 
 
 def open_checked(

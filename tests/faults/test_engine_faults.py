@@ -177,3 +177,20 @@ def test_a_gateway_restarted_on_a_full_disk_starts_degraded_and_recovers(
         rig.finish(gateway, expected_seqs=range(written))
     finally:
         uplink_rig.stop(gateway.proc)
+
+
+def test_a_damaged_version_file_is_moved_aside_at_start_and_the_gateway_works(tb: StandIn, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    damaged = b"\xff\xfe\x00v1.2\x80"
+    (data / "last_launched_controller_version.txt").write_bytes(damaged)
+    gateway = rig.start_gateway(tb, tmp_path)
+    try:
+        moved = sorted(data.glob("last_launched_controller_version.txt.corrupt-*"))
+        assert [p.read_bytes() for p in moved] == [damaged], moved
+        wait_for(lambda: moved[0].name in str(tb.latest(gateway.device).get("gateway_quarantined_files")), 30,
+                 "the quarantine reported as telemetry")
+        uplink_rig.fill(gateway.queue, 50)
+        rig.finish(gateway, expected_seqs=range(50))
+    finally:
+        uplink_rig.stop(gateway.proc)
