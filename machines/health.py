@@ -55,6 +55,7 @@ class HealthMachine(GatewayMachine):
 
     def setup(self) -> None:
         self.conditions: dict[str, str] = {}
+        self.since_ms: dict[str, int] = {}
         self.quarantined: list[str] = []
         self.unreported = False
 
@@ -71,6 +72,7 @@ class HealthMachine(GatewayMachine):
         if self.conditions.get(condition) == detail:
             return
         self.conditions[condition] = detail
+        self.since_ms.setdefault(condition, self.now_ms)
         self.emit(Log(level="ERROR", message=f"degraded mode: {condition.replace('_', ' ')} ({detail})"))
         self._changed()
 
@@ -79,8 +81,10 @@ class HealthMachine(GatewayMachine):
         if self.conditions.pop(condition, None) is None:
             return
         dropped = ev.data.get("dropped_rows") or 0
-        self.emit(Log(level="WARNING", message=f"recovered from {condition.replace('_', ' ')}; "
-                                               f"{dropped} journal detail rows were not kept"))
+        lasted_s = (self.now_ms - self.since_ms.pop(condition, self.now_ms)) // 1000
+        # Logs written while the disk was full may never have reached ThingsBoard: this one tells the episode.
+        self.emit(Log(level="WARNING", message=f"recovered from {condition.replace('_', ' ')} after {lasted_s} s "
+                                               f"in degraded mode; {dropped} journal detail rows were not kept"))
         self._changed()
 
     def on_file_quarantined(self, ev: Event) -> None:

@@ -106,6 +106,8 @@ def test_a_full_disk_degrades_the_gateway_which_keeps_answering_and_recovers_by_
         wait_for(lambda: _condition(tb, gateway.device) == "ok", 60, "recovery reported as telemetry")
         written = _write_rows(gateway.queue, written, 500)
         assert "recovered from disk full" in gateway.log_text()
+        wait_for(lambda: any("recovered from disk full after" in str(m) for _, m in tb.telemetry(gateway.device, "message")),
+                 30, "the episode told in the gateway's log at ThingsBoard")
         rig.finish(gateway, expected_seqs=range(written))
     finally:
         uplink_rig.stop(gateway.proc)
