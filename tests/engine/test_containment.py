@@ -256,3 +256,17 @@ def test_a_timer_whose_firing_raises_does_not_stop_the_later_ones() -> None:
         stop.set()
         timers.wake()
         thread.join(5)
+
+
+def test_events_no_machine_could_take_replay_identical(tmp_path: Path) -> None:
+    dispatcher, _, journal = make_engine([MachineSpec(Brittle)], tmp_path / "j.db")
+    dispatcher.post("test", "freeze")  # no transition from calm
+    dispatcher.post("test", "tick", target="gone")  # a machine this build does not have
+    dispatcher.post("test", "no_machine_declares_this", {"x": [1, {"y": None}]})
+    dispatcher.post("test", "poison")
+    done = dispatcher.run_until_idle()
+    assert [d.transitions for d in done[:3]] == [[], [], []]
+    assert journal is not None
+    journal.close()
+    result = replay_journal(journal.path)
+    assert result.identical and result.events == 5, result.divergence
