@@ -38,6 +38,7 @@ MAX_PENDING_ROWS = 20_000  # rows kept in memory while they cannot be written
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 15.0
 DISK_FULL = "disk_full"
+_SYSTEM = "system"  # engine events (start records, conditions) are never detail
 STORAGE_ERROR = "storage_error"
 
 _SCHEMA = """
@@ -160,10 +161,12 @@ class Journal:
         self._retry_at = 0.0
         self._retry_s = RETRY_MIN_S
         self._db: sqlite3.Connection | None = None
+        self._read_aside: tuple[int, list[tuple[Any, ...]]] = (0, [])
         try:
             self._open()
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
+            self._read_aside = _read_without_shared_memory(self.path)
 
     # -- opening ----------------------------------------------------------
 
@@ -172,8 +175,10 @@ class Journal:
         self._db = sqlite_files.open_checked(self.path, _apply_schema, on_quarantine=self.quarantined.append)
 
     def last_seq(self) -> int:
+        if self._db is None:
+            return self._read_aside[0]
         try:
-            row = self._db.execute("SELECT MAX(seq) FROM journal").fetchone() if self._db else None
+            row = self._db.execute("SELECT MAX(seq) FROM journal").fetchone()
         except sqlite3.Error as exc:
             log.error("journal: cannot read the last sequence number: %s", exc)
             return 0
@@ -187,7 +192,7 @@ class Journal:
         transitions: list[Transition],
         effects: list[dict[str, Any]],
     ) -> None:
-        if self.condition == DISK_FULL and not transitions and not effects:
+        if self.condition == DISK_FULL and not transitions and not effects and event.source != _SYSTEM:
             self.dropped_rows += 1  # detail: the first thing to give up while the disk is full
             return
         encode = self._encode
@@ -370,12 +375,13 @@ class Journal:
     def load_checkpoints(self) -> dict[str, Checkpoint]:
         """Stored checkpoints; an unreadable one is logged and skipped (that machine starts fresh)."""
         if self._db is None:
-            return {}
-        try:
-            rows = self._db.execute("SELECT machine, state, data, resume_count FROM checkpoints").fetchall()
-        except sqlite3.Error as exc:
-            log.error("journal: cannot read the checkpoints, every machine starts fresh: %s", exc)
-            return {}
+            rows = self._read_aside[1]
+        else:
+            try:
+                rows = self._db.execute("SELECT machine, state, data, resume_count FROM checkpoints").fetchall()
+            except sqlite3.Error as exc:
+                log.error("journal: cannot read the checkpoints, every machine starts fresh: %s", exc)
+                return {}
         found: dict[str, Checkpoint] = {}
         for machine, state, data, count in rows:
             try:
@@ -410,6 +416,30 @@ def _apply_schema(conn: sqlite3.Connection) -> None:
     # Reading both tables here makes a damaged file fail while it can still be quarantined.
     conn.execute("SELECT MAX(seq) FROM journal").fetchone()
     conn.execute("SELECT count(*) FROM checkpoints").fetchone()
+
+
+def _read_without_shared_memory(path: Path) -> tuple[int, list[tuple[Any, ...]]]:
+    """(last seq, checkpoint rows) of a journal that cannot be opened normally, e.g. on a full disk.
+
+    SQLite cannot create the -shm file there ("disk I/O error"); in EXCLUSIVE locking mode,
+    set before the first read, it keeps the WAL index in memory instead, so the checkpoints
+    (WAL frames included) can still be read and the machines resume rather than start fresh.
+    """
+    if not path.exists():
+        return 0, []
+    try:
+        conn = sqlite3.connect(str(path), timeout=1.0)
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            seq = conn.execute("SELECT MAX(seq) FROM journal").fetchone()[0] or 0
+            rows = conn.execute("SELECT machine, state, data, resume_count FROM checkpoints").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.error("journal: cannot read the checkpoints either, every machine starts fresh: %s", exc)
+        return 0, []
+    log.warning("journal: read %d checkpoints without writing; the journal resumes when the disk allows", len(rows))
+    return int(seq), rows
 
 
 def _rollback(db: sqlite3.Connection) -> None:

@@ -30,11 +30,15 @@ def connect(path: Path, *, wal: bool = True) -> sqlite3.Connection:
     """A connection in autocommit mode (we BEGIN ourselves), WAL, NORMAL sync."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    if wal:
-        conn.execute("PRAGMA journal_mode=WAL")
-    # WAL + NORMAL survives a killed process; only power loss can lose the last commits.
-    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if wal:
+            conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a killed process; only power loss can lose the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()  # a half-opened connection would keep the file locked (e.g. no room for its -shm)
+        raise
     return conn
 
 
@@ -93,10 +97,10 @@ def open_checked(
         schema(conn)
         return conn
     except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()  # an open connection would keep the file locked for whoever tries next
         if not is_corruption(exc):
             raise
-        if conn is not None:
-            conn.close()
         moved = quarantine(path, str(exc))
         if on_quarantine is not None:
             on_quarantine(moved)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from teg_fsm.journal import read_journal
 from tests.faults import rig
 from tests.integration import uplink_rig
 from tests.rig.waiting import wait_for
@@ -179,6 +180,9 @@ def test_a_gateway_restarted_on_a_full_disk_starts_degraded_and_recovers(
         rig.finish(gateway, expected_seqs=range(written))
     finally:
         uplink_rig.stop(gateway.proc)
+    # The checkpoints were read without room for SQLite's -shm file: the machines resumed.
+    starts = [e for e in read_journal(small_disk / "teg_journal.db") if e.name == "gateway_started"]
+    assert len(starts) == 2 and "connection" in starts[1].data["resumed"], starts[-1].data
 
 
 def test_a_damaged_version_file_is_moved_aside_at_start_and_the_gateway_works(tb: StandIn, tmp_path: Path) -> None:
