@@ -92,6 +92,8 @@ def format_time(ts_ms: int) -> str:
 
 
 def _journal(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from teg_fsm.journal import entry_to_jsonl, read_entries
 
     path = args.file or _data_dir(args.data) / "teg_journal.db"
@@ -104,7 +106,11 @@ def _journal(args: argparse.Namespace) -> int:
         print(f"teg journal: bad time: {exc}", file=sys.stderr)
         return 2
     render = entry_to_jsonl if args.jsonl else _journal_line
-    lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
+    try:
+        lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
+    except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
+        print(f"teg journal: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
     for line in lines[-args.limit :] if args.limit else lines:
         print(line)
     return 0

@@ -270,3 +270,25 @@ def test_events_no_machine_could_take_replay_identical(tmp_path: Path) -> None:
     journal.close()
     result = replay_journal(journal.path)
     assert result.identical and result.events == 5, result.divergence
+
+
+def test_teg_journal_and_status_on_a_damaged_journal_say_so_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "teg_journal.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 64)
+    for command in (["journal", "--data", str(tmp_path)], ["status", "--data", str(tmp_path)]):
+        done = subprocess.run([sys.executable, "-m", "teg_fsm.cli", *command], capture_output=True, text=True,
+                              cwd=REPO, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "cannot read" in done.stderr
+
+
+def test_the_status_line_and_file_lead_with_the_degraded_mode(tmp_path: Path) -> None:
+    from teg_fsm.systemd import StatusFile, read_status, status_line
+
+    states = {"uplink": {"state": "draining"}, "health": {"state": "degraded"}}
+    assert status_line(states, {"disk_full": "x"}) == "DEGRADED (disk_full) health=degraded uplink=draining"
+    status = StatusFile(tmp_path / "teg_status.json")
+    size = status.path.stat().st_size
+    status.write({"conditions": {"disk_full": "database or disk is full"}, "pid": 1})
+    status.write({"conditions": {}, "pid": 1})  # shorter: rewritten in place, still one JSON document
+    status.close()
+    assert status.path.stat().st_size == size and read_status(status.path) == {"conditions": {}, "pid": 1}
