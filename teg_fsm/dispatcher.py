@@ -148,8 +148,9 @@ class Dispatcher:
         plan: dict[str, JsonDict] = {}
         for spec in specs:
             cp = (checkpoints or {}).get(spec.cls.machine_name)
-            if cp is not None and _resumable(spec, _resume_plan(spec.cls, cp)):
-                plan[spec.cls.machine_name] = _resume_plan(spec.cls, cp)
+            entry = _resume_plan(spec.cls, cp) if cp is not None else None
+            if entry is not None and _resumable(spec, entry):
+                plan[spec.cls.machine_name] = entry
         record = {
             "machines": {
                 s.cls.machine_name: {"class": class_path(s.cls), "settings": dict(s.settings)} for s in specs
