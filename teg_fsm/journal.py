@@ -397,6 +397,7 @@ class Journal:
         self.flush()
 
     def close(self) -> None:
+        self._retry_at = 0.0  # one last attempt, whatever the backoff says
         self.flush()
         if self._rows or self._due:
             log.error("journal: closing with %d rows and %d checkpoints not written (%s)",
