@@ -292,3 +292,13 @@ def test_the_status_line_and_file_lead_with_the_degraded_mode(tmp_path: Path) ->
     status.write({"conditions": {}, "pid": 1})  # shorter: rewritten in place, still one JSON document
     status.close()
     assert status.path.stat().st_size == size and read_status(status.path) == {"conditions": {}, "pid": 1}
+
+
+def test_a_token_file_that_is_not_text_is_moved_aside_and_reads_as_no_token(tmp_path: Path) -> None:
+    from teg_fsm.tokens import read_token
+
+    damaged = tmp_path / "tb_access_token"
+    damaged.write_bytes(b"\xff\xfeAbc\x80")
+    assert read_token(damaged) is None and not damaged.exists()
+    [moved] = tmp_path.glob("tb_access_token.corrupt-*")
+    assert moved.read_bytes() == b"\xff\xfeAbc\x80"
