@@ -146,6 +146,8 @@ def test_a_malformed_shared_attribute_is_rejected_by_name_and_the_journal_replay
         for field in ("deleted[0]", "deleted[1]", "deleted[2]", "sw_version: must be a string"):
             assert field in log, field
         assert " failed on event #" not in log  # no machine step raised
+        wait_for(lambda: any("deleted[2]" in str(m) for _, m in tb.telemetry(gateway.device, "message")), 30,
+                 "the rejection reported to ThingsBoard in the gateway's log")
         rig.finish(gateway, expected_seqs=range(50))
     finally:
         uplink_rig.stop(gateway.proc)
