@@ -12,6 +12,10 @@ before handing out that step's effects. On start it re-enters
 ``resumed`` event so the machine can re-issue the work of the state it is in.
 A non-resting state found at start more than ``max_resumes`` times in a row is a
 crash loop: the machine is re-entered in ``crash_loop_state`` instead.
+
+Containment contract: a step that raises is dropped whole (no effects, the
+state restored) and the machine is moved to ``error_state`` when it declares
+one; the engine journals the failure and carries on with the next event.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class GatewayMachine(StateChart):
     rest_states: ClassVar[frozenset[str]] = frozenset()
     crash_loop_state: ClassVar[str | None] = None
     max_resumes: ClassVar[int] = 3
+    # Where the engine puts the machine when one of its steps raises; None keeps
+    # it in the state it was in (the failed step is dropped whole either way).
+    error_state: ClassVar[str | None] = None
 
     def __init__(self, settings: Mapping[str, Any] | None = None, *, start_value: str | None = None) -> None:
         self.settings = self.structure_settings(settings)

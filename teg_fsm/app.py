@@ -7,9 +7,12 @@ needs comes from the ``Gateway`` it is given.
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from teg_fsm.clock import Clock, RealClock
 from teg_fsm.codec import Codec
@@ -19,11 +22,15 @@ from teg_fsm.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.events import Source
 from teg_fsm.journal import Journal
 from teg_fsm.runner import EffectRunner
-from teg_fsm.systemd import Notifier, status_line
+from teg_fsm.sqlite_files import QUARANTINE_MARK
+from teg_fsm.systemd import Notifier, StatusFile, status_line
 from teg_fsm.timers import Timers
 
 log = logging.getLogger(__name__)
 
+STATUS_FILE_NAME = "teg_status.json"
+INSTALL_RETRY_MIN_S = 1.0
+INSTALL_RETRY_MAX_S = 15.0
 ComponentsFactory = Callable[["Gateway"], list[Component]]
 
 
@@ -43,9 +50,11 @@ class Gateway:
         config.data_path.mkdir(parents=True, exist_ok=True)
         self.codec = Codec()
         self.timers = Timers(self.clock)
+        self.started_at = time.time()
         self.journal = Journal(
             config.journal_db, max_bytes=config.journal_max_bytes, max_age_s=config.journal_max_age_s
         )
+        self.status_file = StatusFile(config.data_path / STATUS_FILE_NAME)
         self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)
         self.runner = EffectRunner(self.dispatcher.post_outcome)
         self.dispatcher.attach_runner(self.runner)
@@ -57,28 +66,79 @@ class Gateway:
         for component in components(self):
             self.components[component.name] = component
         self.stopped = threading.Event()
+        self._stopping = threading.Event()
+        self._installer: threading.Thread | None = None
 
     def machine_specs(self) -> list[MachineSpec]:
-        return [spec for c in self.components.values() for spec in c.machine_specs()]
+        from machines.health import HealthMachine
+
+        return [spec for c in self.components.values() for spec in c.machine_specs()] + [MachineSpec(HealthMachine)]
 
     def start(self) -> None:
-        for component in self.components.values():
-            component.install()
+        waiting = [c for c in self.components.values() if not self._install(c)]
         self.dispatcher.boot(self.machine_specs(), self.journal.load_checkpoints())
         self.dispatcher.start()
         for component in self.components.values():
-            component.start()
+            if component not in waiting:
+                component.start()
+        if waiting:
+            self._installer = threading.Thread(target=self._install_later, args=(waiting,),
+                                               name="teg-install-retry", daemon=True)
+            self._installer.start()
+        self._report_quarantines_at_start()
         self.notifier.ready(status_line(self.dispatcher.states()))
         log.info("gateway started: %s", ", ".join(self.dispatcher.machines))
+
+    def _install(self, component: Component) -> bool:
+        """Install one component; one whose files cannot be opened (full disk, I/O error) waits instead."""
+        try:
+            component.install()
+            return True
+        except (sqlite3.Error, OSError) as exc:
+            log.error("%s cannot open its files (%s); running without it and retrying", component.name, exc)
+            return False
+
+    def _install_later(self, waiting: list[Component]) -> None:
+        """Start-up never fails on storage: retry the waiting components with backoff until they open."""
+        delay = INSTALL_RETRY_MIN_S
+        while waiting and not self._stopping.wait(delay):
+            for component in list(waiting):
+                if self._install(component):
+                    component.start()
+                    waiting.remove(component)
+                    log.warning("%s started: its files can be opened again", component.name)
+            delay = min(delay * 2, INSTALL_RETRY_MAX_S)
+
+    def _report_quarantines_at_start(self) -> None:
+        """Files the components moved aside while opening (the journal reports its own)."""
+        own = {Path(p).name for p in self.journal.quarantined}
+        since = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.started_at))
+        folders = {self.config.data_path, self.config.controller_data_path}
+        for folder in folders:
+            for path in sorted(folder.glob(f"*{QUARANTINE_MARK}*")):
+                stamp = path.name.split(QUARANTINE_MARK, 1)[1][:16]
+                if stamp >= since and path.name not in own and not path.name.endswith(("-wal", "-shm")):
+                    self.dispatcher.report_quarantine(path)
+
+    def conditions(self) -> dict[str, str]:
+        """The declared degraded conditions in force right now."""
+        journal = self.journal
+        return {journal.condition: journal.condition_detail} if journal.condition else {}
 
     def _heartbeat(self) -> None:
         """Runs in the dispatcher thread: a wedged dispatcher stops the watchdog pings."""
         if self.notifier.watchdog():
-            self.notifier.status(status_line(self.dispatcher.states()))
+            states, conditions = self.dispatcher.states(), self.conditions()
+            self.notifier.status(status_line(states, conditions))
+            self.status_file.write({"pid": os.getpid(), "conditions": conditions,
+                                    "states": {name: info["state"] for name, info in states.items()}})
 
     def stop(self, quiesce_s: float = 3.0) -> None:
         """Stop taking work, let work in flight settle (bounded), flush, close databases."""
         self.notifier.stopping()
+        self._stopping.set()
+        if self._installer is not None:
+            self._installer.join(INSTALL_RETRY_MAX_S)
         if self.dispatcher.thread is not None and self.dispatcher.thread.is_alive():
             self.dispatcher.post(Source.SYSTEM, "gateway_stopping")
             deadline = time.monotonic() + quiesce_s
@@ -94,5 +154,7 @@ class Gateway:
         self.dispatcher.stop()
         self.runner.shutdown(wait=False)
         self.journal.close()
+        self.status_file.write({"pid": None, "stopped": True, "conditions": self.conditions()})
+        self.status_file.close()
         self.notifier.close()
         self.stopped.set()

@@ -64,7 +64,11 @@ def _replay(args: argparse.Namespace) -> int:
     if not args.journal.exists():
         print(f"teg replay: no such journal: {args.journal}", file=sys.stderr)
         return 2
-    result = replay_journal(args.journal)
+    try:
+        result = replay_journal(args.journal)
+    except Exception as exc:  # last resort: a finding to print, never a traceback
+        print(f"teg replay: {args.journal} cannot be replayed: {exc!r}")
+        return 1
     if result.divergence is not None:
         print(result.divergence.describe())
         return 1
@@ -88,6 +92,8 @@ def format_time(ts_ms: int) -> str:
 
 
 def _journal(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from teg_fsm.journal import entry_to_jsonl, read_entries
 
     path = args.file or _data_dir(args.data) / "teg_journal.db"
@@ -100,7 +106,11 @@ def _journal(args: argparse.Namespace) -> int:
         print(f"teg journal: bad time: {exc}", file=sys.stderr)
         return 2
     render = entry_to_jsonl if args.jsonl else _journal_line
-    lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
+    try:
+        lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
+    except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
+        print(f"teg journal: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
     for line in lines[-args.limit :] if args.limit else lines:
         print(line)
     return 0
@@ -116,15 +126,26 @@ def _journal_line(entry) -> str:  # type: ignore[no-untyped-def]
 def _status(args: argparse.Namespace) -> int:
     import sqlite3
 
+    from teg_fsm.systemd import read_status
+
     path = _data_dir(args.data) / "teg_journal.db"
+    live = read_status(_data_dir(args.data) / "teg_status.json")
+    if live is not None:
+        conditions = live.get("conditions") or {}
+        mode = "DEGRADED " + "; ".join(f"{k}: {v}" for k, v in sorted(conditions.items())) if conditions else "ok"
+        print(f"gateway        {mode}{' (stopped)' if live.get('stopped') else ''}")
     if not path.exists():
         print(f"teg status: no journal at {path} (has the gateway run here?)", file=sys.stderr)
         return 2
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT machine, state, updated_ms FROM checkpoints ORDER BY machine").fetchall()
-    finally:
-        db.close()
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT machine, state, updated_ms FROM checkpoints ORDER BY machine").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        print(f"teg status: cannot read the checkpoints in {path}: {exc}", file=sys.stderr)
+        return 2
     states = {machine: state for machine, state, _ in rows}
     for machine, state, updated in rows:
         print(f"{machine:<14} {state:<22} since {format_time(updated)}")

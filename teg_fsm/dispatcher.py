@@ -24,6 +24,19 @@ Nothing a machine does can reach another machine except through a new event
 on the queue, so a journal of events replays to the same transitions and
 effects. When the queue is empty the journal is committed and the idle hooks
 (systemd watchdog, status) run.
+
+Nothing stops this thread (field rule "never wedge"). A machine step that
+raises is dropped whole, the machine goes to its declared ``error_state`` (or
+stays where it was), and the failure is journaled as a transition carrying
+``error``, so a replay meets the same failure. The journal never raises: a
+write it cannot make is a declared condition (``disk_full``,
+``storage_error``) that it retries with backoff while the rows wait in memory;
+the idle watch announces each change as ``condition_raised`` /
+``condition_cleared`` and each damaged file moved aside as
+``file_quarantined``, for the health machine to log and report. Checkpoints
+that cannot be written while the disk is full do not hold effects back:
+acting without the checkpoint beats a gateway that stops answering.
+Effect hand-out, observers and idle hooks are each guarded the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -49,6 +63,11 @@ from teg_fsm.timers import Timers
 log = logging.getLogger(__name__)
 
 _STOP = object()
+MAX_ERROR_CHARS = 300
+STORAGE_CHECK_S = 1.0
+CONDITION_RAISED = "condition_raised"
+CONDITION_CLEARED = "condition_cleared"
+FILE_QUARANTINED = "file_quarantined"
 
 
 @attrs.frozen
@@ -114,6 +133,9 @@ class Dispatcher:
         self.dispatched_count = 0
         self.replaying = False
         self._pending_construction: list[tuple[GatewayMachine, list[Effect]]] = []
+        self.condition: str | None = None  # the storage condition last announced
+        self._storage_checked = float("-inf")
+        self._quarantines_reported = 0
 
     def attach_runner(self, runner: EffectRunner) -> None:
         """The runner needs the dispatcher as its sink, so it is attached after both exist."""
@@ -126,8 +148,9 @@ class Dispatcher:
         plan: dict[str, JsonDict] = {}
         for spec in specs:
             cp = (checkpoints or {}).get(spec.cls.machine_name)
-            if cp is not None:
-                plan[spec.cls.machine_name] = _resume_plan(spec.cls, cp)
+            entry = _resume_plan(spec.cls, cp) if cp is not None else None
+            if entry is not None and _resumable(spec, entry):
+                plan[spec.cls.machine_name] = entry
         record = {
             "machines": {
                 s.cls.machine_name: {"class": class_path(s.cls), "settings": dict(s.settings)} for s in specs
@@ -215,36 +238,56 @@ class Dispatcher:
                 issued.extend((machine, e) for e in self._number(machine, event, effects, 0))
             self._pending_construction = []
         for machine in self._recipients(event):
-            try:
-                moved, effects = machine.handle(event)
-            except Exception:
-                # A machine bug must not stop the gateway: the step is dropped
-                # whole (its state was restored), logged, and the next event runs.
-                machine.take_effects(), machine.take_transitions()
-                log.exception("%s failed on event #%s %s", machine.machine_name, event.seq, event.name)
-                if self.replaying:
-                    raise
-                continue
-            for source, target, trigger in moved:
-                transitions.append(Transition(machine.machine_name, source, target, trigger))
+            moved, effects = self._step(machine, event)
+            transitions.extend(moved)
             if moved:
                 self.since_ms[machine.machine_name] = event.ts_ms
             issued.extend((machine, e) for e in self._number(machine, event, effects, len(issued)))
-            self._checkpoint_if_changed(machine, event.ts_ms)
+            self._guarded(self._checkpoint_if_changed, machine, event.ts_ms)
         result = Dispatched(event, transitions, [e for _, e in issued])
         if self._journal is not None:
-            self._journal.record(
-                event,
-                transitions,
-                [self._codec.effect_to_record(e) for e in result.effects],
-            )
+            self._guarded(self._record, result)
         if not self.replaying:  # a replay feeds recorded consequences instead of causing them
             for machine, effect in issued:
-                self._apply(machine.machine_name, effect)
+                self._guarded(self._apply, machine.machine_name, effect)
         self.dispatched_count += 1
         for observer in self.observers:
-            observer(result)
+            self._guarded(observer, result)
         return result
+
+    def _step(self, machine: GatewayMachine, event: Event) -> tuple[list[Transition], list[Effect]]:
+        """One machine takes one event; a step that raises is contained, never propagated."""
+        name, before = machine.machine_name, machine.state_name
+        try:
+            moved, effects = machine.handle(event)
+        except Exception as exc:
+            # A machine bug must not stop the gateway. The step's effects are
+            # dropped whole (the microstep already restored the state), the
+            # machine goes to its declared safe state, and the failure is
+            # journaled as what this event did, so a replay meets it again.
+            machine.take_effects(), machine.take_transitions()
+            if not self.replaying:  # a replay reports divergences, not tracebacks
+                log.exception("%s failed on event #%s %s", name, event.seq, event.name)
+            safe = type(machine).error_state
+            if safe is not None:
+                machine.current_state_value = safe
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            return [Transition(name, before, machine.state_name, event.name, error)], []
+        return [Transition(name, source, target, trigger) for source, target, trigger in moved], effects
+
+    def _record(self, result: Dispatched) -> None:
+        assert self._journal is not None
+        self._journal.record(
+            result.event, result.transitions, [self._codec.effect_to_record(e) for e in result.effects]
+        )
+
+    @staticmethod
+    def _guarded(call: Callable[..., Any], *args: Any) -> None:
+        """Run one piece of the step; whatever it raises is logged and the step goes on."""
+        try:
+            call(*args)
+        except Exception:
+            log.exception("%s failed", getattr(call, "__name__", call))
 
     def _recipients(self, event: Event) -> Iterable[GatewayMachine]:
         if event.target is not None:
@@ -349,30 +392,64 @@ class Dispatcher:
             try:
                 item = self._queue.get(timeout=self.idle_timeout_s)
             except queue.Empty:
-                self._idle()
+                self._guarded(self.idle)
                 continue
             if item is _STOP:
                 break
-            try:
-                self.dispatch(item)
-            except Exception:
-                log.exception("dispatching %s failed", getattr(item, "name", item))
+            self._guarded(self.dispatch, item)
             if self._queue.empty():
-                self._idle()
+                self._guarded(self.idle)
 
-    def _idle(self) -> None:
+    def idle(self) -> None:
+        """Idle work (the loop runs it whenever the queue runs dry): commit, watch storage, hooks."""
         if self._journal is not None:
             self._journal.flush()
+            self._watch_storage()
         for hook in self.idle_hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("idle hook failed")
+            self._guarded(hook)
+
+    # -- declared conditions ------------------------------------------------
+
+    def _watch_storage(self) -> None:
+        """Turn the journal's storage condition and quarantined files into events (once each)."""
+        journal = self._journal
+        assert journal is not None
+        now = self._clock.monotonic()
+        if now - self._storage_checked < STORAGE_CHECK_S:
+            return
+        self._storage_checked = now
+        journal.check_space()
+        if journal.condition != self.condition:
+            if self.condition is not None:
+                self.post(Source.SYSTEM, CONDITION_CLEARED,
+                          {"condition": self.condition, "dropped_rows": journal.dropped_rows})
+            if journal.condition is not None:
+                self.post(Source.SYSTEM, CONDITION_RAISED,
+                          {"condition": journal.condition, "detail": journal.condition_detail})
+            self.condition = journal.condition
+        for path in journal.quarantined[self._quarantines_reported:]:
+            self.report_quarantine(Path(path))
+        self._quarantines_reported = len(journal.quarantined)
+
+    def report_quarantine(self, path: Path) -> None:
+        """Tell the machines (and so ThingsBoard) that a damaged file was moved aside."""
+        self.post(Source.SYSTEM, FILE_QUARANTINED, {"file": path.name, "path": str(path)})
 
     def states(self) -> dict[str, JsonDict]:
         return {
             name: {"state": m.state_name, "since_ms": self.since_ms.get(name)} for name, m in self.machines.items()
         }
+
+
+def _resumable(spec: MachineSpec, plan: JsonDict) -> bool:
+    """A checkpoint the current machine cannot take back (renamed state, damaged data) means a fresh start."""
+    try:
+        spec.cls(spec.settings, start_value=plan["state"]).restore(plan["data"])
+        return True
+    except Exception as exc:
+        log.error("checkpoint of %s (state %s) cannot be resumed, it starts fresh: %r",
+                  spec.cls.machine_name, plan["stored_state"], exc)
+        return False
 
 
 def _resume_plan(cls: type[GatewayMachine], cp: Checkpoint) -> JsonDict:

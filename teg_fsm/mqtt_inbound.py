@@ -4,7 +4,9 @@ Runs on paho's network thread (called by ``MqttLink``). Requests the gateway
 made (attribute requests, client RPCs, provisioning) are matched by request id
 to the pending ``Completion``; an answer nobody waits for any more (it came
 after the timeout) is posted as an event instead, so nothing is lost silently.
-Malformed JSON is logged and dropped. The provisioning answer's
+Malformed JSON is logged and dropped; well-formed JSON of the wrong shape is
+checked by ``teg_fsm.codec`` (a malformed field is logged by name and left
+out, the rest goes through), so machines never see a wrong-typed field. The provisioning answer's
 ``credentialsValue`` is written to the token file here and removed before
 anything is posted: secrets never reach the journal or the logs.
 """
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from teg_fsm import tokens
+from teg_fsm import codec, tokens
 from teg_fsm.effects.mqtt import PROVISION_RESPONSE_TOPIC
 
 log = logging.getLogger(__name__)
@@ -79,19 +81,19 @@ class Inbound:
             log.warning("ignoring a message on unexpected topic %s", topic)
 
     def _shared_update(self, body: Any) -> None:
-        if not isinstance(body, dict):
-            log.warning("ignoring a shared-attribute update that is not a JSON object")
-            return
-        values = dict(body)
-        deleted = values.pop("deleted", []) if isinstance(values.get("deleted"), list) else []
-        self._post("shared_attributes_updated", {"values": values, "deleted": deleted})
+        checked = codec.shared_update_from_wire(body)
+        for error in checked.errors:
+            # The gateway's log reaches ThingsBoard as telemetry: the operator sees which field.
+            log.error("shared-attribute update: %s; that part is ignored", error)
+        if checked.data is not None:
+            self._post("shared_attributes_updated", checked.data)
 
     def _rpc_request(self, raw_id: str, body: Any) -> None:
-        request_id = _int_id(raw_id)
-        if request_id is None or not isinstance(body, dict) or not isinstance(body.get("method"), str):
-            log.warning("ignoring a malformed RPC request on id %r", raw_id)
+        checked = codec.rpc_request_from_wire(raw_id, body)
+        if checked.data is None:
+            log.warning("ignoring a malformed RPC request: %s", "; ".join(checked.errors))
             return
-        self._post("rpc_requested", {"request_id": request_id, "method": body["method"], "params": body.get("params")})
+        self._post("rpc_requested", checked.data)
 
     def _answer(self, kind: str, raw_id: str, body: Any) -> None:
         request_id = _int_id(raw_id)
@@ -100,8 +102,10 @@ class Inbound:
             return
         completion = self.forget(kind, request_id)
         if kind == "attributes":
-            body = body if isinstance(body, dict) else {}
-            result = {"client": body.get("client") or {}, "shared": body.get("shared") or {}}
+            checked = codec.attributes_answer_from_wire(body)
+            for error in checked.errors:
+                log.error("attribute answer %d: %s; that attribute is ignored", request_id, error)
+            result = checked.data or {}
             event = "attributes_received"
         else:
             result = body

@@ -1,4 +1,4 @@
-"""Opening the gateway's SQLite files: WAL, busy timeout, and quarantine instead of deletion.
+"""Opening the gateway's SQLite (and small text) files: WAL, busy timeout, and quarantine instead of deletion.
 
 The existing gateway deleted the controller queue when it met a schema error
 and lost every queued row. Here a file SQLite cannot read is moved aside as
@@ -18,6 +18,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+QUARANTINE_MARK = ".corrupt-"
 CORRUPT_MARKERS = ("file is not a database", "malformed", "disk image", "file is encrypted")
 
 
@@ -29,32 +30,66 @@ def connect(path: Path, *, wal: bool = True) -> sqlite3.Connection:
     """A connection in autocommit mode (we BEGIN ourselves), WAL, NORMAL sync."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    if wal:
-        conn.execute("PRAGMA journal_mode=WAL")
-    # WAL + NORMAL survives a killed process; only power loss can lose the last commits.
-    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if wal:
+            conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a killed process; only power loss can lose the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()  # a half-opened connection would keep the file locked (e.g. no room for its -shm)
+        raise
     return conn
 
 
 def quarantine(path: Path, reason: str) -> Path:
     """Move ``path`` (and its -wal/-shm) aside; return the new name."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    target = path.with_name(f"{path.name}{QUARANTINE_MARK}{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        target = path.with_name(f"{path.name}{QUARANTINE_MARK}{stamp}-{n}")
     for suffix in ("", "-wal", "-shm"):
         side = Path(str(path) + suffix)
         if side.exists():
             side.rename(Path(str(target) + suffix))
-    log.error("database %s is unreadable (%s); moved aside to %s, starting a fresh one", path, reason, target)
+    log.error("file %s is unreadable (%s); moved aside to %s, starting a fresh one", path, reason, target)
     return target
 
 
-def open_checked(path: Path, schema: Callable[[sqlite3.Connection], None], *, wal: bool = True) -> sqlite3.Connection:
-    """Open ``path`` and apply ``schema``; a corrupt file is quarantined and replaced once."""
+def read_text_checked(path: Path) -> str:
+    """A small gateway-owned text file (e.g. the last launched version); "" when missing or unreadable.
+
+    A file that is not UTF-8 text is damaged: it is quarantined like a database, so the
+    next start does not meet it again and nothing is deleted.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except UnicodeDecodeError as exc:
+        try:
+            quarantine(path, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+        except OSError as move_error:
+            log.error("file %s is not UTF-8 text and cannot be moved aside: %s", path, move_error)
+        return ""
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return ""
+
+
+def open_checked(
+    path: Path,
+    schema: Callable[[sqlite3.Connection], None],
+    *,
+    wal: bool = True,
+    on_quarantine: Callable[[Path], None] | None = None,
+) -> sqlite3.Connection:
+    """Open ``path`` and apply ``schema``; a corrupt file is quarantined and replaced once.
+
+    ``on_quarantine`` receives the new name of a file moved aside, so the caller can report it.
+    """
     conn: sqlite3.Connection | None = None
     try:
         conn = connect(path, wal=wal)
@@ -62,11 +97,13 @@ def open_checked(path: Path, schema: Callable[[sqlite3.Connection], None], *, wa
         schema(conn)
         return conn
     except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()  # an open connection would keep the file locked for whoever tries next
         if not is_corruption(exc):
             raise
-        if conn is not None:
-            conn.close()
-        quarantine(path, str(exc))
+        moved = quarantine(path, str(exc))
+        if on_quarantine is not None:
+            on_quarantine(moved)
     conn = connect(path, wal=wal)
     schema(conn)
     return conn

@@ -3,15 +3,22 @@
 READY=1 after start-up, WATCHDOG=1 from the dispatcher thread (so a wedged
 dispatcher stops the pings and systemd restarts us), STATUS= with every
 machine's state, STOPPING=1 on shutdown. Without ``NOTIFY_SOCKET`` (not under
-systemd) every call is a no-op.
+systemd) every call is a no-op. A degraded mode leads the STATUS= line
+(``DEGRADED (disk_full) ...``) and is written to ``teg_status.json`` for
+``teg status``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class Notifier:
@@ -83,5 +90,58 @@ def _address(raw: str) -> str | None:
     return raw
 
 
-def status_line(states: Mapping[str, Mapping[str, object]]) -> str:
-    return " ".join(f"{name}={info['state']}" for name, info in sorted(states.items())) or "starting"
+def status_line(states: Mapping[str, Mapping[str, object]], conditions: Mapping[str, str] | None = None) -> str:
+    line = " ".join(f"{name}={info['state']}" for name, info in sorted(states.items())) or "starting"
+    if conditions:
+        return f"DEGRADED ({', '.join(sorted(conditions))}) {line}"
+    return line
+
+
+STATUS_FILE_BYTES = 4096
+
+
+class StatusFile:
+    """The live status for ``teg status``, in a file that can be rewritten on a full disk.
+
+    The file is allocated once at start at a fixed size and always rewritten in
+    place (``pwrite`` at offset 0, padded with spaces, which JSON ignores), so
+    updating it needs no new disk blocks: the degraded mode stays visible
+    exactly when the disk is full. Writing never raises.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._last = b""
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            os.posix_fallocate(self._fd, 0, STATUS_FILE_BYTES)
+        except OSError as exc:
+            log.warning("status file %s unavailable: %s", path, exc.strerror)
+            self.close()
+
+    def write(self, status: Mapping[str, object]) -> None:
+        if self._fd is None:
+            return
+        body = json.dumps(status, sort_keys=True, default=str).encode()[: STATUS_FILE_BYTES - 1]
+        if body == self._last:
+            return
+        try:
+            os.pwrite(self._fd, body.ljust(STATUS_FILE_BYTES - 1) + b"\n", 0)
+            self._last = body
+        except OSError:
+            pass  # a status we cannot show is not worth failing for
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_status(path: Path) -> dict[str, object] | None:
+    """What the running (or last) gateway wrote to its status file; None if unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace") or "null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

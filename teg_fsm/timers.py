@@ -8,6 +8,7 @@ no longer current, which makes cancel-after-fire races harmless.
 from __future__ import annotations
 
 import heapq
+import logging
 import random
 import threading
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from teg_fsm.clock import Clock
 
 TimerKey = tuple[str, str]
 FireCallback = Callable[[str, str, int], None]
+
+log = logging.getLogger(__name__)
 
 
 class Timers:
@@ -97,7 +100,10 @@ class Timers:
                     # start() and wake() notify, so an idle gateway sleeps until the next deadline.
                     self._lock.wait(timeout=wait)
             for machine, name, generation in self.pop_due(self._clock.monotonic()):
-                fire(machine, name, generation)
+                try:
+                    fire(machine, name, generation)
+                except Exception:  # one bad firing must not stop every later timer
+                    log.exception("firing timer %s of %s failed", name, machine)
 
     def wake(self) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from teg_fsm.sqlite_files import quarantine
+
 _MODE = 0o600
 
 
@@ -20,6 +22,9 @@ def read_token(path: Path) -> str | None:
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:  # a damaged file: kept aside, and the device has no token
+        quarantine(path, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
         return None
     return token or None
 

@@ -33,6 +33,7 @@ from teg_fsm.effects.controller import (
 )
 from teg_fsm.events import Source
 from teg_fsm.runner import Completion
+from teg_fsm.sqlite_files import read_text_checked
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway
@@ -42,10 +43,7 @@ log = logging.getLogger(__name__)
 
 def boot_version(config: Config) -> str | None:
     """last_launched_controller_version.txt, else TEG_DEFAULT_CONTROLLER_VERSION, else None."""
-    try:
-        text = config.last_version_file.read_text().strip()
-    except OSError:
-        text = ""
+    text = read_text_checked(config.last_version_file).strip()  # a damaged file is quarantined
     if text:
         return text
     return config.default_controller_version

@@ -31,6 +31,7 @@ from teg_fsm.effects.ota import (
 from teg_fsm.files import atomic_write
 from teg_fsm.git_repo import ControllerRepo, GitRepoError
 from teg_fsm.runner import Completion
+from teg_fsm.sqlite_files import read_text_checked
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway
@@ -41,13 +42,7 @@ log = logging.getLogger(__name__)
 
 def read_last_good(config: Config) -> str | None:
     """The version the existing gateway (or we) last launched, if it is a valid one."""
-    try:
-        text = config.last_version_file.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        text = ""
-    except OSError as exc:
-        log.warning("cannot read %s: %s", config.last_version_file, exc)
-        text = ""
+    text = read_text_checked(config.last_version_file).strip()  # a damaged file is quarantined
     for candidate in (text, config.default_controller_version):
         if candidate and version_error(candidate) is None:
             return candidate

@@ -86,7 +86,7 @@ def test_ready_watchdog_status_and_stopping_and_a_wedged_dispatcher_stops_pings(
     gateway.start()
     try:
         first = _drain(sock, 0.6)
-        assert first[0] == "READY=1" and first[1] == "STATUS=stuck=ok"
+        assert first[0] == "READY=1" and first[1] == "STATUS=health=normal stuck=ok"
         assert first.count("WATCHDOG=1") >= 3  # every 50 ms while idle
         gateway.dispatcher.post("test", "wedge")
         assert Unblock.entered.wait(5)
@@ -95,7 +95,7 @@ def test_ready_watchdog_status_and_stopping_and_a_wedged_dispatcher_stops_pings(
         assert "WATCHDOG=1" not in wedged, "a blocked dispatcher must stop the pings"
         Unblock.gate.set()
         recovered = _drain(sock, 0.5)
-        assert "WATCHDOG=1" in recovered and "STATUS=stuck=wedged" in recovered
+        assert "WATCHDOG=1" in recovered and "STATUS=health=normal stuck=wedged" in recovered
     finally:
         Unblock.gate.set()
         gateway.stop()

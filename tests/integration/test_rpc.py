@@ -62,7 +62,7 @@ EXISTING_LIST = [
     "ota_retry: Retry the assigned controller version (also one that was rolled back)",
     "ota_rollback: Roll the controller back to the last good version",
 ]
-MACHINES = {"connection", "provisioning", "uplink", "rpc", "file_sync", "ota", "controller"}
+MACHINES = {"connection", "provisioning", "uplink", "rpc", "file_sync", "ota", "controller", "health"}
 
 
 @attrs.define
