@@ -153,3 +153,49 @@ def test_a_pending_table_of_another_shape_is_quarantined_and_its_rows_carried_ov
     # The next start finds a usable table: nothing more is renamed.
     _store(tmp_path).close()
     assert len([t for t in _tables(db) if t.startswith(f"{PENDING}_quarantined_")]) == 1
+
+
+class _Completion:
+    """Records how an effect settled (the runner's Completion, minus the runner)."""
+
+    def __init__(self) -> None:
+        self.outcome: tuple[str, object] | None = None
+
+    def succeed(self, result: object = None) -> bool:
+        self.outcome = ("succeeded", result)
+        return True
+
+    def fail(self, error: str, details: object = None) -> bool:
+        self.outcome = ("failed", error)
+        return True
+
+
+def test_a_puback_for_a_packet_of_the_replaced_file_deletes_nothing_in_the_new_one(tmp_path: Path) -> None:
+    from teg_fsm.effects.uplink import SendPacket
+    from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
+    from teg_fsm.uplink_io import UplinkIO
+
+    db = tmp_path / "communication_queue.db"
+    rig.fill(db, 5)
+    io = UplinkIO(store=lambda: _store(tmp_path), logs=lambda: LogBuffer(tmp_path / "logs.db"),
+                  handler=BufferingLogHandler(), post=lambda name, data: None)
+    io.open()
+    assert io.store is not None
+    published: list[object] = []
+    io.publish = lambda topic, payload, qos, on_done: published.append(on_done)
+    try:
+        io.store.transfer(100, 10**9)
+        completion = _Completion()
+        io.send(SendPacket(max_payload_bytes=65_000, restart=True), completion)  # type: ignore[arg-type]
+        _remove_db(db)
+        rig.fill(db, 5, start=100)
+        io.store.transfer(100, 10**9)  # reopens; the 5 pending rows are carried over
+        [on_done] = published
+        on_done(True, None)  # the PUBACK of the packet sent from the old file
+        io._jobs.get()()  # the acknowledgement job the PUBACK enqueued
+        assert completion.outcome is not None and completion.outcome[0] == "succeeded"
+        assert sorted(_sent(io.store)) == [0, 1, 2, 3, 4, 100, 101, 102, 103, 104]  # sent again, none deleted
+    finally:
+        io.store.close()
+        assert io.logs is not None
+        io.logs.close()
