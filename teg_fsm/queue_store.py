@@ -97,6 +97,13 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _close(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        log.debug("closing a queue connection failed", exc_info=True)
+
+
 def _archive_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(
         """
@@ -117,6 +124,7 @@ class QueueStore:
         self.generation = 0  # bumped when the queue file is reopened; acks of older packets are void
         self._reopened = False
         self._reported: set[str] = set()
+        self._replaced: list[sqlite3.Connection] = []  # connections to replaced files with rows to carry over
         self._open()
 
     def _open(self) -> None:
@@ -138,7 +146,7 @@ class QueueStore:
 
     def reopen(self) -> None:
         """Open the file again (a table changed shape under us); the next transfer says so."""
-        self.close()
+        _close(self.conn)
         self.generation += 1
         self._open()
         self._reopened = True
@@ -215,24 +223,44 @@ class QueueStore:
             self.report_once(f"missing:{self.identity}", "controller queue %s was deleted; sending the rows we hold "
                              "and waiting for the file to come back", self.queue_path, level=logging.WARNING)
             return False
-        if identity == self.identity:
-            return False
-        old = self.conn
-        log.warning("controller queue %s was replaced (inode %d -> %d); reopening it", self.queue_path,
-                    self.identity[1], identity[1])
-        self.generation += 1
-        self._open()
-        carried = self._carry_over(old)
-        old.close()
-        if any(carried):
-            log.warning("carried %d pending and %d queued rows over from the replaced queue file", *carried)
-        return True
+        replaced = identity != self.identity
+        if replaced:
+            log.warning("controller queue %s was replaced (inode %d -> %d); reopening it", self.queue_path,
+                        self.identity[1], identity[1])
+            self._replaced.append(self.conn)  # still open: its rows are carried over first
+            self.generation += 1
+            self._open()
+        self._carry_over_replaced()
+        return replaced
+
+    def _carry_over_replaced(self) -> None:
+        """Carry the rows of replaced files over; one that cannot be done now is tried at the next transfer."""
+        for old in list(self._replaced):
+            try:
+                carried = self._carry_over(old)
+            except sqlite3.Error as exc:
+                self.report_once(f"carry:{id(old)}", "cannot carry rows over from the replaced queue file yet (%s); "
+                                 "trying again with the next transfer", exc)
+                continue
+            old.close()
+            self._replaced.remove(old)
+            if any(carried):
+                log.warning("carried %d pending and %d queued rows over from the replaced queue file", *carried)
 
     def _carry_over(self, old: sqlite3.Connection) -> tuple[int, int]:
         """Move the rows the replaced file still holds into the new one (nothing is lost with it)."""
-        old.execute("ATTACH DATABASE ? AS fresh", (str(self.queue_path),))
         old_cols = {r[1] for r in old.execute("PRAGMA main.table_info(messages)")}
-        moved = (0, 0)
+        old.execute("ATTACH DATABASE ? AS fresh", (str(self.queue_path),))
+        try:
+            moved = self._copy_rows(old, old_cols)
+        finally:
+            old.execute("DETACH DATABASE fresh")
+        self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
+        self.checked_above = self._scalar("SELECT value FROM teg_meta WHERE key = 'pending_checked_above'")
+        return moved
+
+    def _copy_rows(self, old: sqlite3.Connection, old_cols: set[str]) -> tuple[int, int]:
+        """One transaction: old pending -> new pending (checked again when sent), old messages -> new messages."""
         old.execute("BEGIN IMMEDIATE")
         try:
             pending = old.execute(f"INSERT INTO fresh.{PENDING} (type, message) "
@@ -247,22 +275,19 @@ class QueueStore:
             if pending:
                 old.execute("INSERT OR REPLACE INTO fresh.teg_meta (key, value) VALUES ('pending_checked_above', "
                             f"(SELECT max(id) FROM fresh.{PENDING}))")
+            # Emptied, so rows are never carried twice should the old file be looked at again.
+            old.execute(f"DELETE FROM main.{PENDING}")
+            if queued:
+                old.execute("DELETE FROM main.messages")
             old.execute("COMMIT")
-            moved = (pending, queued)
         except BaseException:
             old.execute("ROLLBACK")
             raise
-        finally:
-            old.execute("DETACH DATABASE fresh")
-        self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
-        self.checked_above = self._scalar("SELECT value FROM teg_meta WHERE key = 'pending_checked_above'")
-        return moved
+        return pending, queued
 
     def close(self) -> None:
-        try:
-            self.conn.close()
-        except sqlite3.Error:
-            log.debug("closing the queue store failed", exc_info=True)
+        for conn in (self.conn, *self._replaced):
+            _close(conn)
 
     def _scalar(self, sql: str, *args: Any) -> int:
         row = self.conn.execute(sql, args).fetchone()
