@@ -58,6 +58,14 @@ def _dead_letters(db: Path) -> list[tuple[int, str]]:
         conn.close()
 
 
+def _pending(db: Path) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return int(conn.execute("SELECT count(*) FROM pending_mqtt_messages").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def _delivered(gateway: rig.FaultedGateway, expected: set[int], timeout: float = 60.0) -> float:
     started = time.monotonic()
     wait_for(lambda: expected <= set(uplink_rig.seqs(gateway.tb, gateway.device)), timeout,
@@ -165,19 +173,52 @@ def test_a_foreign_pending_table_is_quarantined_once_and_its_rows_still_go_out(t
 def test_withheld_pubacks_on_a_live_session_lead_to_a_reconnect_and_no_loss(tb: StandIn, tmp_path: Path) -> None:
     gateway = rig.start_gateway(tb, tmp_path)
     try:
+        # The session's own start-up publishes are done first, so the withheld PUBACKs are telemetry's.
+        uplink_rig.fill(gateway.queue, 10, start=10_000)
+        _delivered(gateway, set(range(10_000, 10_010)))
+        wait_for(lambda: "teg_gateway" in tb.client_attributes(gateway.device) and tb.client_rpcs(gateway.device),
+                 20, "the session's start-up publishes acknowledged")
         connects_before = len(tb.events(gateway.device, "connected"))
         tb.drop_pubacks(3, device=gateway.device)
         withheld = time.monotonic()
         uplink_rig.fill(gateway.queue, 5000)
-        expected = set(range(5000))
+        expected = set(range(5000)) | set(range(10_000, 10_010))
+        # The withheld PUBACKs may be of data or of log packets; either way the session is dropped.
+        wait_for(lambda: "no PUBACK for 10 s on a live session" in gateway.log_text(), 60, "the stuck session seen")
+        wait_for(lambda: len(tb.events(gateway.device, "connected")) > connects_before, 30, "a new session")
         _delivered(gateway, expected, timeout=90)
         took = time.monotonic() - withheld
+        wait_for(lambda: tb.telemetry(gateway.device, "uplink_stuck_sessions"), 20, "stuck session reported")
         seqs = uplink_rig.seqs(tb, gateway.device)
         assert max(Counter(seqs).values()) <= 2  # duplicates bounded: a row goes out at most twice
-        assert "no PUBACK for 10 s on a live session" in gateway.log_text()
-        wait_for(lambda: tb.telemetry(gateway.device, "uplink_stuck_sessions"), 20, "stuck session reported")
         reconnects = len(tb.events(gateway.device, "connected")) - connects_before
+        assert [e.kind for e in tb.events(gateway.device, "puback_dropped")].count("puback_dropped") == 3
         _figures("PUBACKs withheld", expected, seqs, took, reconnects=reconnects)
+        rig.finish(gateway, expected)
+    finally:
+        uplink_rig.stop(gateway.proc)
+
+
+def test_a_slow_server_is_not_reconnected_to_in_a_loop(tb: StandIn, tmp_path: Path) -> None:
+    """PUBACKs later than the bound (but coming): the bound doubles after each drop until they fit."""
+    gateway = rig.start_gateway(tb, tmp_path, TEG_UPLINK_PUBACK_TIMEOUT_S="2")
+    try:
+        uplink_rig.fill(gateway.queue, 10, start=10_000)
+        _delivered(gateway, set(range(10_000, 10_010)))
+        connects_before = len(tb.events(gateway.device, "connected"))
+        tb.delay_pubacks(3.0)
+        slowed = time.monotonic()
+        uplink_rig.fill(gateway.queue, 3000)
+        expected = set(range(3000)) | set(range(10_000, 10_010))
+        wait_for(lambda: "no PUBACK for 2 s on a live session" in gateway.log_text(), 30, "the first drop")
+        _delivered(gateway, expected, timeout=120)
+        wait_for(lambda: _pending(gateway.queue) == 0, 120, "every row acknowledged despite the slow PUBACKs")
+        took = time.monotonic() - slowed
+        tb.delay_pubacks(0)
+        reconnects = len(tb.events(gateway.device, "connected")) - connects_before
+        assert 1 <= reconnects <= 5  # 2 s doubling to 60 s at most: never a reconnect per packet
+        seqs = uplink_rig.seqs(tb, gateway.device)
+        _figures("PUBACKs 3 s late, bound 2 s", expected, seqs, took, reconnects=reconnects)
         rig.finish(gateway, expected)
     finally:
         uplink_rig.stop(gateway.proc)
