@@ -34,7 +34,20 @@ Events taken: ``mqtt_connected``, ``mqtt_disconnected``, ``session_limits_receiv
 ``transfer_retry_elapsed``, ``work_changed`` (from itself), ``gateway_stopping``
 (start nothing new; the component waits for the packets in flight).
 Effects: ``TransferRows``, ``SendPacket``, ``StartTimer``/``CancelTimer``, ``Log``,
-``Notify`` (to itself).
+``Notify`` (to itself), ``Disconnect`` (a stuck session), ``Publish`` (its report).
+
+A stuck session is a broken session: a packet without PUBACK after
+``packet_timeout_s`` (``TEG_UPLINK_PUBACK_TIMEOUT_S``, 10 s) while the session
+is up makes the machine drop the session (``Disconnect``); the connection
+machine reconnects and the unacknowledged rows go out again (duplicates
+bounded by the packets in flight, nothing lost). The bound doubles after each
+such drop (up to ``stall_timeout_max_s``), so a server that is merely slow is
+not reconnected to in a loop, and returns to its setting after 100 packets
+acknowledged in time. The drop is logged and, once reconnected, reported as
+gateway telemetry (``uplink_stuck_sessions``, ``uplink_puback_wait_s``).
+
+A transfer result with ``reopened`` (the controller replaced the queue file)
+starts the data stream afresh: pending ids now name other rows.
 
 Persistence: nothing but the state; every row lives in SQLite, so a restart
 re-enters ``offline`` and, once connected, sends again from the oldest pending
@@ -47,6 +60,7 @@ ignored.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from statemachine import State
@@ -55,6 +69,7 @@ from statemachine.transition_list import TransitionList
 from machines.base import GatewayMachine
 from machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
 from teg_fsm.effects import CancelTimer, Log, StartTimer
+from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
 from teg_fsm.events import Event
 
 def _loops(*states: State) -> TransitionList:
@@ -128,6 +143,13 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         self.max_payload_size = s.max_payload_size
         self.session_inflight: int | None = None
         self.stopping = False
+        self.data_epoch_seq = 0  # data packets issued before it belong to a replaced queue file
+        self.stall_timeout_s = s.packet_timeout_s
+        self.acks_since_stall = 0
+        self.stuck_sessions = 0
+        self.dropped_session_seq = -1
+        self.dropped_at_ms = 0
+        self.stall_report: dict[str, Any] | None = None
         self._set_limits(s.rate_messages, s.rate_telemetry_messages, s.rate_data_points, 0)
 
     # -- guards ---------------------------------------------------------------
@@ -149,6 +171,9 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
     def on_mqtt_connected(self, ev: Event) -> None:
         self.connected = True
         self._new_session(ev)
+        if self.stall_report is not None:
+            values, self.stall_report = self.stall_report, None
+            self.emit(Publish(topic=TELEMETRY_TOPIC, payload=json.dumps({"ts": self.now_ms, "values": values})))
         self._plan()
 
     def on_mqtt_disconnected(self, ev: Event) -> None:
@@ -184,9 +209,16 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
             self.emit(Log(level="WARNING", message=(
                 f"pending buffer full ({self.pending_rows} rows): new controller rows wait in its queue")))
         self.pending_full = full
+        if result.get("reopened"):
+            self._new_data_epoch(ev)
         if result.get("moved"):
             self.data.known_top = max(self.data.known_top or 0, int(result.get("pending_top", 0)))
         self._plan()
+
+    def _new_data_epoch(self, ev: Event) -> None:
+        """The queue file was reopened: forget what the data stream knew, send from its oldest row."""
+        self.data_epoch_seq = ev.seq
+        self.data.in_flight, self.data.sent_top, self.data.known_top, self.data.restart = 0, 0, None, True
 
     def on_transfer_failed(self, ev: Event) -> None:
         self._transfer_ended_badly(ev, "failed")
@@ -230,7 +262,7 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         self._packet_lost(self.data, ev, "failed")
 
     def on_data_packet_timed_out(self, ev: Event) -> None:
-        self._packet_lost(self.data, ev, "timed out")
+        self._packet_stuck(self.data, ev)
 
     def on_data_packet_cancelled(self, ev: Event) -> None:
         self._packet_lost(self.data, ev, None)
@@ -239,24 +271,28 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         self._packet_lost(self.logs, ev, "failed")
 
     def on_log_packet_timed_out(self, ev: Event) -> None:
-        self._packet_lost(self.logs, ev, "timed out")
+        self._packet_stuck(self.logs, ev)
 
     def on_log_packet_cancelled(self, ev: Event) -> None:
         self._packet_lost(self.logs, ev, None)
 
-    def _stale(self, ev: Event) -> bool:
-        """True for outcomes of packets sent before the current session began."""
+    def _stale(self, ev: Event, stream: Stream) -> bool:
+        """True for outcomes of packets sent before the current session (or queue file) began."""
         try:
             issued_at = int(str(ev.data.get("effect_id", "")).split(":")[1])
         except (IndexError, ValueError):
             return True
-        return not self.connected or issued_at < self.session_seq
+        epoch = max(self.session_seq, self.data_epoch_seq) if stream is self.data else self.session_seq
+        return not self.connected or issued_at < epoch
 
     def _packet_acked(self, stream: Stream, ev: Event) -> None:
-        if self._stale(ev):
+        if self._stale(ev, stream):
             return
         r = ev.data.get("result") or {}
         stream.in_flight -= 1
+        self.acks_since_stall += 1
+        if self.acks_since_stall >= 100:
+            self.stall_timeout_s = self.settings.packet_timeout_s
         if r.get("rows") and stream is self.data:
             self.pending_rows = max(0, self.pending_rows - r["rows"])
             self.rows_per_packet = max(self.rows_per_packet, int(r["rows"]))
@@ -268,7 +304,7 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         self._plan()
 
     def _packet_lost(self, stream: Stream, ev: Event, how: str | None) -> None:
-        if self._stale(ev):
+        if self._stale(ev, stream):
             return
         stream.in_flight -= 1
         if how is None:  # cancelled: the gateway is stopping
@@ -278,6 +314,28 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         stream.sent_top = 0
         self.emit(Log(level="WARNING", message=f"telemetry packet {how}: {ev.data.get('error')}; sending again"))
         self._hold(self.settings.retry_s)
+        self._plan()
+
+    def _packet_stuck(self, stream: Stream, ev: Event) -> None:
+        """No PUBACK within the bound while the session is up: drop the session, not just the packet."""
+        if self._stale(ev, stream):
+            return
+        stream.in_flight -= 1
+        stream.restart, stream.sent_top = True, 0
+        waited = self.stall_timeout_s
+        if self.dropped_session_seq == self.session_seq and self.now_ms - self.dropped_at_ms < waited * 1000:
+            return  # this session is already being dropped
+        self.dropped_session_seq, self.dropped_at_ms = self.session_seq, self.now_ms
+        self.stuck_sessions += 1
+        self.stall_timeout_s = min(max(self.settings.stall_timeout_max_s, waited), waited * 2)
+        self.acks_since_stall = 0
+        self.stall_report = {"uplink_stuck_sessions": self.stuck_sessions, "uplink_puback_wait_s": waited}
+        self.emit(
+            Log(level="WARNING", message=(
+                f"no PUBACK for {waited:g} s on a live session (stuck session #{self.stuck_sessions}): "
+                "dropping it to reconnect; its unacknowledged rows go out again")),
+            Disconnect(),
+        )
         self._plan()
 
     # -- pause and shutdown ---------------------------------------------------

@@ -36,7 +36,11 @@ class UplinkSettings:
     rate_messages: str = ""
     rate_telemetry_messages: str = ""
     rate_data_points: str = ""
+    # A PUBACK later than this on a live session: the session is stuck. The gateway passes
+    # TEG_UPLINK_PUBACK_TIMEOUT_S (10 s); 60 stays the default so journals recorded before
+    # that setting existed replay unchanged.
     packet_timeout_s: float = 60.0
+    stall_timeout_max_s: float = 60.0  # the bound doubles after each stuck session, up to this
     transfer_timeout_s: float = 120.0
     retry_s: float = 1.0
     transfer_retry_s: float = 5.0
@@ -80,6 +84,7 @@ class UplinkPlanning:
     rows_per_packet: int
     max_payload_size: int
     session_inflight: int | None
+    stall_timeout_s: float
     limits_spec: tuple[str, str, str]
     messages: TokenBuckets
     telemetry: TokenBuckets
@@ -229,7 +234,7 @@ class UplinkPlanning:
             max_points=budget if budget >= 0 else None,
             points_capacity=capacity,
             reply=stream.reply,
-            timeout_s=self.settings.packet_timeout_s,
+            timeout_s=self.stall_timeout_s,
         ))
         stream.restart = False
         stream.in_flight += 1

@@ -48,6 +48,7 @@ class Config:
     uplink_rate_messages: str
     uplink_rate_telemetry_messages: str
     uplink_rate_data_points: str
+    uplink_puback_timeout_s: float  # PUBACKs missing this long on a live session: reconnect
     pending_max_rows: int
     archive_max_rows: int
     archive_max_bytes: int
@@ -179,6 +180,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         uplink_rate_messages=_get(env, "TEG_RATE_LIMIT_MESSAGES", "") or "",
         uplink_rate_telemetry_messages=_get(env, "TEG_RATE_LIMIT_TELEMETRY_MESSAGES", "") or "",
         uplink_rate_data_points=_get(env, "TEG_RATE_LIMIT_DATA_POINTS", "") or "",
+        uplink_puback_timeout_s=_float(env, "TEG_UPLINK_PUBACK_TIMEOUT_S", 10.0),
         pending_max_rows=_int(env, "TEG_PENDING_MAX_ROWS", 5_000_000),
         archive_max_rows=_int(env, "TEG_ARCHIVE_MAX_ROWS", 5_000_000),
         archive_max_bytes=_int(env, "TEG_ARCHIVE_MAX_BYTES", 2 * 1024 * 1024 * 1024),

@@ -61,6 +61,7 @@ Post = Callable[[str, dict[str, Any]], None]
 
 DEVICE = "device"
 PROVISION = "provision"
+CLOSE_GRACE_S = 3.0  # after a DISCONNECT we asked for, the socket is cut if the session has not ended
 _NOT_AUTHORIZED = {4, 5, 134, 135}  # MQTT 3.1.1 codes 4/5 as paho 2 maps them (0x86, 0x87)
 
 
@@ -193,6 +194,11 @@ class MqttLink:
         if not session.connected:
             session.on_connected.fail(f"connect abandoned: {reason}", {"network": True})
             self._ended(session, reason)
+            return
+        # A stuck peer may never let the DISCONNECT out; the machines must still hear the end.
+        cut = threading.Timer(CLOSE_GRACE_S, _cut_off, (session,))
+        cut.daemon = True
+        cut.start()
 
     def close(self, timeout: float = 3.0) -> None:
         """Disconnect cleanly; a dead network is cut off after ``timeout`` s."""
@@ -203,12 +209,7 @@ class MqttLink:
             return
         self._close(session, "gateway stopping")
         if not session.ended.wait(timeout):
-            sock = session.client.socket()
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes paho's select; its thread then exits
-                except OSError:
-                    pass
+            _cut_off(session)
             session.ended.wait(2.0)
         self._ended(session, "gateway stopping")
 
@@ -321,6 +322,18 @@ def _finish(on_done: OnDone, reason: Any) -> None:
         on_done(False, f"refused by the server: {reason}")
     else:
         on_done(True, None)
+
+
+def _cut_off(session: Session) -> None:
+    """Shut the socket of a session that did not end by itself; paho's thread then ends it."""
+    if session.ended.is_set():
+        return
+    sock = session.client.socket()
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes paho's select; its thread then exits
+        except OSError:
+            pass
 
 
 def _first_failure(codes: Any) -> Any:

@@ -12,23 +12,69 @@ the queue connection so one transaction covers a batch: archive copy, pending
 insert, dead letters, delete from ``messages``. (SQLite makes a WAL-mode
 multi-file commit atomic per file: a crash inside that commit can leave a
 batch archived twice, never lost from pending.)
+
+No row can block the queue. A batch is moved in one go (the fast path, one
+parse per row); if that raises, the batch is bisected inside savepoints until
+each row that makes it fail is isolated, those rows go to ``dead_letters``
+with the reason, and the rest of the batch is moved, still in ts order.
+
+Files change under us. The queue file may be deleted and re-created by the
+controller: its inode is compared before each transfer, and a replaced file
+is reopened, taking along the rows still held in the old one. A ``messages``
+table of another shape is read as far as it can be (reported once); a
+``pending_mqtt_messages`` or ``dead_letters`` table we cannot use is renamed
+aside with a timestamp (its readable rows are carried over) and recreated.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sqlite3
+import time
+from collections.abc import Callable, Generator, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from teg_fsm.packets import Packet, archived_values, build_packet, parse_record, parse_values
-from teg_fsm.sqlite_files import open_checked
+from teg_fsm.sqlite_files import is_corruption, open_checked
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending_mqtt_messages"
 _SCAN_LIMIT = 20_000  # rows looked at per packet; far more than 64 KiB holds
+# Columns our own tables must have; one that lacks any is quarantined (renamed aside).
+_OUR_TABLES = {
+    PENDING: ("id", "type", "message"),
+    "dead_letters": ("id", "source", "source_id", "type", "message", "reason"),
+}
+_REASON_CHARS = 300
+Row = tuple[Any, Any, Any]
+
+
+def is_row_fault(exc: BaseException) -> bool:
+    """True when ``exc`` comes from the rows being moved (a poison row), not from the files.
+
+    Locks, I/O, a full disk, a missing table and corruption are about the files:
+    retrying later is right and no row is to blame. Anything else that a batch
+    raises (a value SQLite refuses, text it cannot decode, a parser limit) is.
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        return "could not decode" in str(exc).lower()
+    return isinstance(exc, Exception) and not is_corruption(exc)
+
+
+def row_fault_reason(exc: BaseException) -> str:
+    """A short reason for a dead letter; never the row's content (it may be private or huge)."""
+    text = str(exc)
+    column = re.search(r"could not decode to UTF-8 column '([^']*)'", text, re.IGNORECASE)
+    if column:
+        return f"column {column.group(1)} holds text that is not valid UTF-8"
+    if isinstance(exc, UnicodeError):
+        return f"text SQLite cannot store: {type(exc).__name__} ({getattr(exc, 'reason', '')})"
+    return f"{type(exc).__name__}: {text}"[:_REASON_CHARS]
 
 
 def _queue_schema(conn: sqlite3.Connection) -> None:
@@ -43,6 +89,19 @@ def _queue_schema(conn: sqlite3.Connection) -> None:
             message TEXT, reason TEXT, timestamp_ms INTEGER DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)));
         """
     )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """Which file ``path`` names now (device, inode): a re-created file has another."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        log.debug("closing a queue connection failed", exc_info=True)
 
 
 def _archive_schema(conn: sqlite3.Connection) -> None:
@@ -62,15 +121,23 @@ class QueueStore:
         self.queue_path, self.archive_path = queue_path, archive_path
         self.archive_max_rows, self.archive_max_bytes = archive_max_rows, archive_max_bytes
         self.trimmed_archive_rows = 0  # discarded for the caps since the last report
+        self.generation = 0  # bumped when the queue file is reopened; acks of older packets are void
+        self._reopened = False
+        self._reported: set[str] = set()
+        self._replaced: list[sqlite3.Connection] = []  # connections to replaced files with rows to carry over
         self._open()
 
     def _open(self) -> None:
         open_checked(self.archive_path, _archive_schema).close()
         self.conn = open_checked(self.queue_path, _queue_schema)
+        self.identity = _identity(self.queue_path)
+        self._quarantine_foreign_tables()
+        self._read_messages_shape()
         self.conn.execute("ATTACH DATABASE ? AS arc", (str(self.archive_path),))
         self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
         self.archive_rows = self._scalar("SELECT count(*) FROM arc.controller_archive")
         self.cursor = 0
+        self._scanned = 0
         # Pending rows above this id were validated (and ts-ordered) by our transfer;
         # rows at or below it may come from the previous gateway and are checked when sent.
         self.conn.execute("INSERT OR IGNORE INTO teg_meta (key, value) VALUES ('pending_checked_above', ?)",
@@ -78,14 +145,149 @@ class QueueStore:
         self.checked_above = self._scalar("SELECT value FROM teg_meta WHERE key = 'pending_checked_above'")
 
     def reopen(self) -> None:
-        self.close()
+        """Open the file again (a table changed shape under us); the next transfer says so."""
+        _close(self.conn)
+        self.generation += 1
         self._open()
+        self._reopened = True
+
+    def report_once(self, key: str, message: str, *args: Any, level: int = logging.ERROR) -> None:
+        """Log a condition once per store (a foreign schema is not news every second)."""
+        if key not in self._reported:
+            self._reported.add(key)
+            log.log(level, message, *args)
+
+    # -- the shape of the tables ----------------------------------------------------
+
+    def _columns(self, table: str, schema: str = "main") -> dict[str, tuple[str, int]]:
+        """``{column: (declared type, pk)}`` of ``table``."""
+        rows = self.conn.execute(f"PRAGMA {schema}.table_info({table})").fetchall()
+        return {name: (str(decl or "").upper(), int(pk)) for _, name, decl, _, _, pk in rows}
+
+    def _read_messages_shape(self) -> None:
+        """How to read the controller's ``messages``, whatever shape it has; reported once."""
+        cols = self._columns("messages")
+        self.msg_id = "id" if "id" in cols else "rowid"
+        self.msg_type = "type" if "type" in cols else "NULL"
+        self.msg_readable = "message" in cols
+        for column in ("id", "type", "message"):
+            if column not in cols:
+                consequence = {"id": "rows are taken in rowid order", "type": "rows are sent with no type",
+                               "message": "no row can be read; they stay in the queue"}[column]
+                self.report_once(f"messages.{column}", "controller queue %s: table messages has no column %r (columns: %s); %s",
+                                 self.queue_path, column, ", ".join(cols) or "none", consequence)
+
+    def _quarantine_foreign_tables(self) -> None:
+        for table, needed in _OUR_TABLES.items():
+            cols = self._columns(table)
+            usable = all(c in cols for c in needed) and cols["id"] == ("INTEGER", 1)
+            if not usable:
+                self._quarantine_table(table, cols)
+
+    def _quarantine_table(self, table: str, cols: dict[str, tuple[str, int]]) -> None:
+        """Rename ``table`` aside with a timestamp, recreate it, carry over the rows it can."""
+        base = aside = f"{table}_quarantined_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        n = 1
+        while self._columns(aside):
+            n += 1
+            aside = f"{base}_{n}"
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f'ALTER TABLE {table} RENAME TO "{aside}"')
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        _queue_schema(conn)
+        carried = 0
+        if table == PENDING and "message" in cols:
+            kind = "type" if "type" in cols else "NULL"
+            order = "id" if "id" in cols else "rowid"
+            carried = conn.execute(f'INSERT INTO {PENDING} (type, message) SELECT {kind}, message FROM "{aside}" '
+                                   f"ORDER BY {order}").rowcount
+            # Rows we did not validate: they are parsed again when sent.
+            conn.execute("INSERT OR REPLACE INTO teg_meta (key, value) VALUES ('pending_checked_above', ?)",
+                         (self.pending_top(),))
+        log.error("controller queue %s: table %s has a shape the gateway cannot use (columns: %s); renamed to %s "
+                  "and recreated, %d of its rows carried over", self.queue_path, table,
+                  ", ".join(f"{c} {d}".strip() for c, (d, _) in cols.items()) or "none", aside, carried)
+
+    # -- following the file ---------------------------------------------------------
+
+    def follow_file(self) -> bool:
+        """Reopen the queue file if it was replaced (deleted and re-created); True if it was."""
+        try:
+            identity = _identity(self.queue_path)
+        except FileNotFoundError:
+            self.report_once(f"missing:{self.identity}", "controller queue %s was deleted; sending the rows we hold "
+                             "and waiting for the file to come back", self.queue_path, level=logging.WARNING)
+            return False
+        replaced = identity != self.identity
+        if replaced:
+            log.warning("controller queue %s was replaced (inode %d -> %d); reopening it", self.queue_path,
+                        self.identity[1], identity[1])
+            self._replaced.append(self.conn)  # still open: its rows are carried over first
+            self.generation += 1
+            self._open()
+        self._carry_over_replaced()
+        return replaced
+
+    def _carry_over_replaced(self) -> None:
+        """Carry the rows of replaced files over; one that cannot be done now is tried at the next transfer."""
+        for old in list(self._replaced):
+            try:
+                carried = self._carry_over(old)
+            except sqlite3.Error as exc:
+                self.report_once(f"carry:{id(old)}", "cannot carry rows over from the replaced queue file yet (%s); "
+                                 "trying again with the next transfer", exc)
+                continue
+            old.close()
+            self._replaced.remove(old)
+            if any(carried):
+                log.warning("carried %d pending and %d queued rows over from the replaced queue file", *carried)
+
+    def _carry_over(self, old: sqlite3.Connection) -> tuple[int, int]:
+        """Move the rows the replaced file still holds into the new one (nothing is lost with it)."""
+        old_cols = {r[1] for r in old.execute("PRAGMA main.table_info(messages)")}
+        old.execute("ATTACH DATABASE ? AS fresh", (str(self.queue_path),))
+        try:
+            moved = self._copy_rows(old, old_cols)
+        finally:
+            old.execute("DETACH DATABASE fresh")
+        self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
+        self.checked_above = self._scalar("SELECT value FROM teg_meta WHERE key = 'pending_checked_above'")
+        return moved
+
+    def _copy_rows(self, old: sqlite3.Connection, old_cols: set[str]) -> tuple[int, int]:
+        """One transaction: old pending -> new pending (checked again when sent), old messages -> new messages."""
+        old.execute("BEGIN IMMEDIATE")
+        try:
+            pending = old.execute(f"INSERT INTO fresh.{PENDING} (type, message) "
+                                  f"SELECT type, message FROM main.{PENDING} ORDER BY id").rowcount
+            queued = 0
+            if "message" in old_cols and self.msg_readable:
+                old_kind = "type" if "type" in old_cols else "NULL"
+                into = "(type, message)" if self.msg_type == "type" else "(message)"
+                what = f"{old_kind}, message" if self.msg_type == "type" else "message"
+                queued = old.execute(f"INSERT INTO fresh.messages {into} SELECT {what} FROM main.messages "
+                                     f"ORDER BY {'id' if 'id' in old_cols else 'rowid'}").rowcount
+            if pending:
+                old.execute("INSERT OR REPLACE INTO fresh.teg_meta (key, value) VALUES ('pending_checked_above', "
+                            f"(SELECT max(id) FROM fresh.{PENDING}))")
+            # Emptied, so rows are never carried twice should the old file be looked at again.
+            old.execute(f"DELETE FROM main.{PENDING}")
+            if queued:
+                old.execute("DELETE FROM main.messages")
+            old.execute("COMMIT")
+        except BaseException:
+            old.execute("ROLLBACK")
+            raise
+        return pending, queued
 
     def close(self) -> None:
-        try:
-            self.conn.close()
-        except sqlite3.Error:
-            log.debug("closing the queue store failed", exc_info=True)
+        for conn in (self.conn, *self._replaced):
+            _close(conn)
 
     def _scalar(self, sql: str, *args: Any) -> int:
         row = self.conn.execute(sql, args).fetchone()
@@ -99,44 +301,156 @@ class QueueStore:
     # -- controller queue -> pending + archive ------------------------------------
 
     def transfer(self, max_rows: int, pending_max_rows: int) -> dict[str, Any]:
+        reopened = self.follow_file() or self._reopened
+        self._reopened = False
         room = pending_max_rows - self.pending_rows
-        if room <= 0:
-            return self._transfer_result(0, 0, more=True, full=True)
+        if room <= 0 or not self.msg_readable:
+            return self._transfer_result(0, 0, more=room <= 0, full=room <= 0, reopened=reopened)
         limit = min(max_rows, room)
+        try:
+            taken, moved, dead, archived = self._in_transaction(lambda: self._move_batch(limit))
+        except Exception as exc:
+            if not is_row_fault(exc):
+                raise
+            log.warning("moving a batch of controller rows failed (%s); isolating the rows that cause it",
+                        row_fault_reason(exc))
+            taken, moved, dead, archived = self._in_transaction(lambda: self._move_isolating(limit))
+        self.pending_rows += moved
+        self.archive_rows += archived
+        if archived:
+            self._trim_archive()
+        full = self.pending_rows >= pending_max_rows
+        return self._transfer_result(moved, dead, more=taken == limit, full=full, reopened=reopened)
+
+    def _in_transaction(self, work: Callable[[], tuple[int, ...]]) -> tuple[int, ...]:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            rows = conn.execute("SELECT id, type, message FROM messages ORDER BY id LIMIT ?", (limit,)).fetchall()
-            archive, pending, dead = [], [], []
-            for row_id, kind, text in rows:
-                parsed = parse_values(text)
-                if isinstance(parsed, str):
-                    dead.append(("messages", row_id, kind, text, parsed))
-                    continue
-                pending.append((parsed[0], kind, text))
-                if "log" not in (kind or ""):
-                    archive.append((parsed[0], archived_values(parsed[2])))
-            # ts order within a batch, so packets (built in id order) need no sort or parse.
-            pending.sort(key=itemgetter(0))
-            conn.executemany("INSERT INTO arc.controller_archive (timestamp_ms, message) VALUES (?, ?)", archive)
-            conn.executemany(f"INSERT INTO {PENDING} (type, message) VALUES (?, ?)", [p[1:] for p in pending])
-            self._dead_letter(dead)
-            if rows:
-                conn.execute("DELETE FROM messages WHERE id <= ?", (rows[-1][0],))
+            result = work()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self.pending_rows += len(pending)
-        self.archive_rows += len(archive)
-        if archive:
-            self._trim_archive()
-        full = self.pending_rows >= pending_max_rows
-        return self._transfer_result(len(pending), len(dead), more=len(rows) == limit, full=full)
+        return result
 
-    def _transfer_result(self, moved: int, dead: int, *, more: bool, full: bool) -> dict[str, Any]:
-        return {"moved": moved, "dead": dead, "more": more, "full": full,
-                "pending_rows": self.pending_rows, "pending_top": self.pending_top()}
+    def _select_messages(self, where: str = "") -> str:
+        return f"SELECT {self.msg_id}, {self.msg_type}, message FROM messages {where} ORDER BY {self.msg_id}"
+
+    def _move_batch(self, limit: int) -> tuple[int, int, int, int]:
+        """The fast path: the next ``limit`` rows in one statement, one parse each."""
+        rows = self.conn.execute(self._select_messages() + " LIMIT ?", (limit,)).fetchall()
+        moved, dead, archived = self._stage(rows)
+        if rows:
+            self.conn.execute(f"DELETE FROM messages WHERE {self.msg_id} <= ?", (rows[-1][0],))
+        return len(rows), moved, dead, archived
+
+    def _stage(self, rows: Sequence[Row], *, probe: bool = False) -> tuple[int, int, int]:
+        """Archive and queue the valid rows (in ts order), dead-letter the malformed ones.
+
+        Returns ``(queued, dead, archived)``; a ``probe`` (to be rolled back) writes no dead letters.
+        """
+        archive, pending, dead = [], [], []
+        for row_id, kind, text in rows:
+            parsed = parse_values(text)
+            if isinstance(parsed, str):
+                dead.append(("messages", row_id, kind, text, parsed))
+                continue
+            pending.append((parsed[0], kind, text))
+            if kind.__class__ is not str or "log" not in kind:
+                archive.append((parsed[0], archived_values(parsed[2])))
+        # ts order within a batch, so packets (built in id order) need no sort or parse.
+        pending.sort(key=itemgetter(0))
+        conn = self.conn
+        conn.executemany("INSERT INTO arc.controller_archive (timestamp_ms, message) VALUES (?, ?)", archive)
+        conn.executemany(f"INSERT INTO {PENDING} (type, message) VALUES (?, ?)", [p[1:] for p in pending])
+        if not probe:
+            self._dead_letter(dead)
+        return len(pending), len(dead), len(archive)
+
+    # -- isolating poison rows (only after a batch failed) ------------------------------
+
+    def _move_isolating(self, limit: int) -> tuple[int, int, int, int]:
+        """Bisect the batch until each row that breaks it is found; move the others in one piece."""
+        ids = [r[0] for r in self.conn.execute(f"SELECT {self.msg_id} FROM messages ORDER BY {self.msg_id} LIMIT ?",
+                                               (limit,))]
+        poison: dict[int, str] = {}
+        self._isolate(ids, poison)
+        good = [i for i in ids if i not in poison]
+        try:
+            moved, dead, archived = self._probe_or_stage(good, keep=True)
+        except Exception as exc:  # rows that fail only together: one by one, in id order
+            if not is_row_fault(exc):
+                raise
+            moved, dead, archived = self._move_one_by_one(good, poison)
+        self._dead_letter([self._poison_letter(i, reason) for i, reason in sorted(poison.items())])
+        if ids:
+            self.conn.execute(f"DELETE FROM messages WHERE {self.msg_id} <= ?", (ids[-1],))
+        return len(ids), moved, dead + len(poison), archived
+
+    def _isolate(self, ids: list[int], poison: dict[int, str]) -> None:
+        if not ids:
+            return
+        try:
+            self._probe_or_stage(ids, keep=False)
+            return
+        except Exception as exc:
+            if not is_row_fault(exc):
+                raise
+            if len(ids) == 1:
+                poison[ids[0]] = row_fault_reason(exc)
+                return
+        half = len(ids) // 2
+        self._isolate(ids[:half], poison)
+        self._isolate(ids[half:], poison)
+
+    def _probe_or_stage(self, ids: list[int], *, keep: bool) -> tuple[int, int, int]:
+        """Stage the rows ``ids`` inside a savepoint; roll it back unless ``keep``."""
+        conn = self.conn
+        conn.execute("SAVEPOINT probe")
+        try:
+            rows = self._fetch(ids)
+            result = self._stage(rows, probe=not keep)
+        except BaseException:
+            conn.execute("ROLLBACK TO probe")
+            conn.execute("RELEASE probe")
+            raise
+        if not keep:
+            conn.execute("ROLLBACK TO probe")
+        conn.execute("RELEASE probe")
+        return result
+
+    def _fetch(self, ids: list[int]) -> list[Row]:
+        """The rows ``ids`` of ``messages``, in id order (never a known poison row: it may not decode)."""
+        rows: list[Row] = []
+        for first in range(0, len(ids), 500):
+            chunk = ids[first:first + 500]
+            where = f"WHERE {self.msg_id} IN ({','.join('?' * len(chunk))})"
+            rows += self.conn.execute(self._select_messages(where), chunk).fetchall()
+        return rows
+
+    def _move_one_by_one(self, ids: list[int], poison: dict[int, str]) -> tuple[int, int, int]:
+        moved = dead = archived = 0
+        for row_id in ids:
+            try:
+                m, d, a = self._probe_or_stage([row_id], keep=True)
+                moved, dead, archived = moved + m, dead + d, archived + a
+            except Exception as exc:
+                if not is_row_fault(exc):
+                    raise
+                poison[row_id] = row_fault_reason(exc)
+        return moved, dead, archived
+
+    def _poison_letter(self, row_id: int, reason: str) -> tuple[str, int, Any, Any, str]:
+        """A dead letter for a row that broke its batch: its text, or its bytes when it has no valid text."""
+        kind, text = self._raw_row("messages", self.msg_id, self.msg_type, row_id) or (None, None)
+        return ("messages", row_id, kind, text, reason)
+
+    def _transfer_result(self, moved: int, dead: int, *, more: bool, full: bool, reopened: bool) -> dict[str, Any]:
+        result = {"moved": moved, "dead": dead, "more": more, "full": full,
+                  "pending_rows": self.pending_rows, "pending_top": self.pending_top()}
+        if reopened:
+            result["reopened"] = True
+        return result
 
     def _dead_letter(self, dead: list[tuple[str, int, Any, Any, str]]) -> None:
         if not dead:
@@ -153,45 +467,90 @@ class QueueStore:
         """The next rows after the cursor as one packet; the cursor moves past them."""
         if restart:
             self.cursor = 0
-        cur = self.conn.execute(f"SELECT id, message FROM {PENDING} WHERE id > ? ORDER BY id LIMIT ?",
-                                (self.cursor, _SCAN_LIMIT))
-        seen = 0
-        count_points = max_points is not None or points_capacity is not None
-        checked_above = self.checked_above
-
-        def rows():  # type: ignore[no-untyped-def]
-            nonlocal seen
-            for row_id, text in cur:
-                seen += 1
-                if row_id > checked_above and not count_points:
-                    yield row_id, 0, 0, text  # validated at transfer; parsing costs ~40 % of a send
-                    continue
-                parsed = parse_record(text)
-                yield (row_id, parsed) if isinstance(parsed, str) else (row_id, parsed[0], parsed[1], text)
-
-        packet = build_packet(rows(), self.cursor, max_bytes, max_points, points_capacity)
-        cur.close()
-        packet.more = packet.more or seen == _SCAN_LIMIT
+        try:
+            packet = self._build_packet(self._pending_rows, max_bytes, max_points, points_capacity)
+        except Exception as exc:
+            if not is_row_fault(exc):
+                raise
+            log.warning("reading pending rows after id %d failed (%s); reading them one by one", self.cursor,
+                        row_fault_reason(exc))
+            packet = self._build_packet(self._pending_rows_one_by_one, max_bytes, max_points, points_capacity)
         if packet.dead:
             self._dead_letter_pending(packet.dead)
         self.cursor = packet.last_id
         return packet
 
+    def _build_packet(self, rows: Callable[[bool], Generator[Any, None, None]], max_bytes: int, max_points: int | None,
+                      points_capacity: int | None) -> Packet:
+        source = rows(max_points is not None or points_capacity is not None)
+        try:
+            packet = build_packet(source, self.cursor, max_bytes, max_points, points_capacity)
+            packet.more = packet.more or self._scanned == _SCAN_LIMIT
+        finally:
+            source.close()
+        return packet
+
+    def _pending_rows(self, count_points: bool) -> Generator[Any, None, None]:
+        """The usual read: one statement; only rows we did not validate ourselves are parsed."""
+        self._scanned = 0
+        checked_above = self.checked_above
+        cur = self.conn.execute(f"SELECT id, message FROM {PENDING} WHERE id > ? ORDER BY id LIMIT ?",
+                                (self.cursor, _SCAN_LIMIT))
+        try:
+            for row_id, text in cur:
+                self._scanned += 1
+                if row_id > checked_above and not count_points:
+                    yield row_id, 0, 0, text  # validated at transfer; parsing costs ~40 % of a send
+                    continue
+                parsed = parse_record(text)
+                yield (row_id, parsed) if isinstance(parsed, str) else (row_id, parsed[0], parsed[1], text)
+        finally:
+            cur.close()
+
+    def _pending_rows_one_by_one(self, count_points: bool) -> Generator[Any, None, None]:
+        """After a read failed: each row on its own and parsed, so a bad one is dead, not in the way."""
+        self._scanned = 0
+        ids = [r[0] for r in self.conn.execute(f"SELECT id FROM {PENDING} WHERE id > ? ORDER BY id LIMIT ?",
+                                               (self.cursor, _SCAN_LIMIT))]
+        for row_id in ids:
+            self._scanned += 1
+            try:
+                (text,) = self.conn.execute(f"SELECT message FROM {PENDING} WHERE id = ?", (row_id,)).fetchone()
+                parsed = parse_record(text)
+            except Exception as exc:
+                if not is_row_fault(exc):
+                    raise
+                parsed = row_fault_reason(exc)
+            yield (row_id, parsed) if isinstance(parsed, str) else (row_id, parsed[0], parsed[1], text)
+
     def _dead_letter_pending(self, dead: list[tuple[int, str]]) -> None:
         conn = self.conn
-        ids = [row_id for row_id, _ in dead]
-        reasons = dict(dead)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            found = conn.execute(
-                f"SELECT id, type, message FROM {PENDING} WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()
-            self._dead_letter([(PENDING, i, kind, text, reasons[i]) for i, kind, text in found])
-            conn.executemany(f"DELETE FROM {PENDING} WHERE id = ?", [(i,) for i in ids])
+            letters = []
+            for row_id, reason in dead:
+                row = self._raw_row(PENDING, "id", "type", row_id)
+                if row is not None:
+                    letters.append((PENDING, row_id, row[0], row[1], reason))
+            self._dead_letter(letters)
+            conn.executemany(f"DELETE FROM {PENDING} WHERE id = ?", [(i,) for i, _ in dead])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self.pending_rows = max(0, self.pending_rows - len(found))
+        self.pending_rows = max(0, self.pending_rows - len(letters))
+
+    def _raw_row(self, table: str, id_col: str, type_col: str, row_id: int) -> tuple[Any, Any] | None:
+        """``(type, message)`` of one row: as text, or as bytes when it has no valid text."""
+        try:
+            row = self.conn.execute(f"SELECT {type_col}, message FROM {table} WHERE {id_col} = ?", (row_id,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if not is_row_fault(exc):
+                raise
+            blob = f"CAST({type_col} AS BLOB)" if type_col != "NULL" else "NULL"
+            row = self.conn.execute(f"SELECT {blob}, CAST(message AS BLOB) FROM {table} WHERE {id_col} = ?",
+                                    (row_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def ack(self, after_id: int, last_id: int) -> int:
         """Delete the rows of an acknowledged packet."""

@@ -112,6 +112,10 @@ class UplinkIO:
             log.error("uplink storage error: %s", exc)
             if is_corruption(exc):
                 self._recover()
+            elif _schema_changed(exc) and self.store is not None:
+                # A table changed shape under us: reading the shapes again adapts or quarantines.
+                self.store.reopen()
+                self._post("rows_waiting", {})
         except Exception:
             log.exception("uplink job failed")
 
@@ -152,6 +156,7 @@ class UplinkIO:
         """Build the next packet of the stream and publish it (runs on this thread)."""
         source = self.logs if effect.stream == LOGS else self.store
         assert source is not None
+        generation = getattr(source, "generation", 0)
         packet = source.next_packet(effect.restart, effect.max_payload_bytes, effect.max_points,
                                     effect.points_capacity)
         result = {"rows": packet.rows, "points": packet.points, "bytes": len(packet.payload),
@@ -170,18 +175,28 @@ class UplinkIO:
 
         def on_done(ok: bool, error: str | None) -> None:
             if ok:
-                self.submit(lambda: self._acked(source, packet.after_id, packet.last_id, result, completion))
+                self.submit(lambda: self._acked(source, generation, packet, result, completion))
             else:
                 completion.fail(error or "publish failed")
 
         self.publish(TELEMETRY_TOPIC, packet.payload, 1, on_done)
 
     @staticmethod
-    def _acked(source: Any, after_id: int, last_id: int, result: dict[str, Any], completion: Completion) -> None:
-        # Deleted even when the effect already timed out: the server has the rows.
+    def _acked(source: Any, generation: int, packet: Any, result: dict[str, Any], completion: Completion) -> None:
+        # Deleted even when the effect already timed out: the server has the rows. Not when
+        # the queue file was reopened since: these ids now name other rows (the packet's
+        # rows were carried over and go out again: duplicates, never a loss).
+        if getattr(source, "generation", 0) != generation:
+            completion.succeed(result)
+            return
         try:
-            source.ack(after_id, last_id)
+            source.ack(packet.after_id, packet.last_id)
         except Exception as exc:
             completion.fail(f"deleting acknowledged rows failed: {exc}")
             raise
         completion.succeed(result)
+
+
+def _schema_changed(exc: sqlite3.DatabaseError) -> bool:
+    text = str(exc).lower()
+    return "no such table" in text or "no such column" in text or "has no column" in text

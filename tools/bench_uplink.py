@@ -1,6 +1,6 @@
 """Uplink benchmark: drain a pre-filled controller queue to the stand-in over TLS.
 
-    python -m tools.bench_uplink 100000 [1000000 ...]   # drain runs
+    python tools/bench_uplink.py 100000 [1000000 ...]   # drain runs (or python -m tools.bench_uplink)
     python -m tools.bench_uplink --idle 60               # CPU of an idle gateway
 
 Prints, per size: records/s from the first row taken from the queue to the
@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-from tests.integration import uplink_rig as rig
-from tools.tb_standin import StandIn
+if not __package__:  # run as `python tools/bench_uplink.py`: the repository root holds `tests` and `tools`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration import uplink_rig as rig  # noqa: E402
+from tools.tb_standin import StandIn  # noqa: E402
 
 DEVICE = "station-1"
 

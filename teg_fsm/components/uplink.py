@@ -63,6 +63,7 @@ class UplinkComponent:
             "rate_messages": c.uplink_rate_messages,
             "rate_telemetry_messages": c.uplink_rate_telemetry_messages,
             "rate_data_points": c.uplink_rate_data_points,
+            "packet_timeout_s": c.uplink_puback_timeout_s,
         })]
 
     def install(self) -> None:

@@ -8,7 +8,10 @@ import pytest
 
 from machines.uplink import UplinkMachine
 from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
+import json
+
 from teg_fsm.effects import Log
+from teg_fsm.effects.mqtt import Disconnect, Publish
 from teg_fsm.effects.uplink import DATA, SendPacket, TransferRows
 from teg_fsm.events import Outcome
 from tests.engine.harness import make_engine
@@ -32,6 +35,9 @@ class FakeWorld:
         self.held: list[tuple[SendPacket, dict[str, Any]]] = []
         self.server: DeviceLimits | None = None
         self.refused = 0
+        self.disconnects = 0
+        self.reopen_next = False  # the next transfer reports a reopened queue file
+        self.published: list[Publish] = []
 
     def write(self, n: int) -> None:
         for _ in range(n):
@@ -62,12 +68,18 @@ class FakeWorld:
             self.pending.extend(moved)
             result = {"moved": len(moved), "dead": 0, "more": bool(self.messages), "full": False,
                       "pending_rows": len(self.pending), "pending_top": max(self.pending, default=0)}
+            if self.reopen_next:
+                result["reopened"], self.reopen_next = True, False
             self.d.post_outcome("uplink", effect, Outcome.SUCCEEDED, {"result": result})
         elif isinstance(effect, SendPacket):
             self.packets.append(effect)
             self._send(effect)
         elif isinstance(effect, Log):
             self.logs.append(effect)
+        elif isinstance(effect, Disconnect):
+            self.disconnects += 1
+        elif isinstance(effect, Publish):
+            self.published.append(effect)
 
     def _send(self, effect: SendPacket) -> None:
         if effect.stream != DATA:
@@ -97,7 +109,7 @@ class FakeWorld:
 
 @pytest.fixture
 def world() -> FakeWorld:
-    dispatcher, clock, _ = make_engine([MachineSpec(UplinkMachine, {"batch_rows": 500})])
+    dispatcher, clock, _ = make_engine([MachineSpec(UplinkMachine, {"batch_rows": 500, "packet_timeout_s": 10.0})])
     return FakeWorld(dispatcher, clock)
 
 
@@ -158,13 +170,51 @@ def test_a_failed_packet_holds_sending_then_resends_from_the_oldest_row(world: F
     world.run()
     [(effect, _)] = world.held[:1]
     world.ack = True
-    world.d.post_outcome("uplink", effect, Outcome.TIMED_OUT, {"error": "no PUBACK"})
+    world.d.post_outcome("uplink", effect, Outcome.FAILED, {"error": "refused by the server"})
     world.run()
     assert state(world) == "throttled"
     world.advance(2)
     world.run()
     assert sorted(set(world.delivered)) == list(range(1, 201))
-    assert any(log.level == "WARNING" and "timed out" in log.message for log in world.logs)
+    assert any(log.level == "WARNING" and "failed" in log.message for log in world.logs)
+
+
+def test_a_missing_puback_on_a_live_session_drops_the_session_and_resends_after_reconnect(world: FakeWorld) -> None:
+    world.write(200)
+    world.ack = False
+    world.d.post("mqtt", "mqtt_connected", {"session": 1})
+    world.run()
+    assert {p.timeout_s for p in world.packets} == {10.0}  # the PUBACK bound, not 60 s
+    held, world.held = world.held, []
+    for effect, _ in held:
+        world.d.post_outcome("uplink", effect, Outcome.TIMED_OUT, {"error": "no PUBACK"})
+    world.run()
+    assert world.disconnects == 1  # one drop for the session, however many packets were stuck
+    assert any(log.level == "WARNING" and "no PUBACK for 10 s" in log.message for log in world.logs)
+    world.ack = True
+    world.d.post("mqtt", "mqtt_disconnected", {"session": 1})
+    world.d.post("mqtt", "mqtt_connected", {"session": 2})
+    world.run()
+    assert sorted(set(world.delivered)) == list(range(1, 201))
+    [report] = world.published
+    assert json.loads(report.payload)["values"] == {"uplink_stuck_sessions": 1, "uplink_puback_wait_s": 10.0}
+    # The bound doubled after the drop, so a merely slow server is not dropped in a loop.
+    assert world.packets[-1].timeout_s == 20.0
+
+
+def test_a_reopened_queue_file_restarts_the_data_stream_from_its_oldest_row(world: FakeWorld) -> None:
+    world.d.post("mqtt", "mqtt_connected", {"session": 1})
+    world.write(300)
+    world.run()
+    assert sorted(world.delivered) == list(range(1, 301))
+    # The controller re-created its queue: ids start again from 1 in the new file.
+    world.pending, world.cursor, world.next_id, world.delivered = [], 0, 0, []
+    world.messages = []
+    world.reopen_next = True
+    world.write(50)
+    world.run()
+    machine = world.d.machines["uplink"]
+    assert machine.data.restart is False and sorted(world.delivered) == list(range(1, 51))
 
 
 def test_session_limits_throttle_the_drain_below_thingsboards_buckets() -> None:
