@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_TOPICS = frozenset({TELEMETRY_TOPIC, ATTRIBUTES_TOPIC})
 BATCH_ROWS = 500
-RETRY_S = 5.0  # after a packet went unacknowledged; a fresh connect wakes the outbox sooner
+RETRY_S = 5.0  # after a packet went unacknowledged on a session that is still up
 MAX_STORED_ROWS = 200_000  # gateway reports, not controller data: beyond this the oldest go
 OnDone = Callable[[bool, "str | None"], None]
 Publish = Callable[[str, bytes, int, OnDone], None]
@@ -257,6 +257,7 @@ class Outbox:
         self._messages = _buckets(rate_telemetry_messages, "TEG_RATE_LIMIT_TELEMETRY_MESSAGES", now_ms())
         self._points = _buckets(rate_data_points, "TEG_RATE_LIMIT_DATA_POINTS", now_ms())
         self.publish: Publish | None = None
+        self.online: Callable[[], bool] = lambda: True  # the link's "a device session is up"
         self.store: OutboxStore | None = None
         self.in_flight: Batch | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -338,8 +339,8 @@ class Outbox:
 
     def _send_next(self) -> None:
         store, publish = self.store, self.publish
-        if self.in_flight is not None or store is None or publish is None:
-            return
+        if self.in_flight is not None or store is None or publish is None or not self.online():
+            return  # offline: nothing is read or tried until the next connect wakes us
         now = self._now_ms()
         batch = store.next_batch(max(self._points.available(now), 1.0) if not self._points.unlimited else float("inf"))
         if batch is None or not self._may_send(batch, now):
@@ -357,9 +358,10 @@ class Outbox:
     def _done(self, batch: Batch, ok: bool, error: str | None) -> None:
         if self.in_flight is batch:
             self.in_flight = None
-        if not ok:  # kept; tried again after a pause, or at once on the next connect
+        if not ok:  # kept: sent again on the next connect (or after a pause if this session is up)
             log.debug("outbox packet of %d rows not acknowledged: %s", len(batch.ids), error)
-            self._retry_at = time.monotonic() + RETRY_S
+            if self.online():
+                self._retry_at = time.monotonic() + RETRY_S
             return
         assert self.store is not None
         self.store.ack(batch.ids)

@@ -143,6 +143,7 @@ class MqttComponent:
     def start(self) -> None:
         """Start the outbox; the connection machine asks for the first connect."""
         self.outbox.publish = self.link.publish_async
+        self.outbox.online = lambda: self.link.device_session() is not None
         self.outbox.start()
 
     def quiesce(self, deadline: float) -> None:

@@ -22,6 +22,7 @@ import docker
 import docker.errors
 import pytest
 
+from teg_fsm.journal import read_journal
 from tests.integration import uplink_rig
 from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
@@ -139,6 +140,10 @@ def test_controller_keys_and_answers_with_a_running_controller(
         proc = uplink_rig.start_gateway(env, tmp_path / "gateway.log")
         try:
             wait_for(lambda: tb.is_connected(DEVICE), 30, "self-provisioning", 0.2)
+            # After the on-connect attribute answer: one requested before the push would unassign it.
+            journal = tmp_path / "data" / "teg_journal.db"
+            wait_for(lambda: any(e.name == "shared_attributes_received" for e in read_journal(journal)),
+                     30, "the on-connect shared attributes answered", 0.2)
             tb.assign_ota(DEVICE, kind="sw", title="co2-controller", version=release)
             wait_for(lambda: tb.latest(DEVICE).get("sw_state") == "UPDATED", 240, "UPDATED", 0.2)
             keys = _needing(FIXTURE["telemetry"], "controller")
