@@ -316,10 +316,17 @@ class Outbox:
                 log.exception("outbox job failed")
 
     def _recover(self) -> None:
-        """The file went bad under us: quarantine it and start a fresh one (never delete)."""
+        """A storage error that looks like damage: quarantine the file if it fails a check (never delete)."""
         assert self.store is not None
         self.store.close()
-        quarantine(self.path, "outbox storage error")
+        try:
+            conn = sqlite3.connect(str(self.path))
+            ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0] == "ok"
+            conn.close()
+        except sqlite3.DatabaseError as exc:
+            ok = not is_corruption(exc)
+        if not ok:
+            quarantine(self.path, "failed a quick check after an outbox storage error")
         self.in_flight = None
         self.open()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ from hypothesis import strategies as st
 
 from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
-from teg_fsm.outbox import OutboxError, OutboxStore, stamp, telemetry_elements
+from teg_fsm.outbox import OnDone, Outbox, OutboxError, OutboxStore, stamp, telemetry_elements
 from teg_fsm.sys_info import parse_proc_stat
+from tests.rig.waiting import wait_for
 
 T0 = 1_700_000_000_000
 
@@ -149,3 +152,47 @@ def test_sys_info_reads_the_existing_gateways_fields_from_proc_stat() -> None:
     assert parse_proc_stat(text) == {"cpu": [10, 0, 20, 300, 4, 0, 1, 0, 0, 0], "btime": 1_700_000_000,
                                      "processes": 4242, "procs_running": 3}
     assert set(parse_proc_stat(Path("/proc/stat").read_text())) == {"cpu", "btime", "processes", "procs_running"}
+
+
+def _pending(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_the_sender_tries_nothing_offline_deletes_only_on_puback_and_resends_after_a_lost_session(
+        tmp_path: Path) -> None:
+    path = tmp_path / "gateway_logs_buffer.db"
+    outbox = Outbox(path, max_payload_bytes=65536, now_ms=lambda: T0)
+    sent: list[tuple[str, bytes, OnDone]] = []
+    online = threading.Event()
+    outbox.publish = lambda topic, payload, qos, on_done: sent.append((topic, payload, on_done))
+    outbox.online = online.is_set
+    stored: list[str | None] = []
+    outbox.open()
+    outbox.start()
+    try:
+        for state in ("DOWNLOADING", "FAILED"):
+            outbox.say(TELEMETRY_TOPIC, json.dumps({"sw_state": state}), T0, stored.append)
+        wait_for(lambda: len(stored) == 2, 5, "stored")
+        assert stored == [None, None] and sent == [] and _pending(path) == 2
+        online.set()
+        outbox.wake()
+        wait_for(lambda: len(sent) == 1, 5, "the first packet")
+        assert json.loads(sent[0][1]) == [{"ts": T0, "values": {"sw_state": "DOWNLOADING"}},
+                                          {"ts": T0 + 1, "values": {"sw_state": "FAILED"}}]
+        online.clear()
+        sent[0][2](False, "session lost before the acknowledgement")
+        outbox.wake()  # a wake while offline reads and sends nothing
+        assert _pending(path) == 2
+        online.set()
+        outbox.wake()  # the next connect
+        wait_for(lambda: len(sent) == 2, 5, "the packet sent again")
+        assert sent[1][1] == sent[0][1]  # the same ts: ThingsBoard stores it once
+        sent[1][2](True, None)
+        wait_for(lambda: _pending(path) == 0, 5, "rows deleted on PUBACK")
+    finally:
+        outbox.stop()
+    assert len(sent) == 2
