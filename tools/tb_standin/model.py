@@ -62,7 +62,8 @@ class Device:
     telemetry: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     data_points: int = 0
     ota: dict[str, OtaPackage] = field(default_factory=dict)
-    keys_at_ts: dict[int, set[str]] = field(default_factory=dict, repr=False)
+    # ts -> the keys stored at it: the first record's own values dict (no copy), a set after that.
+    keys_at_ts: dict[int, dict[str, Any] | set[str]] = field(default_factory=dict, repr=False)
 
     def store_telemetry(self, records: list[tuple[int, dict[str, Any]]]) -> None:
         """Store records as ThingsBoard does: one value per key and ts, a later write replacing.
@@ -73,12 +74,17 @@ class Device:
         skipped by the converter and replace nothing.
         """
         for ts, values in records:
+            held = self.keys_at_ts.get(ts)
+            if held is None:  # the usual case: a new ts
+                self.keys_at_ts[ts] = values
+                self.telemetry.append((ts, values))
+                continue
             keys = {k for k, v in values.items() if v is not None}
-            held = self.keys_at_ts.setdefault(ts, set())
-            replaced = held & keys
+            held_keys = set(held.keys() if isinstance(held, dict) else held)
+            replaced = held_keys & keys
             if replaced:  # rare: rebuild the list without the replaced values
                 self.telemetry = [kept for kept in (_without(r, ts, replaced) for r in self.telemetry) if kept]
-            held |= keys
+            self.keys_at_ts[ts] = held_keys | keys
             self.telemetry.append((ts, values))
 
 
