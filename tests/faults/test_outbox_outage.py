@@ -1,6 +1,6 @@
 """What the gateway says while ThingsBoard is away arrives later, in order, with distinct timestamps.
 
-The gateway starts with ThingsBoard down: its own reports made offline
+The first test needs no Docker. The gateway starts with ThingsBoard down: its own reports made offline
 (``docker_engine_reachable`` false, as the Docker engine is absent too, and its
 WARN logs about failed connects) wait in the outbox and the log buffer. Once
 connected, an OTA of a version that cannot be fetched starts (the controller
@@ -11,26 +11,37 @@ restarted while still offline, and ThingsBoard comes back.
 What ThingsBoard stores (one value per key and ts, like ``ts_kv``) must be every
 value the gateway published, in the order it published them: the journal's
 ``Publish`` effects are the record of what it said.
+
+The second test runs a controller on the real Docker engine and does the same
+for the health-check ages (``ms_since_controller_startup``,
+``ms_since_last_controller_health_check``, every 20 s) across an outage and a
+restart while offline.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
+import docker.errors
 import git
+import pytest
 
 from teg_fsm.journal import read_journal
 from tests.faults import rig
 from tests.integration import uplink_rig
 from tests.rig.waiting import wait_for
+from tools.demo import make_controller_repo
 from tools.tb_standin import StandIn
 
 TELEMETRY = "v1/devices/me/telemetry"
@@ -204,3 +215,75 @@ def test_reports_made_offline_arrive_in_order_across_an_outage_and_a_restart(tb:
     finally:
         uplink_rig.stop(gateway.proc)
         remote.close()
+
+
+# -- with a controller on the real Docker engine: the health-check ages ------------------------
+
+HEALTH_KEYS = ("ms_since_controller_startup", "ms_since_last_controller_health_check")
+
+
+@pytest.fixture
+def release(docker_client: docker.DockerClient, base_image: str) -> Iterator[str]:
+    version = f"v1.0.0-outage-{uuid.uuid4().hex[:6]}"
+    _remove_controller(docker_client)
+    yield version
+    _remove_controller(docker_client)
+    try:
+        docker_client.images.remove(f"teg-controller-{version}:latest", force=True)
+    except docker.errors.APIError:
+        pass
+
+
+def _remove_controller(client: docker.DockerClient) -> None:
+    try:
+        client.containers.get("teg_controller").remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+def _health_reports_stored_offline(data: Path) -> int:
+    return sum(1 for p in _outbox_payloads(data) if HEALTH_KEYS[0] in json.loads(p).get("values", {}))
+
+
+def test_health_check_ages_reported_offline_arrive_across_an_outage_and_a_restart(
+        tb: StandIn, tmp_path: Path, release: str, docker_test_labels: dict[str, str]) -> None:
+    labels = " ".join(f"{k}={v}" for k, v in docker_test_labels.items())
+    repo_dir = make_controller_repo(tmp_path, releases=((release, "healthy"),), dockerfile_extra=f"LABEL {labels}\n")
+    device = f"outbox-{uuid.uuid4().hex[:6]}"
+    data = tmp_path / "data"
+    env = uplink_rig.gateway_env(
+        tb, data, tb.add_device(device), THINGSBOARD_DEVICE_NAME=device, DOCKER_HOST=os.environ.get("DOCKER_HOST", ""),
+        TEG_CONTROLLER_GIT_PATH=str(repo_dir / ".git"), TEG_CONTROLLER_PRIVILEGED="false",
+        TEG_CONTROLLER_EXTRA_MOUNTS="", TEG_OTA_PROBATION_S="8", TEG_OTA_MIN_FREE_DISK_MB="64")
+    uplink_rig.fill(data / "communication_queue.db", ROWS)
+    gateway = rig.FaultedGateway(tb, device, _start(env, tmp_path), data, tmp_path / "gateway.log")
+    try:
+        rig.wait_until_rpc_ready(gateway, 30)
+        wait_for(lambda: any(e.name == "shared_attributes_received" for e in read_journal(data / "teg_journal.db")),
+                 20, "the on-connect shared attributes answered")
+        tb.assign_ota(device, kind="sw", title="controller", version=release)
+        wait_for(lambda: "UPDATED" in [v for _, v in _stored(tb, device, "sw_state")], 240, "UPDATED", 0.2)
+        wait_for(lambda: _stored(tb, device, HEALTH_KEYS[0]), 40, "a health report online", 0.2)
+
+        tb.down()
+        went_down_ms = time.time_ns() // 1_000_000
+        wait_for(lambda: _health_reports_stored_offline(data) >= 2, 60, "health reports stored offline", 0.2)
+        uplink_rig.stop(gateway.proc)
+        gateway.proc = _start(env, tmp_path)
+        wait_for(lambda: _health_reports_stored_offline(data) >= 3, 60, "a health report after the restart", 0.2)
+        tb.up()
+        rig.wait_until_rpc_ready(gateway, 30)
+
+        for key in HEALTH_KEYS:
+            wait_for(lambda k=key: [v for _, v in _stored(tb, device, k)] == _published(data, k), 30,
+                     f"every {key} value delivered in order")
+        offline = [ts for ts, _ in _stored(tb, device, HEALTH_KEYS[1]) if ts >= went_down_ms]
+        assert len(offline) >= 3
+        rig.finish(gateway, expected_seqs=range(ROWS))
+    except BaseException:
+        print(gateway.log_text()[-6000:])
+        for key in HEALTH_KEYS:
+            print(key, "stored:", _stored(tb, device, key), "published:", _published(data, key))
+        raise
+    finally:
+        uplink_rig.stop(gateway.proc, timeout=25)
