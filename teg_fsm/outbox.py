@@ -263,6 +263,8 @@ class Outbox:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._retry_at: float | None = None  # monotonic; a rate-limit pause
+        self._lock = threading.Lock()
+        self._closed = False  # after stop(): reports are stored by the caller
 
     def open(self) -> None:
         self.store = OutboxStore(self.path, self.max_payload_bytes)
@@ -273,7 +275,9 @@ class Outbox:
         self.wake()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._jobs.put(None)
+        with self._lock:
+            self._closed = True
+            self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
         if self.store is not None:
@@ -288,7 +292,24 @@ class Outbox:
 
     def say(self, topic: str, payload: str, now_ms: int, stored: Stored) -> None:
         """Store ``payload`` for ``topic`` durably, then send it; ``stored`` tells the outcome of storing."""
-        self._jobs.put(lambda: self._put(topic, payload, now_ms, stored))
+        with self._lock:
+            if not self._closed:
+                self._jobs.put(lambda: self._put(topic, payload, now_ms, stored))
+                return
+        self._put_after_stop(topic, payload, now_ms, stored)
+
+    def _put_after_stop(self, topic: str, payload: str, now_ms: int, stored: Stored) -> None:
+        """A report made while the gateway shuts down: stored at once, sent after the next start."""
+        store = OutboxStore(self.path, self.max_payload_bytes)
+        try:
+            store.put(topic, payload, now_ms)
+        except (OutboxError, sqlite3.DatabaseError) as exc:
+            log.error("not storing a gateway report on %s made during shutdown: %s", topic, exc)
+            stored(str(exc))
+            return
+        finally:
+            store.close()
+        stored(None)
 
     def wake(self) -> None:
         """Something may be sendable now (a connect, a new row)."""

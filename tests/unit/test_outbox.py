@@ -196,3 +196,14 @@ def test_the_sender_tries_nothing_offline_deletes_only_on_puback_and_resends_aft
     finally:
         outbox.stop()
     assert len(sent) == 2
+
+
+def test_a_report_made_after_the_outbox_stopped_is_still_stored(tmp_path: Path) -> None:
+    path = tmp_path / "gateway_logs_buffer.db"
+    outbox = Outbox(path, max_payload_bytes=65536, now_ms=lambda: T0)
+    outbox.open()
+    outbox.start()
+    outbox.stop()
+    stored: list[str | None] = []
+    outbox.say(TELEMETRY_TOPIC, json.dumps({"sw_state": "FAILED"}), T0, stored.append)
+    assert stored == [None] and _pending(path) == 1
