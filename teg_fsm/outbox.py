@@ -215,10 +215,11 @@ class OutboxStore:
         points = 0
         size = 0
         for row_id, row_topic, text in rows:
-            cost = _points(text)
+            if row_topic != topic:
+                break
+            cost = _points(topic, text)
             grown = size + len(text.encode("utf-8")) + 1
-            if row_topic != topic or (taken and (points + cost > max_points
-                                                 or remaining_length(topic, grown + 1) > self.max_payload_bytes)):
+            if taken and (points + cost > max_points or remaining_length(topic, grown + 1) > self.max_payload_bytes):
                 break
             taken.append((row_id, text))
             points += cost
@@ -229,9 +230,10 @@ class OutboxStore:
         return self.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
 
 
-def _points(text: str) -> int:
+def _points(topic: str, text: str) -> int:
+    """Data points ThingsBoard charges for a stored row (attributes count as telemetry, PROTOCOL.md §6.2)."""
     data = json.loads(text)
-    return len(data["values"]) if "values" in data and "ts" in data else len(data)
+    return len(data["values"]) if topic == TELEMETRY_TOPIC else len(data)
 
 
 def _payload(topic: str, texts: list[str]) -> bytes:
