@@ -145,9 +145,10 @@ def engine_reachable(now_ms: int, reachable: bool) -> Publish:
 
 
 def health_report(now_ms: int, started_at_ms: int | None, health_ts_ms: int | None) -> Publish:
-    values = {"ms_since_controller_startup": now_ms - (started_at_ms or now_ms)}
-    if health_ts_ms is not None:
-        values["ms_since_last_controller_health_check"] = now_ms - health_ts_ms
+    # Like the existing gateway: with no health check yet the age is ``now - 0`` (its
+    # dashboard expects the key every time; a huge value reads as "never").
+    values = {"ms_since_controller_startup": now_ms - (started_at_ms or now_ms),
+              "ms_since_last_controller_health_check": now_ms - (health_ts_ms or 0)}
     return telemetry({"ts": now_ms, "values": values})
 
 

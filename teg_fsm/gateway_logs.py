@@ -1,10 +1,17 @@
 """The gateway's own log records, forwarded to ThingsBoard as telemetry.
 
 As the existing gateway does, each record becomes ``{"ts", "values":
-{"severity": <LEVEL>, "message": "GATEWAY - <text>"}}``. Records are buffered
-in ``gateway_logs_buffer.db`` (``log_buffer(id, log_level, message,
+{"severity": <LEVEL>, "message": "GATEWAY - <text>"}}`` with the existing
+gateway's severities ``DEBUG``, ``INFO``, ``WARN``, ``ERROR`` (its dashboard
+knows no ``WARNING`` or ``CRITICAL``). Records are buffered in
+``gateway_logs_buffer.db`` (``log_buffer(id, log_level, message,
 timestamp_ms)``) until ThingsBoard acknowledges them, so logs written while
 offline arrive later.
+
+ThingsBoard keeps one value per key and ts, so two records of one millisecond
+would keep one row: each record's ts is made strictly increasing when it is
+stored, through the ``last_ts`` table the gateway's outbox keeps for every key
+it sends (``teg_fsm.outbox``), so it holds across restarts.
 
 ``BufferingLogHandler`` never does I/O on the logging thread: it keeps
 redacted records in a bounded deque that the uplink I/O thread flushes into
@@ -23,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from teg_fsm.logs import RedactSecrets
+from teg_fsm.outbox import load_last_ts, save_last_ts, stamp
+from teg_fsm.outbox import schema as outbox_schema
 from teg_fsm.packets import Packet, build_packet
 from teg_fsm.sqlite_files import open_checked
 
@@ -30,6 +39,13 @@ PREFIX = "GATEWAY - "
 MAX_MEMORY_RECORDS = 10_000
 MAX_MESSAGE_CHARS = 8_000
 MAX_BUFFERED_ROWS = 100_000  # logs are not controller data: beyond this the oldest go
+LOG_KEYS = ("severity", "message")
+SEVERITIES = {"WARNING": "WARN", "CRITICAL": "ERROR", "FATAL": "ERROR"}
+
+
+def severity(level_name: str) -> str:
+    """The existing gateway's name for a Python level name."""
+    return SEVERITIES.get(level_name, level_name)
 
 
 def _schema(conn) -> None:  # type: ignore[no-untyped-def]
@@ -37,6 +53,7 @@ def _schema(conn) -> None:  # type: ignore[no-untyped-def]
         "CREATE TABLE IF NOT EXISTS log_buffer "
         "(id INTEGER PRIMARY KEY AUTOINCREMENT, log_level TEXT, message TEXT, timestamp_ms INTEGER)"
     )
+    outbox_schema(conn)
 
 
 class BufferingLogHandler(logging.Handler):
@@ -56,7 +73,7 @@ class BufferingLogHandler(logging.Handler):
                 text = f"{text}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
             with self._lock_records:
                 first = not self._records
-                self._records.append((record.levelname, text, int(record.created * 1000)))
+                self._records.append((severity(record.levelname), text, int(record.created * 1000)))
             if first:  # one wake-up per batch of records, not per record
                 self.wake()
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
@@ -86,7 +103,11 @@ class LogBuffer:
         conn = self.conn
         cut = [(lvl, m if len(m) <= MAX_MESSAGE_CHARS else m[:MAX_MESSAGE_CHARS] + " [cut]", ts) for lvl, m, ts in records]
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO log_buffer (log_level, message, timestamp_ms) VALUES (?, ?, ?)", cut)
+        last = load_last_ts(conn, LOG_KEYS)
+        stamped = stamp(((ts, dict.fromkeys(LOG_KEYS, 1)) for _, _, ts in cut), 0, last)
+        save_last_ts(conn, last)
+        conn.executemany("INSERT INTO log_buffer (log_level, message, timestamp_ms) VALUES (?, ?, ?)",
+                         [(lvl, m, ts) for (lvl, m, _), (ts, _) in zip(cut, stamped, strict=True)])
         top = conn.execute("SELECT max(id) FROM log_buffer").fetchone()[0] or 0
         self.dropped += conn.execute(
             "DELETE FROM log_buffer WHERE id <= ?", (top - MAX_BUFFERED_ROWS,)).rowcount
@@ -120,4 +141,4 @@ class LogBuffer:
 
 def to_record(level: str, message: str, ts_ms: int | None) -> str:
     return json.dumps({"ts": int(ts_ms or time.time() * 1000),
-                       "values": {"severity": level, "message": PREFIX + (message or "")}})
+                       "values": {"severity": severity(level), "message": PREFIX + (message or "")}})

@@ -4,12 +4,20 @@ Other components reach the link as ``gateway.components["mqtt"].link``; hot
 paths publish with ``link.publish_async(topic, payload_bytes, qos, on_done)``
 (see ``teg_fsm.mqtt_link``) instead of journaled ``Publish`` effects.
 Register this component last: the link starts taking messages in ``start``.
+
+Everything the gateway says on its own account (``Publish`` on the telemetry
+or attributes topic, whichever machine emits it, and ``sys_info`` on every
+connect) goes through the durable outbox (``teg_fsm.outbox``, reachable as
+``gateway.components["mqtt"].outbox``): stored with strictly increasing ``ts``
+per key, sent when connected, deleted on PUBACK. Such a ``Publish`` succeeds
+once stored (``{"stored": true}``). Other topics (RPC answers) go out directly.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from teg_fsm import __version__, tokens
@@ -17,6 +25,7 @@ from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.effects import Log
 from teg_fsm.effects.mqtt import (
     ATTRIBUTES_REQUEST_TOPIC,
+    ATTRIBUTES_TOPIC,
     CLIENT_RPC_REQUEST_TOPIC,
     PROVISION_REQUEST_TOPIC,
     PROVISION_RESPONSE_TOPIC,
@@ -30,7 +39,9 @@ from teg_fsm.effects.mqtt import (
 from teg_fsm.effects.provisioning import CheckToken, MoveTokenAside, RequestProvisioning
 from teg_fsm.events import Source
 from teg_fsm.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
+from teg_fsm.outbox import OUTBOX_TOPICS, Outbox
 from teg_fsm.runner import Completion
+from teg_fsm.sys_info import read_sys_info
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway
@@ -50,6 +61,18 @@ def settle(completion: Completion) -> OnDone:
     return on_done
 
 
+def stored(completion: Completion) -> Callable[[str | None], None]:
+    """The outbox's answer settles a ``Publish``: stored means it will reach ThingsBoard."""
+
+    def on_stored(error: str | None) -> None:
+        if error is None:
+            completion.succeed({"stored": True})
+        else:
+            completion.fail(error)
+
+    return on_stored
+
+
 class MqttComponent:
     """Wires ``MqttLink`` into the engine."""
 
@@ -65,8 +88,23 @@ class MqttComponent:
             tls=config.tb_tls,
             ca_cert=config.ca_cert,
             token_path=config.token_path,
-            post=lambda name, data: gateway.dispatcher.post(Source.MQTT, name, data),
+            post=self._link_event,
         )
+        self.outbox = Outbox(
+            config.logs_buffer_db,
+            max_payload_bytes=config.uplink_max_payload_bytes,
+            rate_telemetry_messages=config.uplink_rate_telemetry_messages,
+            rate_data_points=config.uplink_rate_data_points,
+            now_ms=gateway.clock.now_ms,
+        )
+
+    def _link_event(self, name: str, data: dict[str, Any]) -> None:
+        """From the link's threads: post to the machines; a connect also wakes the outbox."""
+        self.gateway.dispatcher.post(Source.MQTT, name, data)
+        if name == "mqtt_connected":
+            self.outbox.say(ATTRIBUTES_TOPIC, json.dumps(read_sys_info()), self.gateway.clock.now_ms(),
+                            lambda error: None)
+            self.outbox.wake()
 
     def machine_specs(self) -> list[MachineSpec]:
         from machines.connection import ConnectionMachine
@@ -88,6 +126,7 @@ class MqttComponent:
         ]
 
     def install(self) -> None:
+        self.outbox.open()
         register = self.gateway.runner.register
         register(Connect, self._connect)
         register(Disconnect, self._disconnect)
@@ -102,10 +141,18 @@ class MqttComponent:
             register(Log, _log_effect)
 
     def start(self) -> None:
-        """Nothing to start: the connection machine asks for the first connect."""
+        """Start the outbox; the connection machine asks for the first connect."""
+        self.outbox.publish = self.link.publish_async
+        self.outbox.online = lambda: self.link.device_session() is not None
+        self.outbox.start()
+
+    def quiesce(self, deadline: float) -> None:
+        """Before the link closes: let the outbox's packet in flight get its PUBACK (until ``deadline``)."""
+        self.outbox.quiesce(deadline)
 
     def stop(self) -> None:
         self.link.close()
+        self.outbox.stop()
 
     # -- handlers (dispatcher thread; none of them blocks) -----------------
 
@@ -120,6 +167,9 @@ class MqttComponent:
         self.link.subscribe(tuple(effect.topics), settle(completion))
 
     def _publish(self, effect: Publish, completion: Completion) -> None:
+        if effect.topic in OUTBOX_TOPICS:
+            self.outbox.say(effect.topic, effect.payload, self.gateway.clock.now_ms(), stored(completion))
+            return
         self.link.publish_async(effect.topic, effect.payload.encode("utf-8"), effect.qos, settle(completion))
 
     def _request_attributes(self, effect: RequestAttributes, completion: Completion) -> None:

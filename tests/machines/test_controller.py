@@ -534,3 +534,10 @@ def test_every_state_resumes_through_the_table_and_has_an_entry() -> None:
     states = {s.id for s in ControllerMachine.states}
     assert set(ControllerMachine.resume_table) == states
     assert ControllerMachine.crash_loop_state in states
+
+
+def test_health_age_before_any_health_check_is_now_minus_zero_like_the_existing_gateway(make: Any) -> None:
+    rig = make()
+    rig.advance(5)
+    [sample] = [t for t in rig.telemetry() if "ms_since_controller_startup" in t.get("values", {})]
+    assert sample["values"]["ms_since_last_controller_health_check"] == sample["ts"]

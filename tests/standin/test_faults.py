@@ -15,8 +15,8 @@ TELEMETRY = "v1/devices/me/telemetry"
 
 def test_dropped_puback_keeps_the_data_and_later_acks_flow(connected: Device, standin: StandIn) -> None:
     standin.drop_pubacks(1)
-    lost = connected.publish(TELEMETRY, {"n": 1})
-    connected.publish_acked(TELEMETRY, {"n": 2})  # PUBACKs are per packet id: the second one still comes
+    lost = connected.publish(TELEMETRY, {"ts": 1, "values": {"n": 1}})  # distinct ts: TB keeps one value per key and ts
+    connected.publish_acked(TELEMETRY, {"ts": 2, "values": {"n": 2}})  # PUBACKs are per packet id: the second one still comes
     assert not acked(lost)
     assert [v for _, v in standin.telemetry("dev1", "n")] == [1, 2]
     assert len(standin.events("dev1", "puback_dropped")) == 1

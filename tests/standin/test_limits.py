@@ -52,9 +52,9 @@ def test_telemetry_is_charged_to_telemetry_buckets_not_messages() -> None:
 
 def test_exceeding_telemetry_messages_drops_the_message_and_closes(connected: Device, standin: StandIn) -> None:
     standin.set_limits(telemetry_messages="2:60")
-    connected.publish_acked(TELEMETRY, {"n": 1})
-    connected.publish_acked(TELEMETRY, {"n": 2})
-    info = connected.publish(TELEMETRY, {"n": 3})
+    connected.publish_acked(TELEMETRY, {"ts": 1, "values": {"n": 1}})  # distinct ts: one value per key and ts
+    connected.publish_acked(TELEMETRY, {"ts": 2, "values": {"n": 2}})
+    info = connected.publish(TELEMETRY, {"ts": 3, "values": {"n": 3}})
     connected.wait_closed()
     assert not acked(info)
     assert [v for _, v in standin.telemetry("dev1", "n")] == [1, 2]

@@ -90,3 +90,28 @@ def test_unknown_topic_gets_a_puback_and_the_session_stays(connected: Device, st
 def test_claim_is_acknowledged(connected: Device, standin: StandIn) -> None:
     connected.publish_acked("v1/devices/me/claim", {"secretKey": "s", "durationMs": 60000})
     assert standin.is_connected("dev1")
+
+
+# -- ThingsBoard's storage rule: one value per device, key and ts (PROTOCOL.md §9) -----------------
+# ts_kv has PRIMARY KEY (entity_id, key, ts): dao/src/main/resources/sql/schema-ts-psql.sql:27.
+
+
+def test_a_later_value_with_the_same_key_and_ts_replaces_the_earlier(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"ts": 1000, "values": {"sw_state": "DOWNLOADING", "other": 1}})
+    connected.publish_acked(TELEMETRY, {"ts": 1000, "values": {"sw_state": "FAILED"}})
+    connected.publish_acked(TELEMETRY, {"ts": 1001, "values": {"sw_state": "UPDATED"}})
+    assert standin.telemetry("dev1", "sw_state") == [(1000, "FAILED"), (1001, "UPDATED")]
+    assert standin.telemetry("dev1", "other") == [(1000, 1)]  # other keys of that ts stay
+
+
+def test_reports_without_ts_in_one_array_share_the_arrival_ts_and_keep_one_value(connected: Device,
+                                                                                 standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, [{"sw_state": "DOWNLOADING"}, {"sw_state": "FAILED"}])
+    [(ts, value)] = standin.telemetry("dev1", "sw_state")
+    assert value == "FAILED" and standin.telemetry_count("dev1") == 1
+
+
+def test_a_null_value_replaces_nothing(connected: Device, standin: StandIn) -> None:
+    connected.publish_acked(TELEMETRY, {"ts": 5, "values": {"a": 1}})
+    connected.publish_acked(TELEMETRY, {"ts": 5, "values": {"a": None, "b": 2}})
+    assert standin.latest("dev1") == {"a": 1, "b": 2}

@@ -161,7 +161,7 @@ def test_log_buffer_packets_carry_severity_and_the_gateway_prefix(tmp_path: Path
     assert top == 2
     packet = buffer.next_packet(True, 60_000, None, None)
     records = json.loads(packet.payload)
-    assert records[0] == {"ts": 1_700_000_000_000, "values": {"severity": "WARNING", "message": "GATEWAY - disk low"}}
+    assert records[0] == {"ts": 1_700_000_000_000, "values": {"severity": "WARN", "message": "GATEWAY - disk low"}}
     assert records[1]["values"]["message"].endswith("[cut]")
     buffer.ack(packet.after_id, packet.last_id)
     assert buffer.next_packet(False, 60_000, None, None).rows == 0

@@ -58,10 +58,43 @@ class Device:
     shared: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
     # Telemetry records in arrival order: (ts, values as received); one record per timestamp
-    # group. Readers apply typed_values(), see parse_telemetry().
+    # group. Readers apply typed_values(), see parse_telemetry(). Write with store_telemetry().
     telemetry: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     data_points: int = 0
     ota: dict[str, OtaPackage] = field(default_factory=dict)
+    # ts -> the keys stored at it: the first record's own values dict (no copy), a set after that.
+    keys_at_ts: dict[int, dict[str, Any] | set[str]] = field(default_factory=dict, repr=False)
+
+    def store_telemetry(self, records: list[tuple[int, dict[str, Any]]]) -> None:
+        """Store records as ThingsBoard does: one value per key and ts, a later write replacing.
+
+        ``ts_kv`` has PRIMARY KEY (entity_id, key, ts)
+        (dao/src/main/resources/sql/schema-ts-psql.sql:27; PROTOCOL.md §9), so a value
+        for a key and ts already stored replaces the stored one. Null values are
+        skipped by the converter and replace nothing.
+        """
+        for ts, values in records:
+            held = self.keys_at_ts.get(ts)
+            if held is None:  # the usual case: a new ts
+                self.keys_at_ts[ts] = values
+                self.telemetry.append((ts, values))
+                continue
+            keys = {k for k, v in values.items() if v is not None}
+            held_keys = set(held.keys() if isinstance(held, dict) else held)
+            replaced = held_keys & keys
+            if replaced:  # rare: rebuild the list without the replaced values
+                self.telemetry = [kept for kept in (_without(r, ts, replaced) for r in self.telemetry) if kept]
+            self.keys_at_ts[ts] = held_keys | keys
+            self.telemetry.append((ts, values))
+
+
+def _without(record: tuple[int, dict[str, Any]], ts: int, keys: set[str]) -> tuple[int, dict[str, Any]] | None:
+    """``record`` minus the values of ``keys`` at ``ts``; None when nothing is left."""
+    at, values = record
+    if at != ts or not keys & values.keys():
+        return record
+    rest = {k: v for k, v in values.items() if k not in keys}
+    return (at, rest) if rest else None
 
 
 @dataclass

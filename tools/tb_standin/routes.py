@@ -53,7 +53,7 @@ class DeviceTopics:
             records, points = parse_telemetry(payload)
             if not self.server._buckets(device).allow_telemetry(points):
                 return "rate_limit"
-            device.telemetry.extend(records)
+            device.store_telemetry(records)
             device.data_points += points
             return await self.server.ack(session, packet_id)
         if topic == ATTRIBUTES:
