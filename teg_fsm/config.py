@@ -325,6 +325,30 @@ def _check_paths(env: _Env, config: Config) -> None:
             env.reject(name, "must be a directory (it is created when missing)")
     if config.token_path.is_dir():
         env.reject("THINGSBOARD_ACCESS_TOKEN", "must be the path of the token file, not a directory")
+    writable = [("TEG_DATA_PATH", config.data_path), ("TEG_CONTROLLER_DATA_PATH", config.controller_data_path),
+                ("TEG_CONTROLLER_LOGS_PATH", config.controller_logs_path),
+                ("THINGSBOARD_ACCESS_TOKEN", config.token_path.parent)]
+    if config.controller_git_path is not None:
+        writable.append(("TEG_CONTROLLER_GIT_PATH", config.controller_git_path))
+    writable += [("TEG_FILE_ALLOWED_ROOTS", root) for root in config.file_allowed_roots]
+    seen: set[Path] = set()
+    for name, path in writable:
+        if path in seen:
+            continue
+        seen.add(path)
+        if not _writable(path):
+            env.problems.append(
+                f"{name}: {path} is not writable (under systemd's ProtectSystem=strict, add it to "
+                "ReadWritePaths= with `systemctl edit teg-fsm`)"
+            )
+
+
+def _writable(path: Path) -> bool:
+    """Writable, or creatable below its nearest existing parent (read-only mounts included)."""
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return os.access(candidate, os.W_OK)
+    return False
 
 
 def _readable_file(path: Path) -> bool:
