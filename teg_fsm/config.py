@@ -156,8 +156,8 @@ def _number(env: _Env, name: str, default: float, kind: type, minimum: float, ma
     if raw in (None, ""):
         env.use(name, default)
         return default
-    allowed = f"must be {'an integer' if kind is int else 'a number'} from {minimum:g}" + (
-        f" to {maximum:g}" if maximum is not None else " up"
+    allowed = f"must be {'an integer' if kind is int else 'a number'} from {_plain(minimum)}" + (
+        f" to {_plain(maximum)}" if maximum is not None else " up"
     )
     try:
         value = kind(raw)
@@ -169,6 +169,10 @@ def _number(env: _Env, name: str, default: float, kind: type, minimum: float, ma
         return default
     env.use(name, value)
     return value
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 def _int(env: _Env, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -321,7 +325,7 @@ def _check_paths(env: _Env, config: Config) -> None:
     if config.controller_git_path is not None and not config.controller_git_path.is_dir():
         env.reject("TEG_CONTROLLER_GIT_PATH", "must be the controller repository's .git directory")
     for name, path in (("TEG_DATA_PATH", config.data_path), ("TEG_CONTROLLER_DATA_PATH", config.controller_data_path)):
-        if path.exists() and not path.is_dir():
+        if env.get(name) and path.exists() and not path.is_dir():
             env.reject(name, "must be a directory (it is created when missing)")
     if config.token_path.is_dir():
         env.reject("THINGSBOARD_ACCESS_TOKEN", "must be the path of the token file, not a directory")
@@ -331,12 +335,12 @@ def _check_paths(env: _Env, config: Config) -> None:
     if config.controller_git_path is not None:
         writable.append(("TEG_CONTROLLER_GIT_PATH", config.controller_git_path))
     writable += [("TEG_FILE_ALLOWED_ROOTS", root) for root in config.file_allowed_roots]
-    seen: set[Path] = set()
+    refused: list[Path] = []
     for name, path in writable:
-        if path in seen:
-            continue
-        seen.add(path)
+        if any(path == r or r in path.parents for r in refused):
+            continue  # one line per place the operator has to fix
         if not _writable(path):
+            refused.append(path)
             env.problems.append(
                 f"{name}: {path} is not writable (under systemd's ProtectSystem=strict, add it to "
                 "ReadWritePaths= with `systemctl edit teg-fsm`)"

@@ -103,7 +103,8 @@ class TransitionLog:
         # Runs in the dispatcher thread: keep it to formatting, and never let it raise.
         try:
             for move in dispatched.transitions:
-                if move.machine in self._machines and move.source != move.target:
+                notable = move.machine in self._machines or "degraded" in f"{move.source} {move.target}"
+                if notable and move.source != move.target:
                     self._log.info("%s: %s -> %s (on %s)", move.machine, move.source, move.target, move.event)
         except Exception:  # noqa: BLE001 - a log line must never stop the dispatcher
             self._log.debug("could not log a transition", exc_info=True)
