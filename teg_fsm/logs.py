@@ -92,11 +92,23 @@ def print_error(message: str, *, env: Mapping[str, str] | None = None, stream: T
     print(f"{prefix}{message}", file=stream or sys.stderr, flush=True)
 
 
+# Periodic checks that usually find nothing: their round trip (out of a state
+# and straight back) is not logged; anything else they lead to is.
+ROUTINE_EVENTS = frozenset({("file_sync", "check_due")})
+
+
 class TransitionLog:
     """A dispatcher observer: one INFO line per transition of an operator-facing machine."""
 
-    def __init__(self, machines: Collection[str] = OPERATOR_MACHINES, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        machines: Collection[str] = OPERATOR_MACHINES,
+        routine: Collection[tuple[str, str]] = ROUTINE_EVENTS,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self._machines = machines
+        self._routine = routine
+        self._held: dict[str, Any] = {}  # machine -> a routine transition not yet told
         self._log = logger or logging.getLogger("teg.transitions")
 
     def __call__(self, dispatched: Any) -> None:
@@ -105,6 +117,20 @@ class TransitionLog:
             for move in dispatched.transitions:
                 notable = move.machine in self._machines or "degraded" in f"{move.source} {move.target}"
                 if notable and move.source != move.target:
-                    self._log.info("%s: %s -> %s (on %s)", move.machine, move.source, move.target, move.event)
+                    self._consider(move)
         except Exception:  # noqa: BLE001 - a log line must never stop the dispatcher
             self._log.debug("could not log a transition", exc_info=True)
+
+    def _consider(self, move: Any) -> None:
+        held = self._held.pop(move.machine, None)
+        if held is not None and move.target == held.source:
+            return  # the routine check came straight back: nothing happened
+        if held is not None:
+            self._tell(held)
+        if (move.machine, move.event) in self._routine:
+            self._held[move.machine] = move
+        else:
+            self._tell(move)
+
+    def _tell(self, move: Any) -> None:
+        self._log.info("%s: %s -> %s (on %s)", move.machine, move.source, move.target, move.event)

@@ -22,6 +22,7 @@ import os
 import subprocess
 import tarfile
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,17 @@ def installed(docker_client: docker.DockerClient, systemd_image: str, deb_packag
         yield machine
     finally:
         container.remove(force=True)
+
+
+def test_the_wheel_in_the_package_holds_every_package_of_the_checkout(deb_package: Path, tmp_path: Path) -> None:
+    subprocess.run(["dpkg-deb", "-x", str(deb_package), str(tmp_path)], check=True)
+    (wheel,) = (tmp_path / "opt" / "teg-fsm" / "wheels").glob("teg_fsm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {str(Path(name).parent) for name in archive.namelist() if name.endswith("/__init__.py")}
+    in_checkout = {str(p.parent.relative_to(REPO)) for root in ("teg_fsm", "machines")
+                   for p in (REPO / root).rglob("__init__.py")}
+    assert packaged == in_checkout
+    assert any(name.endswith("/licenses/LICENSE") for name in zipfile.ZipFile(wheel).namelist())
 
 
 def test_package_installs_into_a_private_venv_and_leaves_the_system_python_alone(installed: Machine) -> None:

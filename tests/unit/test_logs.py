@@ -86,3 +86,18 @@ def test_transition_log_tells_operator_facing_moves_and_skips_the_chatty_ones(ca
         "uplink: draining -> degraded_disk_full (on write_failed)",
         "controller: running -> restarting (on restart_requested)",
     ]
+
+
+def test_a_routine_check_that_comes_straight_back_is_not_told_but_one_that_finds_work_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    observer = TransitionLog()
+    with caplog.at_level(logging.INFO, logger="teg.transitions"):
+        observer(_Dispatched([Transition("file_sync", "in_sync", "scanning", "check_due")]))
+        observer(_Dispatched([Transition("file_sync", "scanning", "in_sync", "scan_succeeded")]))
+        observer(_Dispatched([Transition("file_sync", "in_sync", "scanning", "check_due")]))
+        observer(_Dispatched([Transition("file_sync", "scanning", "writing", "scan_succeeded")]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "file_sync: in_sync -> scanning (on check_due)",
+        "file_sync: scanning -> writing (on scan_succeeded)",
+    ]
