@@ -134,11 +134,11 @@ class _Env:
         self.effective[name] = "" if value is None else str(value)
 
     def reject(self, name: str, allowed: str) -> None:
-        self.problems.append(f"{name}={shown(name, self.values.get(name, ''))!s}: {allowed}")
+        self.problems.append(f"{name}={shown(name, self.values.get(name, ''))}: {allowed}")
 
 
 def shown(name: str, value: str) -> str:
-    """A value as it may appear in output: secrets masked, everything else quoted."""
+    """A value as it may appear in output: secrets masked; blank or padded values quoted."""
     if name in SECRET_VARIABLES and value:
         return MASK
     return repr(value) if not value or value != value.strip() or " " in value else value

@@ -71,8 +71,8 @@ def probe_running(data_path: Path) -> dict[str, int] | None:
     path = data_path / RUN_MARKER
     try:
         handle = path.open("r")
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return None  # PermissionError goes to the caller: "not running" would be a guess
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -125,17 +125,24 @@ def _read_only(path: Path) -> sqlite3.Connection:
 
 
 def daemon_lines(inputs: StatusInputs) -> Iterator[str]:
-    running = probe_running(inputs.data_path)
-    if running is None:
-        yield f"gateway:       not running (no `teg run` holds {inputs.data_path / RUN_MARKER})"
-    else:
-        started = running.get("started_ms")
-        uptime = f", started {_ago(inputs.now_ms, started)}" if started else ""
-        yield f"gateway:       running, pid {running.get('pid', '?')}{uptime}"
+    yield _process_line(inputs)
     unit = systemd_unit_state()
     if unit is not None and unit.get("LoadState") == "loaded":
         yield (f"systemd:       {UNIT} {unit.get('ActiveState')} ({unit.get('SubState')}), "
                f"main pid {unit.get('MainPID')}, restarts {unit.get('NRestarts', '?')}, result {unit.get('Result')}")
+
+
+def _process_line(inputs: StatusInputs) -> str:
+    marker = inputs.data_path / RUN_MARKER
+    try:
+        running = probe_running(inputs.data_path)
+    except OSError as exc:
+        return f"gateway:       unknown (cannot read {marker}: {exc.strerror}; run as root)"
+    if running is None:
+        return f"gateway:       not running (no `teg run` holds {marker})"
+    started = running.get("started_ms")
+    uptime = f", started {_ago(inputs.now_ms, started)}" if started else ""
+    return f"gateway:       running, pid {running.get('pid', '?')}{uptime}"
 
 
 def controller_lines(inputs: StatusInputs) -> Iterator[str]:

@@ -196,6 +196,9 @@ def test_unit_provisions_logs_for_journald_and_stops_cleanly(installed: Machine,
         assert f"running, pid {unit['MainPID']}" in status and "teg-fsm.service active (running)" in status
         wait_for(lambda: any("provisioning: requesting -> provisioned" in line for line in installed.journal()),
                  30, "the provisioning transition logged at INFO")
+        # The hardened unit reached the Docker engine through the socket (an unreachable
+        # engine would show as inspecting -> engine_unreachable).
+        assert "teg.transitions: controller: inspecting -> awaiting_version (on inspect_succeeded)" in installed.journal()
         # A first start of a device given no controller version says so once; nothing else warns.
         # (The controller machine logs it at error level; replayed journals pin that level.)
         assert installed.journal("-p", "warning") == [NO_VERSION_LINE]
