@@ -211,6 +211,17 @@ def test_unit_provisions_logs_for_journald_and_stops_cleanly(installed: Machine,
         assert "not running" in installed.sh("teg status")
 
 
+def test_an_upgrade_keeps_the_settings_and_brings_a_running_service_back(installed: Machine, deb_package: Path) -> None:
+    installed.set_env({"TB_HOST": "127.0.0.1", "TB_PORT": "1", "TEG_TLS": "false"})  # nothing listens: runs offline
+    installed.sh("systemctl start teg-fsm")
+    before = installed.unit()["MainPID"]
+    installed.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /deb/{deb_package.name}")
+    after = installed.unit()
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running") and after["MainPID"] != before
+    assert "TB_PORT=1\n" in installed.sh(f"cat {ENV_FILE}")  # a conffile: the operator's edits survive
+    installed.sh("systemctl stop teg-fsm")
+
+
 def test_configuration_error_fails_the_unit_with_the_variable_named_and_no_restart_loop(installed: Machine) -> None:
     installed.sh("systemctl stop teg-fsm; systemctl reset-failed teg-fsm", check=False)
     installed.set_env({"TB_HOST": "127.0.0.1", "TB_PORT": "70000"})
