@@ -332,8 +332,8 @@ def _check_paths(env: _Env, config: Config) -> None:
     writable = [("TEG_DATA_PATH", config.data_path), ("TEG_CONTROLLER_DATA_PATH", config.controller_data_path),
                 ("TEG_CONTROLLER_LOGS_PATH", config.controller_logs_path),
                 ("THINGSBOARD_ACCESS_TOKEN", config.token_path.parent)]
-    if config.controller_git_path is not None:
-        writable.append(("TEG_CONTROLLER_GIT_PATH", config.controller_git_path))
+    if config.controller_git_path is not None:  # checkout writes the work tree, not only .git
+        writable.append(("TEG_CONTROLLER_GIT_PATH", config.controller_git_path.parent))
     writable += [("TEG_FILE_ALLOWED_ROOTS", root) for root in config.file_allowed_roots]
     refused: list[Path] = []
     for name, path in writable:

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.config import read_config, read_env_file
+from teg_fsm.config import SERVICE_DIR, read_config, read_env_file
 
 # Names the existing gateway's install guides give its runner container, and its image.
 RUNNER_NAMES = ("thingsboard-edge-gateway-runner", "thingsboard_edge_gateway")
@@ -173,6 +173,23 @@ def _inspect_files(env: Mapping[str, str], findings: Findings) -> None:
     git = env.get("TEG_CONTROLLER_GIT_PATH")
     if git:
         findings.keep.append(f"controller repository {_host_path(git)}: {'present' if _host_path(git).is_dir() else 'MISSING'}")
+    _note_write_paths(env, findings)
+
+
+def _note_write_paths(env: Mapping[str, str], findings: Findings) -> None:
+    """The unit may write only /var/lib/teg-fsm; the existing gateway's places need a drop-in."""
+    wanted = [env.get(name) for name in ("TEG_DATA_PATH", "TEG_CONTROLLER_DATA_PATH", "TEG_CONTROLLER_LOGS_PATH")]
+    token, git = env.get("THINGSBOARD_ACCESS_TOKEN"), env.get("TEG_CONTROLLER_GIT_PATH")
+    wanted += [str(Path(token).parent) if token else None, str(Path(git).parent) if git else None]
+    paths: list[str] = []
+    for raw in wanted:
+        if raw and Path(raw).is_absolute():
+            path = str(_host_path(raw))
+            if path not in paths and not path.startswith(str(SERVICE_DIR)):
+                paths.append(path)
+    if paths:
+        findings.notes.append("the service may write only /var/lib/teg-fsm: run `systemctl edit teg-fsm` and add "
+                              f"[Service] ReadWritePaths={' '.join(paths)}")
 
 
 def _check_ours(ours: Mapping[str, str], origin: str, findings: Findings) -> None:

@@ -85,6 +85,7 @@ def test_migrate_check_names_what_to_stop_and_what_is_kept_and_changes_nothing(
         assert f"data directory {old_data}: gateway_archive.db, last_launched_controller_version.txt" in busy.stdout
         assert f"token file {token}: present" in busy.stdout
         assert "run_command RPC is OFF in teg-fsm" in busy.stdout
+        assert f"[Service] ReadWritePaths={old_data} {tmp_path}" in busy.stdout
         assert "THINGSBOARD_PROVISION_DEVICE_SECRET=*** in the existing gateway's settings" in busy.stdout
         assert "old-secret" not in busy.stdout
         runner.reload()
