@@ -9,8 +9,8 @@
 # device, nothing installed into the system Python). It also ships /usr/bin/teg,
 # the systemd unit and /etc/teg-fsm/teg.env (a conffile). Built with dpkg-deb.
 #
-# Needs python3 with pip (the .venv of tools/ci/setup.sh is used when present),
-# dpkg-deb, and PyPI (or pip's cache / PIP_INDEX_URL) for the dependency wheels.
+# Needs python3 and python3-venv (or the .venv of tools/ci/setup.sh), git, dpkg-deb,
+# and PyPI (or pip's cache / PIP_INDEX_URL) for the dependency wheels.
 # Wheels are cached in $TEG_WHEEL_CACHE (default /var/cache/teg-rig/wheels) keyed
 # by the dependency list, so a rebuild only builds our own wheel.
 set -euo pipefail
@@ -18,10 +18,6 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 here="$repo_root/tools/packaging"
 out_dir="$(realpath -m "${1:-$repo_root/dist}")"
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-    if [[ -x "$repo_root/.venv/bin/python" ]]; then python="$repo_root/.venv/bin/python"; else python=python3; fi
-fi
 version="$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo_root/teg_fsm/__init__.py")"
 [[ -n "$version" ]] || { echo "build_deb: no __version__ in teg_fsm/__init__.py" >&2; exit 1; }
 package="teg-fsm_${version}_all.deb"
@@ -29,6 +25,17 @@ package="teg-fsm_${version}_all.deb"
 work="$(mktemp -d /var/tmp/teg-deb.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 stage="$work/root"
+# pip: $PYTHON, else the checkout's .venv (tools/ci/setup.sh), else a throw-away venv
+# (Debian's python3 has no pip of its own; python3-venv brings one).
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+    if [[ -x "$repo_root/.venv/bin/python" ]]; then
+        python="$repo_root/.venv/bin/python"
+    else
+        python3 -m venv "$work/venv"
+        python="$work/venv/bin/python"
+    fi
+fi
 wheels="$stage/opt/teg-fsm/wheels"
 mkdir -p "$wheels" "$out_dir"
 
