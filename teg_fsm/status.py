@@ -145,6 +145,20 @@ def _process_line(inputs: StatusInputs) -> str:
     return f"gateway:       running, pid {running.get('pid', '?')}{uptime}"
 
 
+def condition_lines(inputs: StatusInputs) -> Iterator[str]:
+    """Degraded modes the gateway declared, from the live status file the engine writes."""
+    from teg_fsm import systemd
+
+    read_status = getattr(systemd, "read_status", None)  # absent until the engine's live status file lands
+    live = read_status(inputs.data_path / "teg_status.json") if read_status is not None else None
+    if live is None:
+        return
+    conditions = live.get("conditions")
+    conditions = conditions if isinstance(conditions, dict) else {}
+    mode = "DEGRADED " + "; ".join(f"{k}: {v}" for k, v in sorted(conditions.items())) if conditions else "ok"
+    yield f"conditions:    {mode}{' (stopped)' if live.get('stopped') else ''}"
+
+
 def controller_lines(inputs: StatusInputs) -> Iterator[str]:
     version_file = inputs.data_path / "last_launched_controller_version.txt"
     try:
@@ -191,7 +205,7 @@ def machine_lines(inputs: StatusInputs) -> Iterator[str]:
 
 
 Section = Callable[[StatusInputs], Iterator[str]]
-SECTIONS: tuple[Section, ...] = (daemon_lines, controller_lines, contact_lines, machine_lines)
+SECTIONS: tuple[Section, ...] = (daemon_lines, condition_lines, controller_lines, contact_lines, machine_lines)
 
 
 def report(inputs: StatusInputs, sections: tuple[Section, ...] = SECTIONS) -> Iterator[str]:
