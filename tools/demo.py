@@ -2,9 +2,15 @@
 
     .venv/bin/python tools/demo.py [--workdir DIR]
 
-Run through ``bash tools/demo.sh`` (it installs and starts what this needs).
+Run through ``bash tools/demo.sh`` (it installs and starts what this needs,
+including a private Docker engine of its own unless DOCKER_HOST names one).
 Shows self-provisioning, telemetry flowing, an RPC, a file pushed, an OTA
 update and an automatic rollback, then prints where to look.
+
+The demo never touches a container or image it did not create: it refuses
+to run on an engine that already has a ``teg_controller`` container or
+``teg-controller-*`` images (a live station's), and afterwards removes only
+the container and images that appeared during the run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import docker  # noqa: E402
 import git  # noqa: E402
 
 from tools.tb_standin import StandIn  # noqa: E402
@@ -192,16 +199,55 @@ def show(work: Path, tb: StandIn) -> None:
     subprocess.run([sys.executable, "-m", "teg_fsm.cli", "status", "--data", str(work / "data")], cwd=REPO, check=False)
 
 
+CONTROLLER = "teg_controller"
+IMAGE_PREFIX = "teg-controller-"
+
+
+class EngineGuard:
+    """What was on the Docker engine before the demo, so only the demo's own things are removed."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+        self.images_before = self._controller_images()
+
+    def _controller_images(self) -> set[str]:
+        return {tag for image in self.client.images.list() for tag in image.tags if tag.startswith(IMAGE_PREFIX)}
+
+    def refusal(self) -> str | None:
+        if self.client.containers.list(all=True, filters={"name": f"^/{CONTROLLER}$"}):
+            return (f"this Docker engine already has a '{CONTROLLER}' container (a live station?); "
+                    "the demo would take it over. Run it on its own engine: unset DOCKER_HOST and use tools/demo.sh")
+        if self.images_before:
+            return (f"this Docker engine already has controller images ({', '.join(sorted(self.images_before))}); "
+                    "the demo runs only on an engine without them (tools/demo.sh starts a private one)")
+        return None
+
+    def remove_what_the_demo_created(self) -> None:
+        for container in self.client.containers.list(all=True, filters={"name": f"^/{CONTROLLER}$"}):
+            container.remove(force=True)  # refusal() made sure none existed before the demo
+        for tag in sorted(self._controller_images() - self.images_before):
+            try:
+                self.client.images.remove(tag)
+            except docker.errors.APIError as exc:
+                print(f"could not remove demo image {tag}: {exc}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    client = docker.from_env(timeout=120)
+    guard = EngineGuard(client)
+    refusal = guard.refusal()
+    if refusal is not None:
+        raise SystemExit(f"demo refused: {refusal}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="teg-demo-"))
-    print(f"demo working directory: {work}")
+    print(f"demo working directory: {work}; Docker engine: {os.environ.get('DOCKER_HOST') or 'the default socket'}")
     try:
         run_demo(work)
     finally:
-        subprocess.run(["docker", "rm", "-f", "teg_controller"], capture_output=True, check=False)
+        guard.remove_what_the_demo_created()
+        client.close()
     print("\ndemo finished")
 
 

@@ -2,7 +2,8 @@
 # Sourced (not executed) by tools/ci/test.sh and the demo: makes a Docker engine
 # reachable and exports DOCKER_HOST for it.
 #
-# Order: a working $DOCKER_HOST, then the system socket, then a private dockerd
+# Order: a working $DOCKER_HOST, then the system socket (unless
+# TEG_RIG_PRIVATE_ENGINE=1), then a private dockerd
 # started from Debian's docker.io package under $TEG_RIG_DIR. The private daemon
 # has its own data/exec roots, pidfile and socket so it never touches a system
 # engine's state, and runs without the default bridge or iptables rules: another
@@ -76,7 +77,9 @@ teg_ensure_docker_engine() {
         fi
         echo "docker: DOCKER_HOST=$DOCKER_HOST is not answering; trying others" >&2
     fi
-    if DOCKER_HOST= _teg_docker_works; then
+    # TEG_RIG_PRIVATE_ENGINE=1 (the demo): never the system engine, whose
+    # teg_controller may be a live station's.
+    if [[ "${TEG_RIG_PRIVATE_ENGINE:-0}" != 1 ]] && DOCKER_HOST= _teg_docker_works; then
         unset DOCKER_HOST
         echo "docker: using the system engine"
         return 0
