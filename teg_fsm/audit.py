@@ -34,7 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     status = sub.add_parser("status", help="every machine's state (from the checkpoints)")
     status.add_argument("--data", type=Path, default=None)
     status.add_argument("--mermaid", action="store_true", help="print each diagram with the active state")
-    status.set_defaults(func=_status)
+    # The command itself lives in teg_fsm.cli (it reports the daemon as well as the machines).
 
 
 def _data_dir(arg: Path | None) -> Path:
@@ -121,37 +121,6 @@ def _journal_line(entry) -> str:  # type: ignore[no-untyped-def]
     moves = ", ".join(f"{t['machine']}: {t['source']}->{t['target']}" for t in entry.transitions) or "-"
     effects = ", ".join(f"{e.get('type')}({e.get('id')})" for e in entry.effects) or "-"
     return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name}{target} | {moves} | {effects}"
-
-
-def _status(args: argparse.Namespace) -> int:
-    import sqlite3
-
-    from teg_fsm.systemd import read_status
-
-    path = _data_dir(args.data) / "teg_journal.db"
-    live = read_status(_data_dir(args.data) / "teg_status.json")
-    if live is not None:
-        conditions = live.get("conditions") or {}
-        mode = "DEGRADED " + "; ".join(f"{k}: {v}" for k, v in sorted(conditions.items())) if conditions else "ok"
-        print(f"gateway        {mode}{' (stopped)' if live.get('stopped') else ''}")
-    if not path.exists():
-        print(f"teg status: no journal at {path} (has the gateway run here?)", file=sys.stderr)
-        return 2
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT machine, state, updated_ms FROM checkpoints ORDER BY machine").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        print(f"teg status: cannot read the checkpoints in {path}: {exc}", file=sys.stderr)
-        return 2
-    states = {machine: state for machine, state, _ in rows}
-    for machine, state, updated in rows:
-        print(f"{machine:<14} {state:<22} since {format_time(updated)}")
-    if args.mermaid:
-        _print_mermaid(states)
-    return 0
 
 
 def _print_mermaid(states: dict[str, str]) -> None:

@@ -161,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     from teg_fsm import audit
 
     audit.add_commands(sub)
-    # `teg status` reports the daemon too (teg_fsm/status.py); audit registers the arguments.
-    sub.choices["status"].set_defaults(func=_status)
+    sub.choices["status"].set_defaults(func=_status)  # reports the daemon too (teg_fsm/status.py)
     return parser
 
 

@@ -147,10 +147,9 @@ def _process_line(inputs: StatusInputs) -> str:
 
 def condition_lines(inputs: StatusInputs) -> Iterator[str]:
     """Degraded modes the gateway declared, from the live status file the engine writes."""
-    from teg_fsm import systemd
+    from teg_fsm.systemd import read_status
 
-    read_status = getattr(systemd, "read_status", None)  # absent until the engine's live status file lands
-    live = read_status(inputs.data_path / "teg_status.json") if read_status is not None else None
+    live = read_status(inputs.data_path / "teg_status.json")
     if live is None:
         return
     conditions = live.get("conditions")
