@@ -93,6 +93,8 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from teg_fsm import audit, status
     from teg_fsm.config import read_config, tool_environment
 
@@ -108,8 +110,13 @@ def _status(args: argparse.Namespace) -> int:
     if not journal.exists():
         print(f"teg status: no journal at {journal} (has the gateway run here?)", file=sys.stderr)
         return EX_USAGE
+    try:
+        states = _checkpoint_states(journal)
+    except sqlite3.Error as exc:
+        print(f"teg status: cannot read the checkpoints in {journal}: {exc}", file=sys.stderr)
+        return EX_USAGE
     if args.mermaid:
-        audit._print_mermaid(_checkpoint_states(journal))
+        audit._print_mermaid(states)
     return 0
 
 

@@ -197,8 +197,12 @@ def machine_lines(inputs: StatusInputs) -> Iterator[str]:
     if not journal.exists():
         yield f"machines:      no journal at {journal} (has the gateway run here?)"
         return
-    with closing(_read_only(journal)) as db:
-        rows = db.execute("SELECT machine, state, updated_ms FROM checkpoints ORDER BY machine").fetchall()
+    try:
+        with closing(_read_only(journal)) as db:
+            rows = db.execute("SELECT machine, state, updated_ms FROM checkpoints ORDER BY machine").fetchall()
+    except sqlite3.Error as exc:
+        yield f"machines:      cannot read the checkpoints in {journal}: {exc}"
+        return
     for machine, state, updated in rows:
         yield f"{machine:<14} {state:<22} since {format_time(updated)}"
 
