@@ -167,7 +167,7 @@ def print_result(label: str, result: dict[str, Any], bin_s: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10_000)
-    parser.add_argument("--outage-s", type=float, default=600.0)
+    parser.add_argument("--outage-s", type=float, nargs="+", default=[600.0])
     parser.add_argument("--settle-s", type=float, default=120.0)
     parser.add_argument("--after-s", type=float, default=1200.0)
     parser.add_argument("--connect-latency-s", type=float, default=0.05)
@@ -176,19 +176,28 @@ def main() -> None:
     parser.add_argument("--jitter", type=float)
     parser.add_argument("--max-s", type=float)
     parser.add_argument("--compare", action="store_true", help="also run jitter/max_s variants")
+    parser.add_argument("--quiet", action="store_true", help="only the summary table")
     args = parser.parse_args()
     overrides = {k: v for k, v in (("jitter", args.jitter), ("max_s", args.max_s)) if v is not None}
     variants = [("shipped settings" if not overrides else "given settings", overrides)]
     if args.compare:
         variants += [(f"jitter {j}, max_s {m}", {"jitter": j, "max_s": m})
                      for j, m in ((0.2, 300.0), (0.5, 300.0), (1.0, 300.0), (0.5, 120.0), (1.0, 120.0))]
-    print(f"{args.devices} connection machines, outage {args.outage_s:.0f} s, connect answered in "
-          f"{args.connect_latency_s * 1000:.0f} ms (refused while down)")
-    for label, settings in variants:
-        result = simulate(args.devices, args.outage_s, args.settle_s, args.after_s, args.connect_latency_s,
-                          args.seed, settings)
-        print_result(label, result, args.bin_s)
-
+    print(f"{args.devices} connection machines, connect answered in {args.connect_latency_s * 1000:.0f} ms "
+          f"(refused while the server is down)")
+    summary = []
+    for outage_s in args.outage_s:
+        for label, settings in variants:
+            result = simulate(args.devices, outage_s, args.settle_s, args.after_s, args.connect_latency_s,
+                              args.seed, settings)
+            if not args.quiet:
+                print_result(f"{label}, outage {outage_s:.0f} s", result, args.bin_s)
+            summary.append((outage_s, label, result))
+    print("\n| outage | settings | peak attempts/s after recovery (% of fleet) | back online: 50 % / 99 % / all |")
+    print("|---|---|---|---|")
+    for outage_s, label, result in summary:
+        back = " / ".join("never" if t is None else f"{t:.0f} s" for q, t in result["back"].items() if q != 0.9)
+        print(f"| {outage_s:.0f} s | {label} | {result['peak_after'] / result['devices']:.2%} | {back} |")
 
 if __name__ == "__main__":
     main()
