@@ -176,13 +176,7 @@ class OutboxStore:
         if topic == TELEMETRY_TOPIC:
             rows = [json.dumps({"ts": ts, "values": v}) for ts, v in stamp(telemetry_elements(payload), now_ms, {})]
         elif topic == ATTRIBUTES_TOPIC:
-            try:
-                data = json.loads(payload)
-            except ValueError as exc:
-                raise OutboxError(f"attributes payload is not JSON: {exc}") from None
-            if not isinstance(data, dict):
-                raise OutboxError(f"attributes payload is a JSON {type(data).__name__}, not an object")
-            rows = [json.dumps(data)] if data else []
+            rows = self.attribute_rows(payload)
         else:
             raise OutboxError(f"the outbox does not carry {topic}")
         for text in rows:
@@ -190,6 +184,16 @@ class OutboxStore:
             if size > self.max_payload_bytes:
                 raise OutboxError(f"a {topic} report of {size} bytes exceeds the {self.max_payload_bytes} byte limit")
         return rows
+
+    @staticmethod
+    def attribute_rows(payload: str) -> list[str]:
+        try:
+            data = json.loads(payload)
+        except ValueError as exc:
+            raise OutboxError(f"attributes payload is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise OutboxError(f"attributes payload is a JSON {type(data).__name__}, not an object")
+        return [json.dumps(data)] if data else []
 
     def _stamped_rows(self, payload: str, now_ms: int) -> list[str]:
         elements = telemetry_elements(payload)
@@ -267,9 +271,32 @@ class Outbox:
         self._retry_at: float | None = None  # monotonic; a rate-limit pause
         self._lock = threading.Lock()
         self._closed = False  # after stop(): reports are stored by the caller
+        self._live_last_ts: dict[str, int] = {}  # ts of reports sent live while storage was unavailable
+        self._storage_unavailable = False
 
     def open(self) -> None:
-        self.store = OutboxStore(self.path, self.max_payload_bytes)
+        store: OutboxStore | None = None
+        try:
+            store = OutboxStore(self.path, self.max_payload_bytes)
+            if self._live_last_ts:  # reports sent live meanwhile: later stored ones must come after them
+                save_last_ts(store.conn, self._live_last_ts)
+                self._live_last_ts.clear()
+        except sqlite3.DatabaseError as exc:
+            if store is not None:
+                store.close()
+            if is_corruption(exc):
+                raise
+            # A full disk or an I/O error is a condition the engine reports; the gateway's
+            # reports then go out live (below) and the store is opened again on the next try.
+            if not self._storage_unavailable:
+                log.warning("outbox storage unavailable (%s): reports are sent live while connected", exc)
+            self._storage_unavailable = True
+            self.store = None
+            return
+        if self._storage_unavailable:
+            log.info("outbox storage available again")
+        self._storage_unavailable = False
+        self.store = store
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="teg-outbox", daemon=True)
@@ -354,7 +381,11 @@ class Outbox:
         self.open()
 
     def _put(self, topic: str, payload: str, now_ms: int, stored: Stored) -> None:
-        assert self.store is not None
+        if self.store is None:
+            self.open()
+        if self.store is None:
+            self._send_live(topic, payload, now_ms, stored)
+            return
         try:
             self.store.put(topic, payload, now_ms)
         except OutboxError as exc:
@@ -362,12 +393,40 @@ class Outbox:
             stored(str(exc))
             return
         except sqlite3.DatabaseError as exc:
-            stored(f"storing the report failed: {exc}")
-            raise
+            if is_corruption(exc):
+                stored(f"storing the report failed: {exc}")
+                raise
+            log.warning("outbox cannot store a report on %s (%s); sending it live", topic, exc)
+            self._send_live(topic, payload, now_ms, stored)
+            return
         stored(None)
         self._send_next()
 
+    def _send_live(self, topic: str, payload: str, now_ms: int, stored: Stored) -> None:
+        """Storage is unavailable (a full disk): what the gateway says goes out without a durable copy.
+
+        The reports that matter in that condition (the health machine's) are sent
+        again after every reconnect until acknowledged, so a report lost here is
+        repeated; ts stay strictly increasing per key from the memory of this run.
+        """
+        publish = self.publish
+        if publish is None or not self.online():
+            stored("not stored (storage unavailable) and ThingsBoard is not connected")
+            return
+        try:
+            if topic == TELEMETRY_TOPIC:
+                stamped = stamp(telemetry_elements(payload), now_ms, self._live_last_ts)
+                body = _payload(topic, [json.dumps({"ts": ts, "values": values}) for ts, values in stamped])
+            else:
+                body = _payload(topic, OutboxStore.attribute_rows(payload))
+        except OutboxError as exc:
+            stored(str(exc))
+            return
+        publish(topic, body, 1, lambda ok, error: stored(None if ok else error or "not acknowledged"))
+
     def _send_next(self) -> None:
+        if self.store is None:
+            self.open()
         store, publish = self.store, self.publish
         if self.in_flight is not None or store is None or publish is None or not self.online():
             return  # offline: nothing is read or tried until the next connect wakes us
