@@ -64,6 +64,7 @@ class Config:
     journal_max_age_s: float
     reconnect_min_s: float
     reconnect_max_s: float
+    reconnect_jitter: float  # fraction: each wait is drawn from wait * (1 ± jitter)
     uplink_batch_rows: int
     uplink_max_inflight: int
     uplink_max_payload_bytes: int
@@ -263,7 +264,9 @@ def _read(env: _Env) -> Config:
         journal_max_bytes=_int(env, "TEG_JOURNAL_MAX_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
         journal_max_age_s=_float(env, "TEG_JOURNAL_MAX_AGE_S", 30 * 24 * 3600, minimum=3600),
         reconnect_min_s=_float(env, "TEG_RECONNECT_MIN_S", 1.0, minimum=0.01, maximum=3600),
-        reconnect_max_s=_float(env, "TEG_RECONNECT_MAX_S", 300.0, minimum=0.01, maximum=86400),
+        # 120 s and ±50 %: tools/bench_fleet.py and docs/CONNECTION.md give the fleet-wide trade-off.
+        reconnect_max_s=_float(env, "TEG_RECONNECT_MAX_S", 120.0, minimum=0.01, maximum=86400),
+        reconnect_jitter=_float(env, "TEG_RECONNECT_JITTER", 0.5, minimum=0.0, maximum=1.0),
         uplink_batch_rows=_int(env, "TEG_UPLINK_BATCH_ROWS", 2000, minimum=1),
         uplink_max_inflight=_int(env, "TEG_UPLINK_MAX_INFLIGHT", 16, minimum=1, maximum=65535),
         uplink_max_payload_bytes=_int(env, "TEG_UPLINK_MAX_PAYLOAD_BYTES", 65536, minimum=1024, maximum=268435455),

@@ -45,6 +45,7 @@ from teg_fsm.sys_info import read_sys_info
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway
+    from teg_fsm.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,17 @@ def stored(completion: Completion) -> Callable[[str | None], None]:
             completion.fail(error)
 
     return on_stored
+
+
+def connection_settings(config: Config) -> dict[str, Any]:
+    """The connection machine's settings from the configuration (tools/bench_fleet.py simulates these)."""
+    return {
+        "min_s": config.reconnect_min_s,
+        "max_s": config.reconnect_max_s,
+        "jitter": config.reconnect_jitter,
+        "can_provision": bool(config.provision_key and config.provision_secret),
+        "client_attributes": {"teg_gateway": "TEG-FSM", "teg_version": __version__},
+    }
 
 
 class MqttComponent:
@@ -114,14 +126,7 @@ class MqttComponent:
         can_provision = bool(config.provision_key and config.provision_secret)
         backoff = {"min_s": config.reconnect_min_s, "max_s": config.reconnect_max_s}
         return [
-            MachineSpec(
-                ConnectionMachine,
-                {
-                    **backoff,
-                    "can_provision": can_provision,
-                    "client_attributes": {"teg_gateway": "TEG-FSM", "teg_version": __version__},
-                },
-            ),
+            MachineSpec(ConnectionMachine, connection_settings(config)),
             MachineSpec(ProvisioningMachine, {**backoff, "can_provision": can_provision}),
         ]
 
