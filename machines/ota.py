@@ -52,7 +52,7 @@ __all__ = ["OtaMachine", "OtaSettings", "version_error"]
 _PERSISTED = (
     "desired", "desired_title", "target", "target_title", "running", "running_title", "last_good",
     "blocked", "reason", "transient", "health_seen", "window_over", "swap_started_ms",
-    "rollback_asked", "last_report", "rebuild", "fetch_error", "live", "live_healthy", "held_updated",
+    "rollback_asked", "last_report", "rebuild", "fetch_error", "live", "live_health_ms", "held_updated",
 )
 _LIVE = ("swapping", "probation")
 _REST = ("idle", "committed", "failed")
@@ -253,10 +253,10 @@ class OtaMachine(OtaActions, GatewayMachine):
         self.rebuild: str | None = None  # the controller misses this version's image
         self.fetch_error: str | None = None  # the last fetch failed; the checkout decides
         # Engine truth, from the controller's broadcasts since this process started
-        # (reset on ``resumed``): the version of the container that runs, and whether
-        # it wrote a health check since it started. UPDATED is sent only for that.
+        # (reset on ``resumed``): the version of the container that runs, and the
+        # newest health check it wrote since it started. UPDATED is sent only for that.
         self.live: str | None = None
-        self.live_healthy = False
+        self.live_health_ms: int | None = None
         self.held_updated: str | None = None  # an UPDATED (with its sw_error) waiting for ``live`` to prove it
 
     def snapshot(self) -> dict[str, Any]:
@@ -281,8 +281,11 @@ class OtaMachine(OtaActions, GatewayMachine):
         return upcoming
 
     def verified(self, version: str | None) -> bool:
-        """A container of ``version`` runs and wrote a health check since it started."""
-        return version is not None and self.live == version and self.live_healthy
+        """A container of ``version`` runs and wrote a health check since it started,
+        no longer ago than the probation window (``health_timeout_s``)."""
+        if version is None or self.live != version or self.live_health_ms is None:
+            return False
+        return self.now_ms - self.live_health_ms <= self.settings.health_timeout_s * 1000
 
     # -- guards --------------------------------------------------------------
 

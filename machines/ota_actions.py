@@ -53,7 +53,7 @@ class OtaActions:
         rebuild: str | None
         fetch_error: str | None
         live: str | None
-        live_healthy: bool
+        live_health_ms: int | None
         held_updated: str | None
 
         @property
@@ -102,7 +102,7 @@ class OtaActions:
         version = ev.data.get("version")
         if not isinstance(version, str):
             return
-        self.live, self.live_healthy = version, False
+        self.live, self.live_health_ms = version, None
         if self.state_name in self.rest_states and version != self.running:
             self.running = version
         if version == self.rebuild:
@@ -110,20 +110,36 @@ class OtaActions:
         self.mark_dirty()
 
     def before_controller_exited(self) -> None:
-        self.live, self.live_healthy = None, False
+        self.live, self.live_health_ms = None, None
         self.mark_dirty()
 
     def before_controller_health_seen(self, ev: Event) -> None:
-        if ev.data.get("version") != self.live or self.live is None:
+        health_ms = ev.data.get("health_ts_ms")
+        if ev.data.get("version") != self.live or self.live is None or not isinstance(health_ms, int):
             return
-        self.live_healthy = True
-        self.mark_dirty()
-        if self.held_updated is not None and self.state_name in self.rest_states:
-            self._report("UPDATED", self.held_updated or None)
+        # Not marked dirty: this is re-derived after a restart, and checkpointing every
+        # health tick would cost SD-card writes for nothing.
+        self.live_health_ms = max(self.live_health_ms or 0, health_ms)
+        self._confirm_updated()
+
+    def _confirm_updated(self) -> None:
+        """At rest, with the assigned (or no) version proven running: say UPDATED if not said yet.
+
+        Releases an UPDATED held for want of proof, and corrects a FAILED once the
+        controller machine's own restarts got the version running and healthy.
+        """
+        if self.state_name not in self.rest_states or self.desired not in (None, self.running):
+            return
+        said = self.last_report or {}
+        if self.held_updated is None and said.get("sw_state") == "UPDATED" and said.get(
+                "current_sw_version") == self.running:
+            return
+        if self.held_updated is not None or said:
+            self._report("UPDATED", self.held_updated or None, force=True)
 
     def note_missing_image(self, ev: Event) -> None:
         version = ev.data.get("version")
-        self.live, self.live_healthy = None, False
+        self.live, self.live_health_ms = None, None
         if isinstance(version, str) and not version_error(version):
             self.rebuild = version
             self.emit(Log(level="WARNING", message=reason.image_missing(version)))
@@ -132,7 +148,7 @@ class OtaActions:
     def before_resumed(self) -> None:
         # A new process knows nothing about the engine yet: the controller machine
         # re-inspects it and broadcasts what runs; until then nothing is UPDATED.
-        self.live, self.live_healthy = None, False
+        self.live, self.live_health_ms = None, None
 
     def block_target(self) -> None:
         self.blocked = self.target
