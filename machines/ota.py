@@ -307,7 +307,7 @@ class OtaMachine(OtaActions, GatewayMachine):
 
     def rebuild_starts(self, ev: Event) -> bool:
         version = ev.data.get("version")
-        return isinstance(version, str) and not version_error(version) and version != self.blocked
+        return isinstance(version, str) and not version_error(version, assigned=False) and version != self.blocked
 
     def fetch_had_failed(self) -> bool:
         return self.fetch_error is not None

@@ -130,6 +130,8 @@ class OtaActions:
         """
         if self.state_name not in self.rest_states or self.desired not in (None, self.running):
             return
+        if self.desired is not None and version_error(self.desired):
+            return  # a refused assignment stays FAILED, even when it names what runs
         said = self.last_report or {}
         if self.held_updated is None and said.get("sw_state") == "UPDATED" and said.get(
                 "current_sw_version") == self.running:
@@ -140,7 +142,7 @@ class OtaActions:
     def note_missing_image(self, ev: Event) -> None:
         version = ev.data.get("version")
         self.live, self.live_health_ms = None, None
-        if isinstance(version, str) and not version_error(version):
+        if isinstance(version, str) and not version_error(version, assigned=False):
             self.rebuild = version
             self.emit(Log(level="WARNING", message=reason.image_missing(version)))
         self.mark_dirty()

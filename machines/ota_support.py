@@ -50,11 +50,17 @@ def looks_numeric(version: str) -> bool:
     return bool(_TB_NUMBER.fullmatch(version)) and not version.endswith(".")
 
 
-def version_error(version: Any) -> str | None:
-    """Why ``version`` cannot be installed, or None when it is acceptable."""
+def version_error(version: Any, *, assigned: bool = True) -> str | None:
+    """Why ``version`` cannot be installed, or None when it is acceptable.
+
+    ``assigned=False`` for a version the device already runs (version file,
+    TEG_DEFAULT_CONTROLLER_VERSION): a numeric-looking one from the existing
+    gateway is still rebuilt when its image is missing; only a new assignment is
+    refused for it.
+    """
     if not isinstance(version, str) or not version:
         return f"refused version {version!r}: {VERSION_RULE}"
-    if looks_numeric(version):
+    if assigned and looks_numeric(version):
         return f"refused version {version!r}: " + NUMERIC_RULE.format(version=version)
     if _COMMIT.fullmatch(version) or (
         len(version) <= 128 and _TAG.fullmatch(version) and not version.endswith(".lock")

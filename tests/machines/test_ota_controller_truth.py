@@ -157,6 +157,20 @@ def test_a_version_thingsboard_would_turn_into_a_number_is_refused_and_the_contr
         assert world.runs() == "v1"
 
 
+def test_a_numeric_version_left_by_the_existing_gateway_is_still_rebuilt_but_not_assignable(
+    tmp_path: Path,
+) -> None:
+    world = _world(version_file="1.10", local_tags={"1.10"}, remote_tags={"1.10"})
+    gateway = TruthGateway(world, tmp_path / "journal.db")
+    gateway.advance(300)
+    assert world.runs() == "1.10" and world.sw_states() == FIRST_START
+    gateway.assign("1.10")
+    gateway.advance(60)
+    assert world.sw_states()[-1] == "FAILED" and "use a tag with a letter, e.g. v1.10" in (
+        world.reports[-1].payload["sw_error"])
+    assert world.runs() == "1.10" and world.builds == 1
+
+
 # -- random interleavings ----------------------------------------------------------
 
 VERSIONS = ("v1", "v2", "v3", "v4", "1.10")
