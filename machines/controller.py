@@ -14,6 +14,11 @@ else TEG_DEFAULT_CONTROLLER_VERSION); with neither, it asks ThingsBoard for
 ``sw_title,sw_url,sw_version`` and reports ``sw_state`` FAILED, like the
 existing gateway, and waits for OTA's ``swap_requested``.
 
+A start that finds no image of the wanted version enters ``awaiting_image``
+and asks OTA (``controller_image_missing``) to fetch, check out and build it;
+OTA answers with ``swap_requested``. The start is tried again every
+``image_retry_s``, asking OTA again.
+
 Events it takes: ``gateway_started``; ``swap_requested`` {version} (OTA) and
 ``restart_requested`` {reason} (RPC, file sync); the Docker adapter's
 ``container_exited`` {container_id, exit_code}, ``container_started``
@@ -27,9 +32,10 @@ Effects it emits: InspectController, StartController (reply ``start`` or
 ``ms_since_controller_startup`` / ``ms_since_last_controller_health_check``
 every ``telemetry_interval_s`` while running, ``sw_state`` FAILED,
 ``docker_engine_reachable``), RequestAttributes, Log, timers, and Notify:
-``swap_succeeded`` / ``swap_failed`` to ``ota``; broadcasts ``controller_started``
-{version}, ``controller_exited`` {version, reason} (only for exits nobody asked
-for: crash, stale health, failed start) and ``controller_health_seen``
+``swap_succeeded`` / ``swap_failed`` / ``controller_image_missing`` to ``ota``;
+broadcasts ``controller_started`` {version}, ``controller_exited`` {version,
+reason} (only for exits nobody asked for: crash, stale health, failed start,
+missing image) and ``controller_health_seen``
 {version, health_ts_ms} (a health check newer than the last one reported,
 written since the container started; at most once per telemetry tick).
 

@@ -8,17 +8,28 @@ leaves the device on its last good version, and reports each step as ``sw_state`
 Events it takes: ``shared_attributes_updated`` {values, deleted} (push) and
 ``shared_attributes_received`` {shared} (after every connect), the outcomes of
 its effects (``fetch_*``, ``checkout_*``, ``build_*``, ``record_*``), the
-controller machine's ``swap_succeeded`` / ``swap_failed`` and broadcasts
-``controller_started`` / ``controller_exited`` / ``controller_health_seen``,
-its timers, ``ota_retry_requested`` / ``ota_rollback_requested`` (RPC) and
-``resumed``.
+controller machine's ``swap_succeeded`` / ``swap_failed`` /
+``controller_image_missing`` {version} (a start found no image: first start,
+pruned image, new engine; that version goes through the same pipeline) and
+broadcasts ``controller_started`` / ``controller_exited`` /
+``controller_health_seen``, its timers, ``ota_retry_requested`` /
+``ota_rollback_requested`` (RPC) and ``resumed``.
+
+Truthful reports: the controller's broadcasts are tracked in every state
+(``live``: the version whose container runs, ``live_health_ms``: its newest
+health check since it started). UPDATED is sent only while ``live`` is that
+version with a health check no older than the probation window; otherwise it
+is held until proven. After a restart ``live`` is forgotten and re-learnt from
+the controller machine, which re-inspects the engine.
 
 Effects it emits: FetchControllerRepo, CheckoutControllerVersion,
 BuildControllerImage, WriteControllerVersion, PruneControllerImages, Publish
 of ``sw_state`` telemetry, Notify ``swap_requested`` to the controller, timers.
 
 Persisted: desired/target/running/last good versions, the blocked (rolled
-back) version, the failure reason, probation progress and the last report.
+back) version, the failure reason, probation progress, the last report, the
+version to rebuild and a held UPDATED (``live`` too, for replays from a
+snapshot, but ``resumed`` resets it).
 Resume: every step's work is idempotent, so each busy state re-enters itself
 and re-issues it (a swap is re-requested, probation restarts its window).
 A crash loop lands in ``failed``: before the swap that gives up on the target
