@@ -254,7 +254,8 @@ class Driver:
             assert moved, f"ota_retry refused in {ota.state_name} while {self.world.runs()} runs, {ota.desired} assigned"
 
 
-@settings(max_examples=int(os.environ.get("TEG_PROPERTY_EXAMPLES", "100")), deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("TEG_PROPERTY_EXAMPLES", "100")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, max_size=30), silent_at_start=st.sets(st.sampled_from(VERSIONS[:4]), max_size=2))
 def test_updated_is_reported_only_for_a_running_healthy_controller_whatever_happens(
     tmp_path_factory: Any, ops: list[Op], silent_at_start: set[str]
