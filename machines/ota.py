@@ -160,7 +160,8 @@ class OtaMachine(OtaActions, GatewayMachine):
         checking_out.to(idle, cond="is_superseded") | checking_out.to(building, on="report_downloaded")
     )
     checkout_failed = (
-        checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, cond="fetch_had_failed", on="fail_transient")
+        checking_out.to(idle, cond="is_superseded")
+        | checking_out.to(failed, cond="fetch_had_failed", on="fail_transient")
         | checking_out.to(failed, on="fail_blocking")
     )
     checkout_timed_out = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")

@@ -251,7 +251,8 @@ class Driver:
         gateway.run(1)
         moved = [t for d in gateway.moves[mark:] for t in d.transitions if t.machine == "ota"]
         if resting and known and not self.world.verified(self.assigned):
-            assert moved, f"ota_retry refused in {ota.state_name} while {self.world.runs()} runs, {ota.desired} assigned"
+            runs = self.world.runs()
+            assert moved, f"ota_retry refused in {ota.state_name} while {runs} runs, {ota.desired} assigned"
 
 
 @settings(max_examples=int(os.environ.get("TEG_PROPERTY_EXAMPLES", "100")), deadline=None, database=None,
