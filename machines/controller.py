@@ -14,6 +14,11 @@ else TEG_DEFAULT_CONTROLLER_VERSION); with neither, it asks ThingsBoard for
 ``sw_title,sw_url,sw_version`` and reports ``sw_state`` FAILED, like the
 existing gateway, and waits for OTA's ``swap_requested``.
 
+A start that finds no image of the wanted version enters ``awaiting_image``
+and asks OTA (``controller_image_missing``) to fetch, check out and build it;
+OTA answers with ``swap_requested``. The start is tried again every
+``image_retry_s``, asking OTA again.
+
 Events it takes: ``gateway_started``; ``swap_requested`` {version} (OTA) and
 ``restart_requested`` {reason} (RPC, file sync); the Docker adapter's
 ``container_exited`` {container_id, exit_code}, ``container_started``
@@ -27,9 +32,10 @@ Effects it emits: InspectController, StartController (reply ``start`` or
 ``ms_since_controller_startup`` / ``ms_since_last_controller_health_check``
 every ``telemetry_interval_s`` while running, ``sw_state`` FAILED,
 ``docker_engine_reachable``), RequestAttributes, Log, timers, and Notify:
-``swap_succeeded`` / ``swap_failed`` to ``ota``; broadcasts ``controller_started``
-{version}, ``controller_exited`` {version, reason} (only for exits nobody asked
-for: crash, stale health, failed start) and ``controller_health_seen``
+``swap_succeeded`` / ``swap_failed`` / ``controller_image_missing`` to ``ota``;
+broadcasts ``controller_started`` {version}, ``controller_exited`` {version,
+reason} (only for exits nobody asked for: crash, stale health, failed start,
+missing image) and ``controller_health_seen``
 {version, health_ts_ms} (a health check newer than the last one reported,
 written since the container started; at most once per telemetry tick).
 
@@ -75,9 +81,11 @@ class ControllerMachine(ControllerActions, GatewayMachine):
     resume_table = {
         "stopped": "stopped", "inspecting": "stopped", "starting": "stopped", "running": "stopped",
         "unhealthy": "stopped", "restarting": "stopped", "swapping": "stopped",
-        "awaiting_version": "stopped", "engine_unreachable": "stopped",
+        "awaiting_version": "stopped", "awaiting_image": "stopped", "engine_unreachable": "stopped",
     }
-    rest_states = frozenset({"stopped", "running", "unhealthy", "awaiting_version", "engine_unreachable"})
+    rest_states = frozenset(
+        {"stopped", "running", "unhealthy", "awaiting_version", "awaiting_image", "engine_unreachable"}
+    )
     crash_loop_state = "unhealthy"
     max_resumes = 3
 
@@ -89,6 +97,7 @@ class ControllerMachine(ControllerActions, GatewayMachine):
     restarting = State()
     swapping = State()
     awaiting_version = State()
+    awaiting_image = State()
     engine_unreachable = State()
 
     gateway_started = stopped.to(inspecting)
@@ -111,6 +120,7 @@ class ControllerMachine(ControllerActions, GatewayMachine):
     )
     start_failed = (
         starting.to(engine_unreachable, cond="engine_down") | restarting.to(engine_unreachable, cond="engine_down")
+        | starting.to(awaiting_image, cond="image_missing") | restarting.to(awaiting_image, cond="image_missing")
         | starting.to(unhealthy, on="note_start_failure") | restarting.to(unhealthy, on="note_start_failure")
     )
     start_timed_out = starting.to(unhealthy, on="note_start_failure") | restarting.to(unhealthy, on="note_start_failure")
@@ -147,12 +157,12 @@ class ControllerMachine(ControllerActions, GatewayMachine):
     swap_requested = (
         stay(
             stopped, inspecting, starting, running, unhealthy, restarting, swapping, awaiting_version,
-            engine_unreachable, unless="names_a_version", on="refuse_swap",
+            awaiting_image, engine_unreachable, unless="names_a_version", on="refuse_swap",
         )
         | stopped.to(swapping, on="take_swap") | inspecting.to(swapping, on="take_swap")
         | starting.to(swapping, on="take_swap") | restarting.to(swapping, on="take_swap")
         | running.to(swapping, on="take_swap") | unhealthy.to(swapping, on="take_swap")
-        | awaiting_version.to(swapping, on="take_swap")
+        | awaiting_version.to(swapping, on="take_swap") | awaiting_image.to(swapping, on="take_swap")
         | swapping.to.itself(internal=True, on="queue_swap")
         | engine_unreachable.to.itself(internal=True, on="refuse_swap")
     )
@@ -176,8 +186,14 @@ class ControllerMachine(ControllerActions, GatewayMachine):
     sw_info_timed_out = awaiting_version.to.itself(internal=True)
     sw_info_cancelled = awaiting_version.to.itself(internal=True)
 
+    # no image of the wanted version: OTA's pipeline builds it and answers with a swap;
+    # meanwhile the start is tried again now and then (the image may come back)
+    image_retry_due = awaiting_image.to(starting, cond="has_version") | awaiting_image.to(awaiting_version)
+
     # the Docker engine
-    docker_engine_lost = running.to(engine_unreachable) | unhealthy.to(engine_unreachable)
+    docker_engine_lost = (
+        running.to(engine_unreachable) | unhealthy.to(engine_unreachable) | awaiting_image.to(engine_unreachable)
+    )
     engine_retry_due = engine_unreachable.to(inspecting)
     docker_engine_returned = engine_unreachable.to(inspecting)
 
@@ -239,6 +255,9 @@ class ControllerMachine(ControllerActions, GatewayMachine):
 
     def engine_down(self, ev: Event) -> bool:
         return bool(ev.data.get("engine_unreachable"))
+
+    def image_missing(self, ev: Event) -> bool:
+        return bool(ev.data.get("image_missing"))
 
     def is_ours(self, ev: Event) -> bool:
         return self.container_id is not None and ev.data.get("container_id") == self.container_id

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from machines import controller_support as support
-from teg_fsm.effects import StartTimer
+from teg_fsm.effects import CancelTimer, StartTimer
 from teg_fsm.effects.controller import InspectController, ReadControllerHealth
 from teg_fsm.events import Event
 
@@ -93,6 +93,15 @@ class ControllerActions:
         self._log("error", support.NO_VERSION_LOG)
         self.emit(support.ask_sw_info(self.settings), support.no_version_report())
         self.emit(StartTimer(name="version_request_due", seconds=self.settings.version_request_retry_s))
+
+    def on_enter_awaiting_image(self) -> None:
+        version = self.wanted
+        self._log("warning", support.image_missing_log(version, self.settings.image_retry_s))
+        self.emit(support.exited(version, support.image_missing_reason(version)), support.image_missing(version))
+        self.emit(StartTimer(name="image_retry_due", seconds=self.settings.image_retry_s))
+
+    def on_exit_awaiting_image(self) -> None:
+        self.emit(CancelTimer(name="image_retry_due"))
 
     def on_enter_engine_unreachable(self, ev: Event | None = None) -> None:
         if self.engine_down_since_ms is None:

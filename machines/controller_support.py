@@ -46,6 +46,7 @@ class ControllerSettings:
     engine_retry_s: float = 10.0
     version_request_retry_s: float = 600.0
     attributes_timeout_s: float = 30.0
+    image_retry_s: float = 600.0
 
 
 def stay(*states: State, **options: Any) -> Any:
@@ -164,6 +165,11 @@ def health_seen(version: str | None, health_ts_ms: int | None) -> Notify:
     return Notify(machine=None, name="controller_health_seen", data={"version": version, "health_ts_ms": health_ts_ms})
 
 
+def image_missing(version: str | None) -> Notify:
+    """Ask OTA to bring ``version`` into service through its pipeline (fetch, check out, build, swap)."""
+    return Notify(machine="ota", name="controller_image_missing", data={"version": version})
+
+
 def swap_succeeded(version: str | None) -> Notify:
     return Notify(machine="ota", name="swap_succeeded", data={"version": version})
 
@@ -184,6 +190,15 @@ def refusal(version: Any, names_a_version: bool) -> str:
     if not names_a_version:
         return f"swap_requested without a version: {version!r}"
     return f"{ENGINE_UNREACHABLE}: cannot swap now"
+
+
+def image_missing_reason(version: str | None) -> str:
+    return f"image teg-controller-{version}:latest not found"
+
+
+def image_missing_log(version: str | None, retry_s: float) -> str:
+    return (f"{image_missing_reason(version)}: asked OTA to fetch, check out and build {version}; "
+            f"trying the start again in {retry_s:g} s")
 
 
 def offered(shared: dict[str, Any]) -> str:

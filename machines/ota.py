@@ -8,17 +8,28 @@ leaves the device on its last good version, and reports each step as ``sw_state`
 Events it takes: ``shared_attributes_updated`` {values, deleted} (push) and
 ``shared_attributes_received`` {shared} (after every connect), the outcomes of
 its effects (``fetch_*``, ``checkout_*``, ``build_*``, ``record_*``), the
-controller machine's ``swap_succeeded`` / ``swap_failed`` and broadcasts
-``controller_started`` / ``controller_exited`` / ``controller_health_seen``,
-its timers, ``ota_retry_requested`` / ``ota_rollback_requested`` (RPC) and
-``resumed``.
+controller machine's ``swap_succeeded`` / ``swap_failed`` /
+``controller_image_missing`` {version} (a start found no image: first start,
+pruned image, new engine; that version goes through the same pipeline) and
+broadcasts ``controller_started`` / ``controller_exited`` /
+``controller_health_seen``, its timers, ``ota_retry_requested`` /
+``ota_rollback_requested`` (RPC) and ``resumed``.
+
+Truthful reports: the controller's broadcasts are tracked in every state
+(``live``: the version whose container runs, ``live_health_ms``: its newest
+health check since it started). UPDATED is sent only while ``live`` is that
+version with a health check no older than the probation window; otherwise it
+is held until proven. After a restart ``live`` is forgotten and re-learnt from
+the controller machine, which re-inspects the engine.
 
 Effects it emits: FetchControllerRepo, CheckoutControllerVersion,
 BuildControllerImage, WriteControllerVersion, PruneControllerImages, Publish
 of ``sw_state`` telemetry, Notify ``swap_requested`` to the controller, timers.
 
 Persisted: desired/target/running/last good versions, the blocked (rolled
-back) version, the failure reason, probation progress and the last report.
+back) version, the failure reason, probation progress, the last report, the
+version to rebuild and a held UPDATED (``live`` too, for replays from a
+snapshot, but ``resumed`` resets it).
 Resume: every step's work is idempotent, so each busy state re-enters itself
 and re-issues it (a swap is re-requested, probation restarts its window).
 A crash loop lands in ``failed``: before the swap that gives up on the target
@@ -52,9 +63,11 @@ __all__ = ["OtaMachine", "OtaSettings", "version_error"]
 _PERSISTED = (
     "desired", "desired_title", "target", "target_title", "running", "running_title", "last_good",
     "blocked", "reason", "transient", "health_seen", "window_over", "swap_started_ms",
-    "rollback_asked", "last_report",
+    "rollback_asked", "last_report", "rebuild", "fetch_error", "live", "live_health_ms", "held_updated",
 )
 _LIVE = ("swapping", "probation")
+_REST = ("idle", "committed", "failed")
+_BUSY = ("fetching", "checking_out", "building", "swapping", "probation", "committing", "rolling_back")
 
 
 def _assignment_transitions(fetching: State, rest: tuple[State, ...], busy: tuple[State, ...]) -> TransitionList:
@@ -65,6 +78,22 @@ def _assignment_transitions(fetching: State, rest: tuple[State, ...], busy: tupl
     for state in (*rest, *busy):
         transitions = transitions | state.to.itself(internal=True)
     return transitions
+
+
+def _everywhere(states: tuple[State, ...], **options: Any) -> TransitionList:
+    """The same internal (no exit/entry) transition out of each of ``states``."""
+    transitions = TransitionList()
+    for state in states:
+        transitions = transitions | state.to.itself(internal=True, **options)
+    return transitions
+
+
+def _missing_image_transitions(fetching: State, rest: tuple[State, ...], busy: tuple[State, ...]) -> TransitionList:
+    """The controller found no image for the version it must run: rebuild it through the pipeline."""
+    transitions = TransitionList()
+    for state in rest:
+        transitions = transitions | state.to(fetching, cond="rebuild_starts", before="note_missing_image")
+    return transitions | _everywhere((*rest, *busy), before="note_missing_image")
 
 
 class OtaMachine(OtaActions, GatewayMachine):
@@ -101,6 +130,13 @@ class OtaMachine(OtaActions, GatewayMachine):
         fetching, rest=(idle, committed, failed),
         busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
     )
+    # The controller could not start the version it runs (first start, image pruned,
+    # new engine): that version goes through the pipeline too (fetch, check out,
+    # build, swap, probation), as the existing gateway builds a missing image.
+    controller_image_missing = _missing_image_transitions(
+        fetching, rest=(idle, committed, failed),
+        busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
+    )
     # A rest state entered with a newer target pending posts this to itself.
     assignment_pending = (
         idle.to(fetching, cond="should_start") | committed.to(fetching, cond="should_start")
@@ -113,14 +149,21 @@ class OtaMachine(OtaActions, GatewayMachine):
     )
 
     # Before the swap: the old controller keeps running whatever happens.
+    # A failed fetch is not the end (the existing gateway ignores git fetch's result):
+    # the version may be in the local refs already (no remote, offline device). If
+    # the checkout then fails too, the fetch is the likely cause: retried later.
     fetch_succeeded = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out)
-    fetch_failed = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_transient")
-    fetch_timed_out = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_transient")
-    fetch_cancelled = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_transient")
+    fetch_failed = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out, on="note_fetch_failed")
+    fetch_timed_out = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out, on="note_fetch_failed")
+    fetch_cancelled = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out, on="note_fetch_failed")
     checkout_succeeded = (
         checking_out.to(idle, cond="is_superseded") | checking_out.to(building, on="report_downloaded")
     )
-    checkout_failed = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
+    checkout_failed = (
+        checking_out.to(idle, cond="is_superseded")
+        | checking_out.to(failed, cond="fetch_had_failed", on="fail_transient")
+        | checking_out.to(failed, on="fail_blocking")
+    )
     checkout_timed_out = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
     checkout_cancelled = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
     build_succeeded = building.to(idle, cond="is_superseded") | building.to(swapping, on="report_verified")
@@ -145,14 +188,20 @@ class OtaMachine(OtaActions, GatewayMachine):
         | swapping.to(failed, on="fail_without_rollback")
         | rolling_back.to(failed, on="rollback_failed")
     )
+    # What really runs (``live``) is tracked from the controller's broadcasts in every
+    # state (the ``before_controller_*`` actions); UPDATED is only ever sent for it.
     controller_exited = (
         probation.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
         | probation.to(failed, cond="is_for_target", on="fail_without_rollback")
+        | _everywhere((idle, fetching, checking_out, building, swapping, probation, committing, committed,
+                       rolling_back, failed))
     )
     controller_health_seen = (
         probation.to(committing, cond=["is_fresh_target_health", "window_over"])
         | swapping.to.itself(internal=True, cond="is_fresh_target_health", on="note_health")
         | probation.to.itself(internal=True, cond="is_fresh_target_health", on="note_health")
+        | _everywhere((idle, fetching, checking_out, building, swapping, probation, committing, committed,
+                       rolling_back, failed))
     )
     probation_elapsed = (
         probation.to(committing, cond="health_seen") | probation.to.itself(internal=True, on="note_window_over")
@@ -161,8 +210,8 @@ class OtaMachine(OtaActions, GatewayMachine):
         probation.to(rolling_back, unless="health_seen", cond="has_last_good", on="note_no_health")
         | probation.to(failed, unless="health_seen", on="fail_no_health")
     )
-    controller_started = (
-        idle.to.itself(internal=True) | committed.to.itself(internal=True) | failed.to.itself(internal=True)
+    controller_started = _everywhere(
+        (idle, fetching, checking_out, building, swapping, probation, committing, committed, rolling_back, failed)
     )
     ota_rollback_requested = (
         probation.to(rolling_back, cond="has_last_good", on="ask_rollback")
@@ -213,6 +262,14 @@ class OtaMachine(OtaActions, GatewayMachine):
         self.swap_started_ms = 0
         self.rollback_asked = False
         self.last_report: dict[str, Any] | None = None
+        self.rebuild: str | None = None  # the controller misses this version's image
+        self.fetch_error: str | None = None  # the last fetch failed; the checkout decides
+        # Engine truth, from the controller's broadcasts since this process started
+        # (reset on ``resumed``): the version of the container that runs, and the
+        # newest health check it wrote since it started. UPDATED is sent only for that.
+        self.live: str | None = None
+        self.live_health_ms: int | None = None
+        self.held_updated: str | None = None  # an UPDATED (with its sw_error) waiting for ``live`` to prove it
 
     def snapshot(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in _PERSISTED}
@@ -223,9 +280,24 @@ class OtaMachine(OtaActions, GatewayMachine):
                 setattr(self, key, data[key])
 
     def _next_target(self, desired: str | None = None, blocked: str | None = "") -> str | None:
-        """The version to install next (for ``desired``, else the assigned one); ``blocked=None`` ignores blocks."""
+        """The version to install next (for ``desired``, else the assigned one); ``blocked=None`` ignores blocks.
+
+        An assignment other than the running version comes first; else a version
+        whose image the controller misses is rebuilt (unless that is blocked).
+        """
         desired = self.desired if desired is None else desired
-        return next_target(desired, self.running, self.blocked if blocked == "" else blocked)
+        blocked = self.blocked if blocked == "" else blocked
+        upcoming = next_target(desired, self.running, blocked)
+        if upcoming is None and self.rebuild is not None and self.rebuild != blocked:
+            return self.rebuild
+        return upcoming
+
+    def verified(self, version: str | None) -> bool:
+        """A container of ``version`` runs and wrote a health check since it started,
+        no longer ago than the probation window (``health_timeout_s``)."""
+        if version is None or self.live != version or self.live_health_ms is None:
+            return False
+        return self.now_ms - self.live_health_ms <= self.settings.health_timeout_s * 1000
 
     # -- guards --------------------------------------------------------------
 
@@ -238,13 +310,26 @@ class OtaMachine(OtaActions, GatewayMachine):
         return self._next_target() is not None
 
     def retry_starts(self) -> bool:
-        return self._next_target(blocked=None) is not None
+        """A retry is accepted whenever what really runs is not the assigned version."""
+        return self._next_target(blocked=None) is not None or self._reinstall_needed()
+
+    def _reinstall_needed(self) -> bool:
+        desired = self.desired
+        return desired is not None and not version_error(desired) and not self.verified(desired)
+
+    def rebuild_starts(self, ev: Event) -> bool:
+        version = ev.data.get("version")
+        return isinstance(version, str) and not version_error(version, assigned=False) and version != self.blocked
+
+    def fetch_had_failed(self) -> bool:
+        return self.fetch_error is not None
 
     def is_superseded(self) -> bool:
         return self._next_target() != self.target
 
     def has_last_good(self) -> bool:
-        return self.last_good is not None
+        """A last good version other than the target to roll back to."""
+        return self.last_good is not None and self.last_good != self.target
 
     def runs_other_than_last_good(self) -> bool:
         return self.last_good is not None and self.running != self.last_good

@@ -50,12 +50,19 @@ class OtaActions:
         swap_started_ms: int
         rollback_asked: bool
         last_report: dict[str, Any] | None
+        rebuild: str | None
+        fetch_error: str | None
+        live: str | None
+        live_health_ms: int | None
+        held_updated: str | None
 
         @property
         def state_name(self) -> str: ...
         def emit(self, *effects: Effect) -> None: ...
         def mark_dirty(self) -> None: ...
         def _next_target(self, desired: str | None = None, blocked: str | None = "") -> str | None: ...
+        def verified(self, version: str | None) -> bool: ...
+        def _reinstall_needed(self) -> bool: ...
 
     # -- assignments and operator requests -------------------------------------
 
@@ -84,14 +91,66 @@ class OtaActions:
         self._note_assignment(ev)
 
     def on_ota_retry_requested(self) -> None:
+        if self._next_target(blocked=None) is None and self._reinstall_needed():
+            self.rebuild = self.desired  # assigned and in service, but not really running: install it again
         self.blocked = None
         self.mark_dirty()
 
-    def on_controller_started(self, ev: Event) -> None:
+    # -- what really runs (the controller's broadcasts, in every state) ----------
+
+    def before_controller_started(self, ev: Event) -> None:
         version = ev.data.get("version")
-        if isinstance(version, str) and version != self.running:
+        if not isinstance(version, str):
+            return
+        self.live, self.live_health_ms = version, None
+        if self.state_name in self.rest_states and version != self.running:
             self.running = version
-            self.mark_dirty()
+        if version == self.rebuild:
+            self.rebuild = None  # its image exists again: the controller started it
+        self.mark_dirty()
+
+    def before_controller_exited(self) -> None:
+        self.live, self.live_health_ms = None, None
+        self.mark_dirty()
+
+    def before_controller_health_seen(self, ev: Event) -> None:
+        health_ms = ev.data.get("health_ts_ms")
+        if ev.data.get("version") != self.live or self.live is None or not isinstance(health_ms, int):
+            return
+        # Not marked dirty: this is re-derived after a restart, and checkpointing every
+        # health tick would cost SD-card writes for nothing.
+        self.live_health_ms = max(self.live_health_ms or 0, health_ms)
+        self._confirm_updated()
+
+    def _confirm_updated(self) -> None:
+        """At rest, with the assigned (or no) version proven running: say UPDATED if not said yet.
+
+        Releases an UPDATED held for want of proof, and corrects a FAILED once the
+        controller machine's own restarts got the version running and healthy.
+        """
+        if self.state_name not in self.rest_states or self.desired not in (None, self.running):
+            return
+        if self.desired is not None and version_error(self.desired):
+            return  # a refused assignment stays FAILED, even when it names what runs
+        said = self.last_report or {}
+        if self.held_updated is None and said.get("sw_state") == "UPDATED" and said.get(
+                "current_sw_version") == self.running:
+            return
+        if self.held_updated is not None or said:
+            self._report("UPDATED", self.held_updated or None, force=True)
+
+    def note_missing_image(self, ev: Event) -> None:
+        version = ev.data.get("version")
+        self.live, self.live_health_ms = None, None
+        if isinstance(version, str) and not version_error(version, assigned=False):
+            self.rebuild = version
+            self.emit(Log(level="WARNING", message=reason.image_missing(version)))
+        self.mark_dirty()
+
+    def before_resumed(self) -> None:
+        # A new process knows nothing about the engine yet: the controller machine
+        # re-inspects it and broadcasts what runs; until then nothing is UPDATED.
+        self.live, self.live_health_ms = None, None
 
     def block_target(self) -> None:
         self.blocked = self.target
@@ -124,6 +183,7 @@ class OtaActions:
         self.target = self._next_target() or self.target
         self.target_title = self.desired_title or self.settings.title
         self.reason, self.transient, self.rollback_asked = "", False, False
+        self.fetch_error = None
         self._report("DOWNLOADING")
         self.emit(fetch_effect(self.settings))
 
@@ -162,6 +222,7 @@ class OtaActions:
         # Persisted before the write goes out: a crash here resumes as committed-to-be.
         self.last_good, self.running = self.target, self.target
         self.running_title = self.target_title or self.settings.title
+        self.rebuild = None  # whatever image was missing, the target now runs
         self.emit(record_effect(self.settings, self.target))
 
     def on_enter_committed(self) -> None:
@@ -215,8 +276,14 @@ class OtaActions:
     def report_verified(self) -> None:
         self._report("VERIFIED")
 
+    def note_fetch_failed(self, ev: Event) -> None:
+        self.fetch_error = reason.error_of(ev)
+        self.mark_dirty()
+        self.emit(Log(level="WARNING", message=reason.fetch_failed_trying_local(self.target, self.fetch_error)))
+
     def fail_transient(self, ev: Event) -> None:
-        self.reason = reason.fetch_failed(self.target, reason.error_of(ev))
+        """The fetch failed and the version is not in the local refs either: retried later."""
+        self.reason = reason.fetch_failed(self.target, f"{self.fetch_error}; {reason.error_of(ev)}")
         self.transient = True
 
     def _block(self, why: str) -> None:
@@ -245,7 +312,7 @@ class OtaActions:
             self.note_reason(ev)
         elif ev is not None and ev.name == "swap_deadline_elapsed":
             self.note_swap_timeout()
-        self._block(reason.without_rollback(self.reason))
+        self._block(reason.without_rollback(self.reason, self.target == self.last_good))
 
     def rolled_back(self) -> None:
         self.running = self.last_good
@@ -285,11 +352,22 @@ class OtaActions:
     # -- reports -------------------------------------------------------------
 
     def _report(self, state: str | None = None, error: str | None = None, *, force: bool = False) -> None:
-        """Publish sw_state telemetry; a repeat of the last report is sent only when forced."""
+        """Publish sw_state telemetry; a repeat of the last report is sent only when forced.
+
+        UPDATED is the one claim about the engine: it goes out only while a container
+        of the running version runs and has written a health check since it started.
+        Otherwise it is held (``held_updated``) until the controller proves it, and
+        any other report replaces it.
+        """
         if state is None:
             payload = dict(self.last_report or {})
         else:
-            payload = sw_state_payload(self.running_title, self.running, state, error)
+            payload = sw_state_payload(self.running, state, error)
+        if payload.get("sw_state") == "UPDATED" and not self.verified(payload.get("current_sw_version")):
+            self.held_updated = str(payload.get("sw_error") or "")
+            self.mark_dirty()
+            return
+        self.held_updated = None
         if not payload or (payload == self.last_report and not force):
             return
         self.last_report = payload

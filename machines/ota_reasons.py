@@ -27,6 +27,14 @@ def fetch_failed(target: str | None, error: str) -> str:
     return f"fetching the controller repository for {target} failed: {error}"
 
 
+def fetch_failed_trying_local(target: str | None, error: str) -> str:
+    return f"fetching the controller repository for {target} failed ({error}); trying the local refs"
+
+
+def image_missing(version: str) -> str:
+    return f"the controller has no image of {version}: fetching, checking out and building it"
+
+
 def step_failed(event_name: str, target: str | None, error: str) -> str:
     step = "checking out" if event_name.startswith("checkout") else "building the image of"
     return f"{step} {target} failed: {error}"
@@ -45,7 +53,9 @@ def no_health(target: str | None, seconds: float) -> str:
     return f"{target} wrote no health check within {seconds:g} s"
 
 
-def without_rollback(reason: str) -> str:
+def without_rollback(reason: str, target_is_last_good: bool = False) -> str:
+    if target_is_last_good:
+        return f"{reason}; it is the last good version: the controller machine keeps restarting it"
     return f"{reason}; no last good version to roll back to"
 
 

@@ -32,12 +32,36 @@ VERSION_RULE = (
     "a version must be a git tag of lowercase letters, digits and . _ - "
     "(e.g. v1.2.3, at most 128 characters) or a full 40-hex commit hash"
 )
+# ThingsBoard's JsonConverter (transport.json.type_cast_enabled, on by default)
+# stores every string value that commons-lang3 NumberUtils.isParsable accepts as
+# a number: an optional "-", then digits with at most one ".", not ending in
+# "." (PROTOCOL.md section 9). "1.10" would come back as 1.1 and "007" as 7, so
+# the version ThingsBoard shows would no longer be the version that runs.
+# Scientific and hex forms ("1e3", "0x10") are not parsable there: they stay text.
+_TB_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+NUMERIC_RULE = (
+    "ThingsBoard would store it as a number (its JSON type cast turns 1.10 into 1.1); "
+    "use a tag with a letter, e.g. v{version}"
+)
 
 
-def version_error(version: Any) -> str | None:
-    """Why ``version`` cannot be installed, or None when it is acceptable."""
+def looks_numeric(version: str) -> bool:
+    """ThingsBoard would turn this string into a number (NumberUtils.isParsable, no trailing ".")."""
+    return bool(_TB_NUMBER.fullmatch(version)) and not version.endswith(".")
+
+
+def version_error(version: Any, *, assigned: bool = True) -> str | None:
+    """Why ``version`` cannot be installed, or None when it is acceptable.
+
+    ``assigned=False`` for a version the device already runs (version file,
+    TEG_DEFAULT_CONTROLLER_VERSION): a numeric-looking one from the existing
+    gateway is still rebuilt when its image is missing; only a new assignment is
+    refused for it.
+    """
     if not isinstance(version, str) or not version:
         return f"refused version {version!r}: {VERSION_RULE}"
+    if assigned and looks_numeric(version):
+        return f"refused version {version!r}: " + NUMERIC_RULE.format(version=version)
     if _COMMIT.fullmatch(version) or (
         len(version) <= 128 and _TAG.fullmatch(version) and not version.endswith(".lock")
     ):
@@ -126,10 +150,15 @@ def prune_effect(s: OtaSettings, *versions: str | None) -> PruneControllerImages
 # -- sw_state telemetry ----------------------------------------------------------
 
 
-def sw_state_payload(title: str, running: str | None, state: str, error: str | None) -> dict[str, Any]:
-    """The ``sw_state`` telemetry ThingsBoard's OTA dashboard reads (keys in this order)."""
-    payload: dict[str, Any] = {"current_sw_title": title}
+def sw_state_payload(running: str | None, state: str, error: str | None) -> dict[str, Any]:
+    """The ``sw_state`` telemetry ThingsBoard's OTA dashboard reads (keys in this order).
+
+    ``current_sw_title`` carries the version string, as the existing gateway sends
+    it (its dashboard shows the title); both keys are left out while no version runs.
+    """
+    payload: dict[str, Any] = {}
     if running is not None:
+        payload["current_sw_title"] = running
         payload["current_sw_version"] = running
     payload["sw_state"] = state
     if error:

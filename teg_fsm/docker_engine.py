@@ -65,11 +65,13 @@ def open_client(base_url: str | None, timeout_s: float) -> docker.DockerClient:
 
 
 class EngineError(Exception):
-    """A failed engine call; ``engine_down`` when the engine itself did not answer."""
+    """A failed engine call; ``engine_down`` when the engine itself did not answer,
+    ``image_missing`` when the controller image to start does not exist (OTA builds it)."""
 
-    def __init__(self, message: str, engine_down: bool = False) -> None:
+    def __init__(self, message: str, engine_down: bool = False, image_missing: bool = False) -> None:
         super().__init__(message)
         self.engine_down = engine_down
+        self.image_missing = image_missing
 
 
 @attrs.frozen
@@ -201,14 +203,14 @@ class DockerEngine:
             try:
                 client.images.get(image)
             except docker.errors.ImageNotFound:
-                raise EngineError(f"image {image} not found") from None
+                raise EngineError(f"image {image} not found", image_missing=True) from None
             self._remove_existing(client)
             # create + start, not run(): run() pulls a missing image, which on an
             # offline device hangs until DNS gives up instead of failing at once.
             try:
                 container = client.containers.create(image, name=self.settings.name, **self._run_options())
             except docker.errors.ImageNotFound:
-                raise EngineError(f"image {image} not found") from None
+                raise EngineError(f"image {image} not found", image_missing=True) from None
             container.start()
             container.reload()
             described = _describe(container.attrs)

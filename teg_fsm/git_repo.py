@@ -59,11 +59,15 @@ class ControllerRepo:
         except git.GitCommandError as exc:
             raise GitRepoError(_reason(exc)) from None
 
-    def fetch(self, timeout_s: float | None = None) -> str:
-        """Fetch branches and tags (moved tags included) from the first remote; returns its name."""
+    def fetch(self, timeout_s: float | None = None) -> str | None:
+        """Fetch branches and tags (moved tags included) from the first remote; returns its name.
+
+        A repository without a remote has nothing to fetch: None, and the checkout
+        works from its local refs (the existing gateway ignores a failed fetch).
+        """
         repo = self._repo()
         if not repo.remotes:
-            raise GitRepoError(f"controller repository {self.git_dir} has no remote to fetch from")
+            return None
         remote = "origin" if "origin" in [r.name for r in repo.remotes] else repo.remotes[0].name
         self._git(repo, "fetch", "--tags", "--force", "--prune", remote, timeout_s=timeout_s)
         return remote

@@ -126,7 +126,8 @@ def _settle(completion: Completion, work: Callable[[], dict[str, Any]]) -> None:
     try:
         completion.succeed(work())
     except EngineError as exc:
-        completion.fail(str(exc), {"engine_unreachable": True} if exc.engine_down else None)
+        flags = {"engine_unreachable": exc.engine_down, "image_missing": exc.image_missing}
+        completion.fail(str(exc), {k: True for k, v in flags.items() if v} or None)
     except Exception as exc:
         log.exception("controller effect failed")
         completion.fail(f"{type(exc).__name__}: {exc}")

@@ -44,7 +44,7 @@ def read_last_good(config: Config) -> str | None:
     """The version the existing gateway (or we) last launched, if it is a valid one."""
     text = read_text_checked(config.last_version_file).strip()  # a damaged file is quarantined
     for candidate in (text, config.default_controller_version):
-        if candidate and version_error(candidate) is None:
+        if candidate and version_error(candidate, assigned=False) is None:
             return candidate
     return None
 
@@ -121,7 +121,9 @@ class OtaComponent:
         completion.succeed({"remote": remote})
 
     def _checkout(self, effect: CheckoutControllerVersion, completion: Completion) -> None:
-        error = version_error(effect.version)  # checked again: the effect may come from a replayed journal
+        # Checked again (the effect may come from a replayed journal); the shape only:
+        # the machine refuses numeric-looking assignments, but rebuilds such a running version.
+        error = version_error(effect.version, assigned=False)
         if error:
             completion.fail(error)
             return

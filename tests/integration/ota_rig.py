@@ -32,6 +32,7 @@ from teg_fsm.events import Source
 from teg_fsm.runner import Completion
 from tests.machines.ota_fakes import (
     FakeControllerMachine,
+    FakeInspectController,
     FakeProbeController,
     FakeStartController,
 )
@@ -102,6 +103,9 @@ class DockerController:
                 return
         completion.succeed(None)
 
+    def inspect(self, effect: FakeInspectController, completion: Completion) -> None:
+        completion.succeed(self.running_version())
+
     def probe(self, effect: FakeProbeController, completion: Completion) -> None:
         try:
             container = self.client.containers.get(self.name)
@@ -132,6 +136,7 @@ class RigComponent:
         register = self.gateway.runner.register
         register(FakeStartController, self.controller.start, blocking=True)
         register(FakeProbeController, self.controller.probe, blocking=True)
+        register(FakeInspectController, self.controller.inspect, blocking=True)
         register(Publish, self._publish)
         register(Log, lambda effect, completion: completion.succeed(None))
 

@@ -63,6 +63,22 @@ def test_missing_commit_and_missing_repository_say_what_to_fix(device_repo, tmp_
         ControllerRepo("").fetch()
 
 
+def test_a_repository_without_a_remote_fetches_nothing_and_checks_out_its_local_tags(tmp_path: Path) -> None:
+    import git
+    work = tmp_path / "local"
+    repo = git.Repo.init(work)
+    with repo.config_writer() as cfg:
+        cfg.set_value("user", "name", "TEG Test")
+        cfg.set_value("user", "email", "teg-test@example.invalid")
+    (work / "README").write_text("local\n")
+    repo.index.add(["README"])
+    commit = repo.index.commit("local only").hexsha
+    repo.create_tag("v1-local")
+    controller = ControllerRepo(work / ".git")
+    assert controller.fetch() is None
+    assert controller.checkout("v1-local") == commit
+
+
 def test_fetch_from_an_unreachable_remote_fails_with_gits_reason(device_repo, tmp_path: Path) -> None:
     _repo, clone, _first = device_repo
     controller = ControllerRepo(clone / ".git")

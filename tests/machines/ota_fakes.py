@@ -45,6 +45,11 @@ class FakeStartController(Effect):
 
 
 @attrs.frozen(kw_only=True)
+class FakeInspectController(Effect):
+    """Which version's container runs now (None: none); the fake controller's start-up look."""
+
+
+@attrs.frozen(kw_only=True)
 class FakeProbeController(Effect):
     """Look at the running container: ok, exited or silent (no health checks)."""
 
@@ -65,6 +70,11 @@ class FakeControllerMachine(GatewayMachine):
     stable = State(initial=True)
     starting = State()
 
+    # Like the real controller machine, it looks at the engine when the gateway
+    # starts and broadcasts what runs (OTA reports nothing UPDATED before that).
+    gateway_started = stable.to.itself(internal=True, on="inspect")
+    inspect_succeeded = stable.to.itself(internal=True, on="adopt")
+    inspect_failed = stable.to.itself(internal=True)  # cannot fail in the fake world
     swap_requested = stable.to(starting) | starting.to(starting)
     start_succeeded = starting.to(stable)
     start_failed = starting.to(stable)
@@ -83,6 +93,17 @@ class FakeControllerMachine(GatewayMachine):
 
     def restore(self, data: Any) -> None:
         self.version = data.get("version")
+
+    def inspect(self) -> None:
+        self.emit(FakeInspectController(reply="inspect"))
+
+    def adopt(self, ev: Event) -> None:
+        version = ev.data.get("result")
+        if version is None or self.state_name != "stable":
+            return
+        self.version = version
+        self.emit(Notify(machine=None, name="controller_started", data={"version": version}))
+        self.emit(StartTimer(name="health_tick", seconds=self.settings.health_period_s))
 
     def on_swap_requested(self, ev: Event) -> None:
         self.version = ev.data["version"]
@@ -104,8 +125,7 @@ class FakeControllerMachine(GatewayMachine):
         self.emit(FakeProbeController(reply="probe"))
 
     def on_resumed(self) -> None:
-        if self.state_name == "stable":
-            self.emit(StartTimer(name="health_tick", seconds=self.settings.health_period_s))
+        pass  # gateway_started inspects and restarts the health ticks
 
     def on_probe_succeeded(self, ev: Event) -> None:
         seen = ev.data["result"]
@@ -123,7 +143,8 @@ class FakeControllerMachine(GatewayMachine):
 class FakeWorld:
     """Everything outside the gateway process; survives gateway crashes."""
 
-    tags: set[str] = attrs.field(factory=lambda: {"v1", "v2", "v3"})
+    tags: set[str] = attrs.field(factory=lambda: {"v1", "v2", "v3"})  # on the remote
+    local_tags: set[str] = attrs.field(factory=lambda: {"v1"})  # in the device's clone until a fetch
     behaviour: dict[str, str] = attrs.field(factory=dict)  # version -> ok | exits | silent | no_start
     images: set[str] = attrs.field(factory=lambda: {"teg-controller-v1:latest"})
     running: str | None = "v1"
@@ -153,10 +174,11 @@ class FakeWorld:
         return Outcome.SUCCEEDED, {"result": result}
 
     def _do_FetchControllerRepo(self, e: FetchControllerRepo) -> Any:
+        self.local_tags |= self.tags
         return self._ok()
 
     def _do_CheckoutControllerVersion(self, e: CheckoutControllerVersion) -> Any:
-        if e.version not in self.tags:
+        if e.version not in self.local_tags:
             return Outcome.FAILED, {"error": f"{e.version} is neither a tag nor a commit of the repository"}
         return self._ok({"commit": "0" * 40})
 
@@ -187,6 +209,9 @@ class FakeWorld:
             return Outcome.FAILED, {"error": "container exited at start with code 1"}
         self.running = e.version
         return self._ok()
+
+    def _do_FakeInspectController(self, e: FakeInspectController) -> Any:
+        return self._ok(self.running)
 
     def _do_FakeProbeController(self, e: FakeProbeController) -> Any:
         seen = {"exits": "exited", "silent": "silent"}.get(self.behaviour.get(self.running or "", ""), "ok")

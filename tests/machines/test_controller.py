@@ -74,7 +74,7 @@ class FakeEngine:
             return
         self.ops.append(f"start {effect.version}")
         if effect.version not in self.images:
-            completion.fail(f"image teg-controller-{effect.version}:latest not found")
+            completion.fail(f"image teg-controller-{effect.version}:latest not found", {"image_missing": True})
             return
         container = self.run(effect.version)
         completion.succeed({k: container[k] for k in ("container_id", "started_at_ms", "version")})
@@ -541,3 +541,48 @@ def test_health_age_before_any_health_check_is_now_minus_zero_like_the_existing_
     rig.advance(5)
     [sample] = [t for t in rig.telemetry() if "ms_since_controller_startup" in t.get("values", {})]
     assert sample["values"]["ms_since_last_controller_health_check"] == sample["ts"]
+
+
+def test_a_missing_image_asks_ota_to_build_it_instead_of_retrying_with_backoff(make: Any, engine: FakeEngine) -> None:
+    engine.images = {"v2"}
+    rig = make()
+    assert rig.state == "awaiting_image"
+    asked = rig.notices("controller_image_missing")
+    assert [(n.machine, n.data) for n in asked] == [("ota", {"version": "v1"})]
+    assert rig.notices("controller_exited")[-1].data["reason"] == "image teg-controller-v1:latest not found"
+    rig.advance(599)
+    assert engine.ops.count("start v1") == 1, "no 'image not found' retry loop while OTA builds"
+    engine.images.add("v1")  # OTA built it and answers with a swap
+    rig.post("swap_requested", {"version": "v1"}, Source.SYSTEM)
+    assert rig.state == "running" and engine.container["version"] == "v1"  # type: ignore[index]
+    assert rig.notices("swap_succeeded")[-1].data == {"version": "v1"}
+    rig.advance(3600)
+    assert rig.state == "running" and engine.ops.count("start v1") == 2, "the retry timer was cancelled"
+
+
+def test_while_awaiting_an_image_the_start_is_tried_again_and_ota_asked_again(make: Any, engine: FakeEngine) -> None:
+    engine.images = set()
+    rig = make()
+    rig.advance(600)
+    assert engine.ops.count("start v1") == 2 and len(rig.notices("controller_image_missing")) == 2
+    engine.images.add("v1")  # built by hand meanwhile
+    rig.advance(600)
+    assert rig.state == "running" and engine.container["version"] == "v1"  # type: ignore[index]
+
+
+def test_an_image_pruned_while_running_is_rebuilt_when_the_controller_restarts(make: Any, engine: FakeEngine) -> None:
+    rig = make()
+    assert rig.state == "running"
+    engine.images.discard("v1")
+    rig.exit()
+    rig.advance(600)
+    assert rig.state == "awaiting_image"
+    assert rig.notices("controller_image_missing")[-1].data == {"version": "v1"}
+
+
+def test_a_gateway_restarted_while_awaiting_an_image_asks_again(make: Any, engine: FakeEngine) -> None:
+    engine.images = set()
+    rig = make()
+    rig.close()
+    again = make()
+    assert again.state == "awaiting_image" and len(again.notices("controller_image_missing")) == 1

@@ -12,6 +12,7 @@ import pytest
 
 from teg_fsm.clock import FakeClock
 from teg_fsm.events import Outcome
+from tests.machines.ota_engine_fakes import EngineWorld, TruthGateway
 from tests.machines.ota_fakes import FakeGateway, FakeWorld
 
 ROLLED_BACK = ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "FAILED"]
@@ -139,3 +140,76 @@ def test_crash_loop_in_a_state_gives_up_and_leaves_last_good_running(
 
 
 OTA_MAX_RESUMES = 3
+
+
+# -- the first-start path -------------------------------------------------------
+# No image of the known version (TEG_DEFAULT_CONTROLLER_VERSION here) exists: the
+# controller machine asks OTA, whose pipeline fetches, checks out, builds and swaps
+# it in. Driven with the real controller machine over a fake engine. Nothing
+# older exists to roll back to: a failure leaves the controller machine trying
+# the version itself, and UPDATED follows only once it really runs healthy.
+
+FIRST_START = ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"]
+FIRST_FAIL_CASES = {
+    # the fetch result is ignored, as the existing gateway does: v1 is in the local refs
+    "fetching": Case("fetching", "v1", FIRST_START, faults={"FetchControllerRepo": Outcome.FAILED}),
+    "checking_out": Case("checking_out", None, ["DOWNLOADING", "FAILED"], "checking out v1 failed",
+                         faults={"CheckoutControllerVersion": Outcome.FAILED}),
+    "building": Case("building", None, ["DOWNLOADING", "DOWNLOADED", "FAILED"], "building the image of v1 failed",
+                     faults={"BuildControllerImage": Outcome.FAILED}),
+    # the controller machine restarts it after its backoff; then it runs and is healthy
+    "swapping": Case("swapping", "v1", [*FIRST_START[:4], "FAILED", "UPDATED"],
+                     faults={"StartController": Outcome.FAILED}),
+    "probation": Case("probation", "v1", [*FIRST_START[:4], "FAILED"], "v1 wrote no health check",
+                      behaviour={"v1": "silent"}),
+    "committing": Case("committing", "v1", FIRST_START, "could not be written",
+                       faults={"WriteControllerVersion": Outcome.FAILED}),
+}
+FIRST_DIE_STATES = ("fetching", "checking_out", "building", "swapping", "probation", "committing", "committed")
+
+
+def _first_start_world(case: Case | None = None) -> EngineWorld:
+    world = EngineWorld(FakeClock(), default_version="v1")
+    if case is not None:
+        world.silent = {v for v, b in case.behaviour.items() if b == "silent"}
+    return world
+
+
+def _inject(world: EngineWorld, case: Case) -> None:
+    world.faults.update({name: (outcome, "injected failure") for name, outcome in case.faults.items()})
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_FAIL_CASES))
+def test_first_start_effect_failing_in_each_state_reports_it_and_never_a_false_updated(
+    name: str, tmp_path: Path
+) -> None:
+    case = FIRST_FAIL_CASES[name]
+    world = _first_start_world(case)
+    gateway = TruthGateway(world, tmp_path / "journal.db")
+    assert gateway.run_until("controller", "awaiting_image")  # its start found no image
+    _inject(world, case)  # the faults hit OTA's pipeline, not that first start
+    assert gateway.run_until("ota", case.state), f"never reached {case.state}"
+    gateway.advance(300)
+    assert world.runs() == case.running
+    assert world.sw_states() == case.states
+    errors = [r.payload["sw_error"] for r in world.reports if r.payload.get("sw_error")]
+    assert case.error in (errors[-1] if errors else "")
+    assert all(r.truth for r in world.reports if r.payload["sw_state"] == "UPDATED")
+    gateway.kill()
+
+
+@pytest.mark.parametrize("state", FIRST_DIE_STATES)
+def test_gateway_dying_in_each_first_start_state_resumes_and_brings_the_version_up(
+    state: str, tmp_path: Path
+) -> None:
+    world, journal = _first_start_world(), tmp_path / "journal.db"
+    gateway = TruthGateway(world, journal)
+    assert gateway.run_until("ota", state), f"never reached {state}"
+    gateway.kill()
+    restarted = TruthGateway(world, journal)
+    restarted.advance(600)
+    assert restarted.ota.state_name in restarted.ota.rest_states
+    assert world.runs() == "v1" and world.version_file == "v1"
+    assert world.sw_states()[-1] == "UPDATED"
+    assert all(r.truth for r in world.reports if r.payload["sw_state"] == "UPDATED")
+    restarted.kill()
