@@ -40,7 +40,9 @@ class Emission:
     def describe(self) -> str:
         if self.effect != Notify.__name__:
             return self.effect
-        return f"Notify({self.machine or '*'}.{self.event or '?'})"
+        if self.event is None:
+            return "Notify(decided at run time)"
+        return f"Notify({self.machine or '*'}.{self.event})"
 
 
 @attrs.frozen
@@ -134,10 +136,40 @@ def describe(cls: type[GatewayMachine], name: str) -> Method:
     """Meaning (first docstring line), ``file:line`` and emitted effects of ``cls.<name>``."""
     func = _lookup(cls, name)
     if func is None:
-        return Method(name, "(not a method of the machine)", "", ())
+        return _attribute(cls, name)
     doc = inspect.getdoc(func) or ""
-    meaning = doc.strip().splitlines()[0] if doc.strip() else "(no docstring)"
+    meaning = doc.strip().splitlines()[0] if doc.strip() else ""
     return Method(name, meaning, location(func), tuple(sorted(set(_emissions(cls, func, set())), key=_order)))
+
+
+def _attribute(cls: type[GatewayMachine], name: str) -> Method:
+    """A guard that is a data attribute: where it is first assigned and which methods assign it."""
+    assigners: list[str] = []
+    first = ""
+    for owner in reversed(cls.__mro__):
+        for attr_name, func in vars(owner).items():
+            lines = _assignment_lines(func, name) if inspect.isfunction(func) else []
+            if lines:
+                assigners.append(attr_name)
+                here = f"{location(func).rsplit(':', 1)[0]}:{lines[0]}"
+                first = here if attr_name == "setup" or not first else first
+    if not assigners:
+        return Method(name, "(not found on the machine)", "", ())
+    meaning = f"flag attribute, assigned by {', '.join(f'`{a}`' for a in dict.fromkeys(assigners))}"
+    return Method(name, meaning, first, ())
+
+
+def _assignment_lines(func: Callable[..., Any], name: str) -> list[int]:
+    """File lines where ``func`` assigns ``self.<name>``."""
+    start = inspect.getsourcelines(func)[1]
+    found = []
+    for node in ast.walk(_tree(func)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
+        for target in targets:
+            for element in target.elts if isinstance(target, ast.Tuple) else [target]:
+                if isinstance(element, ast.Attribute) and element.attr == name and isinstance(element.value, ast.Name) and element.value.id == "self":
+                    found.append(start + node.lineno - 1)
+    return found
 
 
 def location(func: Callable[..., Any]) -> str:

@@ -20,12 +20,19 @@ EVALUATION_NOTE = (
 )
 
 
+ACTIONS_NOTE = (
+    "Effects an action emits, read from its source and the machine methods and helpers it calls "
+    "(any branch). `Notify(m.e)` hands event `e` to machine `m`; `Notify(*.e)` to every machine that "
+    "declares `e`."
+)
+
+
 def machine_tables(cls: type[GatewayMachine]) -> str:
     """Transitions, guards, actions and entry/exit actions of one machine, as Markdown."""
     rows = model.rows(cls)
     parts = ["## Transitions", "", EVALUATION_NOTE, "", *_transition_table(rows)]
     parts += ["", "## Guards", "", "`!guard` in a row means the guard must be false.", "", *_guard_table(cls, rows)]
-    parts += ["", "## Actions", "", *_action_table(cls)]
+    parts += ["", "## Actions", "", ACTIONS_NOTE, "", *_action_table(cls)]
     parts += ["", "## Entry and exit actions", "", *_state_table(cls)]
     return "\n".join(parts) + "\n"
 
@@ -49,7 +56,7 @@ def _guard_table(cls: type[GatewayMachine], rows: list[model.Row]) -> list[str]:
     lines = ["| Guard | Meaning | Defined at |", "| --- | --- | --- |"]
     for name in guard_methods(rows):
         method = model.describe(cls, name)
-        lines.append(f"| `{name}` | {_cell(method.meaning)} | {method.location} |")
+        lines.append(f"| `{name}` | {_cell(method.meaning or '(no docstring)')} | {method.location} |")
     return lines
 
 
