@@ -3,7 +3,7 @@
 Transitions come from ``cls.states`` / ``state.transitions`` in the order the
 library tries them; guard meanings from the guards' docstrings; the effects an
 action emits from its source (``ast``), following ``self._helper()`` calls and
-module-level helper functions of the ``machines`` package, so nothing here is
+module-level helper functions (of the ``machines`` package or beside the caller), so nothing here is
 a hand-maintained list.
 """
 
@@ -14,7 +14,6 @@ import inspect
 import re
 import textwrap
 from collections.abc import Callable, Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +214,13 @@ def _emissions(cls: type[GatewayMachine], func: Callable[..., Any], seen: set[An
         resolved = _resolve(func, callee)
         if isinstance(resolved, type) and issubclass(resolved, Effect):
             yield _emission(cls, resolved, call)
-        elif inspect.isfunction(resolved) and resolved.__module__.split(".")[0] == "machines":
+        elif inspect.isfunction(resolved) and _ours(resolved, func):
             yield from _emissions(cls, resolved, seen)
+
+
+def _ours(helper: Callable[..., Any], caller: Callable[..., Any]) -> bool:
+    """Helpers worth reading: the ``machines`` package's, and those beside the caller."""
+    return helper.__module__.split(".")[0] == "machines" or helper.__module__ == caller.__module__
 
 
 def _dynamic_methods(cls: type, callee: ast.expr) -> list[str]:
@@ -232,7 +236,6 @@ def _dynamic_methods(cls: type, callee: ast.expr) -> list[str]:
     return [n for n in sorted(dir(cls)) if n.startswith(prefix) and _lookup(cls, n) is not None]
 
 
-@cache
 def _tree(func: Callable[..., Any]) -> ast.AST:
     return ast.parse(textwrap.dedent(inspect.getsource(func)))
 

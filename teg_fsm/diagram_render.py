@@ -148,9 +148,12 @@ def _state_lines(cls: type[GatewayMachine], states: Any, loops: dict[str, list[m
                  indent: str) -> Iterator[str]:
     for state in states:
         if state.states:
+            first = next((s for s in state.states if s.initial), state.states[0])
             yield f'{indent}subgraph "cluster_{state.id}" {{'
-            yield f'{indent}  label="{state.id}"; style=rounded;'
+            yield f"{indent}  label={_state_label(state.id, loops.get(state.id, []))}; style=rounded;"
+            yield f'{indent}  "__start_{state.id}" [shape=point, width=0.12, label=""];'
             yield from _state_lines(cls, state.states, loops, indent + "  ")
+            yield f'{indent}  "__start_{state.id}" -> {_id(_entry_node(first))}{_cluster_attr("lhead", first)};'
             yield f"{indent}}}"
         else:
             shape = ", peripheries=2" if state.final else ""

@@ -181,8 +181,14 @@ def default_previews(out: Path) -> Path:
 def write(out: Path, previews: Path | None = None,
           classes: list[type[GatewayMachine]] | None = None) -> list[Path]:
     """Write what changed, remove what no machine generates any more; the paths touched."""
+    return write_report(out, previews, classes)[0]
+
+
+def write_report(out: Path, previews: Path | None = None, classes: list[type[GatewayMachine]] | None = None,
+                 ) -> tuple[list[Path], list[str]]:
+    """``write``, and one line per picture: its size at 100 % and how it prints."""
     previews = default_previews(out) if previews is None else previews
-    files, _ = expected_files(out, previews, classes)
+    files, drawn = expected_files(out, previews, classes)
     written = []
     for path, content in files.items():
         if not path.exists() or path.read_bytes() != content:
@@ -193,12 +199,18 @@ def write(out: Path, previews: Path | None = None,
         if stale not in files and _svg_or_png_checked(stale):
             stale.unlink()
             written.append(stale)
-    return written
+    return written, [picture.describe() for picture in drawn]
 
 
 def check(out: Path, previews: Path | None = None,
           classes: list[type[GatewayMachine]] | None = None) -> list[str]:
     """Problems: missing, stale or orphaned generated files, and pictures over the page budget."""
+    return check_report(out, previews, classes)[0]
+
+
+def check_report(out: Path, previews: Path | None = None, classes: list[type[GatewayMachine]] | None = None,
+                 ) -> tuple[list[str], list[str]]:
+    """``check``, and one line per picture: its size at 100 % and how it prints."""
     previews = default_previews(out) if previews is None else previews
     files, drawn = expected_files(out, previews, classes)
     problems = []
@@ -211,7 +223,7 @@ def check(out: Path, previews: Path | None = None,
         if existing not in files and _svg_or_png_checked(existing):
             problems.append(f"{existing}: no machine generates it any more")
     problems += [f"{out / picture.name}.svg: {picture.describe()}" for picture in drawn if not picture.fits]
-    return problems
+    return problems, [picture.describe() for picture in drawn]
 
 
 def size_report(classes: list[type[GatewayMachine]] | None = None) -> list[str]:
