@@ -163,12 +163,21 @@ def _assignment_lines(func: Callable[..., Any], name: str) -> list[int]:
     start = inspect.getsourcelines(func)[1]
     found = []
     for node in ast.walk(_tree(func)):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
-        for target in targets:
-            for element in target.elts if isinstance(target, ast.Tuple) else [target]:
-                if isinstance(element, ast.Attribute) and element.attr == name and isinstance(element.value, ast.Name) and element.value.id == "self":
-                    found.append(start + node.lineno - 1)
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        elements = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+        if any(_is_self_attribute(e, name) for e in elements):
+            found.append(start + node.lineno - 1)
     return found
+
+
+def _is_self_attribute(node: ast.expr, name: str) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == name
+            and isinstance(node.value, ast.Name) and node.value.id == "self")
 
 
 def location(func: Callable[..., Any]) -> str:
@@ -295,7 +304,8 @@ def notifications(classes: list[type[GatewayMachine]]) -> list[tuple[str, str, s
     return sorted(found)
 
 
-def _edges(cls: type[GatewayMachine], action: str, emission: Emission, takers: dict[str, frozenset[str]]) -> set[tuple[str, str, str, str]]:
+def _edges(cls: type[GatewayMachine], action: str, emission: Emission,
+           takers: dict[str, frozenset[str]]) -> set[tuple[str, str, str, str]]:
     pairs = [(emission.machine, emission.event)]
     if emission.event is None:
         declared = getattr(cls, "notified_events", None)

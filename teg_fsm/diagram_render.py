@@ -20,6 +20,7 @@ FONT_PT = 14  # one size for state names and labels (graphviz points)
 FONT = "Helvetica"
 CHOICE_BRANCHES = 3  # a decision with this many guarded targets gets a choice point
 SHARED_FROM = 3  # this many states with the same edge into one state share one drawn edge
+_LEFT_BREAK = '<br align="left"/>'  # HTML-label line break, left-aligned
 OUTCOMES = ("succeeded", "failed", "timed_out", "cancelled")
 
 
@@ -137,10 +138,11 @@ def _header(name: str, rankdir: str, tuning: str = "") -> list[str]:
     """Graph defaults; ``tuning`` is extra graph attributes (``nslimit=5``)."""
     return [
         f'digraph "{name}" {{',
-        f'  graph [rankdir={rankdir}, {tuning + ", " if tuning else ""}compound=true, nodesep=0.15, ranksep=0.3, fontname="{FONT}", '
-        f"fontsize={FONT_PT}, labeljust=l];",
+        f'  graph [rankdir={rankdir}, {tuning + ", " if tuning else ""}compound=true, nodesep=0.15, ranksep=0.3, '
+        f'fontname="{FONT}", fontsize={FONT_PT}, labeljust=l];',
         f'  node [shape=box, style=rounded, fontname="{FONT}", fontsize={FONT_PT}, margin="0.1,0.04", height=0.4];',
-        f'  edge [fontname="{FONT}", fontsize={FONT_PT}, arrowsize=0.7];',
+        # decorate: a leader line ties each label to its edge, so no label is ambiguous
+        f'  edge [fontname="{FONT}", fontsize={FONT_PT}, arrowsize=0.7, decorate=true];',
     ]
 
 
@@ -162,8 +164,10 @@ def _state_lines(cls: type[GatewayMachine], states: Any, loops: dict[str, list[m
 
 def _state_label(name: str, loops: list[model.Row]) -> str:
     """The state's name in bold; re-entering self-transitions under it, one per line (\u21bb)."""
-    lines = [f"<b>{_html(name)}</b>"] + [f"\u21bb {_html(line)}".replace("\n", '<br align="left"/>') for line in edge_label_lines(loops)]
-    return "<" + '<br align="left"/>'.join(lines) + ('<br align="left"/>' if loops else "") + ">"
+    lines = [f"<b>{_html(name)}</b>"] + [f"\u21bb {_html(line)}" for line in edge_label_lines(loops)]
+    text = _LEFT_BREAK.join(lines).replace("\n", _LEFT_BREAK)
+    return f"<{text}{_LEFT_BREAK if loops else ''}>"
+
 
 
 def _html(text: str) -> str:

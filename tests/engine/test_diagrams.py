@@ -179,7 +179,8 @@ def test_a_picture_over_the_page_budget_fails_the_check(tmp_path: Path) -> None:
     picture = next(p for p in diagrams.pictures([chain]) if p.name == "chain_example")
     assert not picture.fits and picture.page_scale < diagrams.MIN_SCALE
     problems = diagrams.check(out, classes=[chain])
-    assert [p for p in problems if "over the page budget" in p] == [f"{out / 'chain_example'}.svg: {picture.describe()}"]
+    over = [p for p in problems if "over the page budget" in p]
+    assert over == [f"{out / 'chain_example'}.svg: {picture.describe()}"]
 
 
 @needs_dot
@@ -270,7 +271,8 @@ def test_table_lists_every_transition_in_evaluation_order(cls: type[GatewayMachi
     diagrams.write(out, classes=[cls])
     md = (out / f"{cls.machine_name}.md").read_text()
     assert "the first row whose guards all hold is taken" in md
-    table = [(r[1], r[2].strip("`"), r[4].removesuffix(" (internal)"), r[4].endswith("(internal)")) for r in _table_rows(md)]
+    table = [(r[1], r[2].strip("`"), r[4].removesuffix(" (internal)"), r[4].endswith("(internal)"))
+             for r in _table_rows(md)]
     library = _library_rows(cls)
     assert sorted(table) == sorted((s, e, t, i and s == t) for s, e, t, i in library)
     for state, event in {(s, e) for s, e, _, _ in library}:
