@@ -1,9 +1,11 @@
-"""Graphviz DOT and Markdown tables for the machines (see ``teg_fsm.diagrams``).
+"""Graphviz DOT for the machines' pictures and the overview (see ``teg_fsm.diagrams``).
 
-The pictures show the policy: states, and one edge per pair of states whose
-label lists the events (one line each, with their guards in brackets).
-Internal self-transitions (bookkeeping) are left out of the picture; the
-tables list every transition, guard and action.
+A picture shows the policy: states, and one edge per pair of states whose
+label lists the events (one per line, guards in brackets under them).
+Internal self-transitions (bookkeeping) are left out; re-entering
+self-transitions are listed in the state's box (\u21bb); big or shared
+decisions become numbered choice points. The tables (``teg_fsm.diagram_tables``)
+list every row and are the authority on evaluation order.
 """
 
 from __future__ import annotations
