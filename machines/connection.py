@@ -136,15 +136,19 @@ class ConnectionMachine(GatewayMachine):
     # -- guards -----------------------------------------------------------
 
     def is_not_authorized(self, ev: Event) -> bool:
+        """The broker refused the connection as not authorised (bad or revoked token)."""
         return bool(ev.data.get("not_authorized"))
 
     def can_provision(self) -> bool:
+        """Settings allow provisioning a new token (provisioning credentials are configured)."""
         return bool(self.settings.can_provision)
 
     def is_token_missing(self, ev: Event) -> bool:
+        """The connection attempt failed because there is no access token to connect with."""
         return bool(ev.data.get("no_token"))
 
     def is_current_session(self, ev: Event) -> bool:
+        """The event belongs to the current MQTT session, not to an earlier one."""
         return ev.data.get("session") == self.session
 
     # -- states -----------------------------------------------------------

@@ -235,39 +235,50 @@ class ControllerMachine(ControllerActions, GatewayMachine):
     # -- guards --------------------------------------------------------------
 
     def names_a_version(self, ev: Event) -> bool:
+        """The event names a controller version (a non-empty string)."""
         version = ev.data.get("version")
         return isinstance(version, str) and bool(version)
 
     def has_version(self) -> bool:
+        """A controller version to run is known."""
         return self.wanted is not None
 
     def swap_pending(self) -> bool:
+        """A swap to another version was requested and waits to be carried out."""
         return self.pending_swap is not None
 
     def restart_pending(self) -> bool:
+        """A restart was requested while busy and waits to be carried out."""
         return self.restart_queued
 
     def backoff_pending(self) -> bool:
+        """The restart back-off after a failure has not run out yet."""
         return self.restart_due_ms is not None and self.restart_due_ms > self.now_ms
 
     def found_wanted_running(self, ev: Event) -> bool:
+        """The inspection found the wanted version's container running (any version if none is wanted)."""
         return support.found_running(support.result(ev), self.wanted)
 
     def engine_down(self, ev: Event) -> bool:
+        """The effect failed because the Docker engine could not be reached."""
         return bool(ev.data.get("engine_unreachable"))
 
     def image_missing(self, ev: Event) -> bool:
         return bool(ev.data.get("image_missing"))
 
     def is_ours(self, ev: Event) -> bool:
+        """The Docker event is about the container this machine started."""
         return self.container_id is not None and ev.data.get("container_id") == self.container_id
 
     def docker_says_unhealthy(self, ev: Event) -> bool:
+        """Docker reports the container's health check as unhealthy."""
         return ev.data.get("status") == "unhealthy"
 
     def container_gone(self, ev: Event) -> bool:
+        """The health read says our container no longer runs."""
         return support.gone(support.result(ev), self.container_id)
 
     def health_stale(self, ev: Event) -> bool:
+        """The last sign of life is older than the allowed health-check age."""
         latest = support.latest_sign_ms(self.health_ts_ms, support.result(ev), self.started_at_ms)
         return self.now_ms - latest > self.settings.health_check_max_age_s * 1000

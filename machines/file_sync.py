@@ -130,21 +130,27 @@ class FileSyncMachine(FileSyncIntake, GatewayMachine):
     # -- guards: what does the plan need next? ---------------------------
 
     def wants_definitions(self) -> bool:
+        """The plan wants a full pass: request the file definitions (shared attributes) first."""
         return self.plan.full
 
     def wants_scan(self) -> bool:
+        """The plan wants the managed files hashed on disk."""
         return self.plan.scan
 
     def has_fetches(self) -> bool:
+        """The plan has file contents to request from ThingsBoard."""
         return bool(self.plan.fetch)
 
     def has_writes(self) -> bool:
+        """The plan has received file contents waiting to be written."""
         return bool(self.plan.writes)
 
     def has_mirrors(self) -> bool:
+        """The plan has files to mirror into the controller's directory."""
         return bool(self.plan.mirror)
 
     def has_report(self) -> bool:
+        """The plan has FILE_HASHES to report to ThingsBoard."""
         return self.plan.report
 
     # -- entering a step issues its effect -------------------------------

@@ -302,11 +302,13 @@ class OtaMachine(OtaActions, GatewayMachine):
     # -- guards --------------------------------------------------------------
 
     def assignment_starts(self, ev: Event) -> bool:
+        """The event assigns a version that should be installed now (not running, refused or blocked)."""
         version, _ = assigned(ev, (self.desired, self.desired_title))
         blocked = self.blocked if version == self.desired else None
         return version is not None and self._next_target(version, blocked) is not None
 
     def should_start(self) -> bool:
+        """The assigned version should be installed now (not running, refused or blocked)."""
         return self._next_target() is not None
 
     def retry_starts(self) -> bool:
@@ -314,17 +316,21 @@ class OtaMachine(OtaActions, GatewayMachine):
         return self._next_target(blocked=None) is not None or self._reinstall_needed()
 
     def _reinstall_needed(self) -> bool:
+        """The assigned version is not proven running, so installing it again is worth it."""
         desired = self.desired
         return desired is not None and not version_error(desired) and not self.verified(desired)
 
     def rebuild_starts(self, ev: Event) -> bool:
+        """The controller lacks the image of a version this machine may build (not blocked, not mangled)."""
         version = ev.data.get("version")
         return isinstance(version, str) and not version_error(version, assigned=False) and version != self.blocked
 
     def fetch_had_failed(self) -> bool:
+        """The last fetch failed, so the checkout tried the local refs only."""
         return self.fetch_error is not None
 
     def is_superseded(self) -> bool:
+        """The version being installed is no longer the one to install next."""
         return self._next_target() != self.target
 
     def has_last_good(self) -> bool:
@@ -332,19 +338,25 @@ class OtaMachine(OtaActions, GatewayMachine):
         return self.last_good is not None and self.last_good != self.target
 
     def runs_other_than_last_good(self) -> bool:
+        """A last good version exists and the controller runs a different one."""
         return self.last_good is not None and self.running != self.last_good
 
     def is_for_target(self, ev: Event) -> bool:
+        """The event is about the version being installed."""
         return ev.data.get("version") == self.target
 
     def is_for_last_good(self, ev: Event) -> bool:
+        """The event is about the last good version (the rollback's)."""
         return ev.data.get("version") == self.last_good
 
     def is_fresh_target_health(self, ev: Event) -> bool:
+        """A health check of the version being installed, taken after its swap began."""
         return self.is_for_target(ev) and int(ev.data.get("health_ts_ms") or 0) >= self.swap_started_ms
 
     def crashed_live(self, ev: Event) -> bool:
+        """Resumed after a crash loop while a new version was live (swapping or probation)."""
         return bool(ev.data.get("crash_loop")) and ev.data.get("from_state") in _LIVE
 
     def crashed_committing(self, ev: Event) -> bool:
+        """Resumed after a crash loop while committing a version."""
         return bool(ev.data.get("crash_loop")) and ev.data.get("from_state") == "committing"

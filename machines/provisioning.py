@@ -99,12 +99,15 @@ class ProvisioningMachine(GatewayMachine):
     # -- guards -----------------------------------------------------------
 
     def is_token_present(self, ev: Event) -> bool:
+        """The token check found an access token on disk."""
         return bool((ev.data.get("result") or {}).get("present"))
 
     def can_provision(self) -> bool:
+        """Settings allow provisioning a new token (provisioning credentials are configured)."""
         return bool(self.settings.can_provision)
 
     def is_token_stored(self, ev: Event) -> bool:
+        """The provisioning reply's token was written to disk."""
         return bool((ev.data.get("result") or {}).get("token_stored"))
 
     # -- states -----------------------------------------------------------

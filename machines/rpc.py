@@ -39,6 +39,11 @@ class RpcMachine(GatewayMachine):
 
     rpc_requested = serving.to.itself(internal=True)
 
+    @classmethod
+    def notified_events(cls) -> list[tuple[str | None, str]]:
+        """(machine, event) of every ``Notify`` the RPC table can route (read by the diagrams)."""
+        return [(m.machine, m.event) for m in METHODS_BY_NAME.values() if m.event is not None]
+
     def on_rpc_requested(self, ev: Event) -> None:
         request_id = ev.data.get("request_id")
         method_name = ev.data.get("method")

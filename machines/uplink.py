@@ -155,12 +155,15 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
     # -- guards ---------------------------------------------------------------
 
     def is_idle(self) -> bool:
+        """Nothing held back and no packet in flight."""
         return not self.holding and self._in_flight() == 0
 
     def is_draining(self) -> bool:
+        """Nothing held back and packets in flight."""
         return not self.holding and self._in_flight() > 0
 
     def is_throttled(self) -> bool:
+        """Sending is held back (waiting for rate tokens, or pausing after a failed packet)."""
         return self.holding
 
     def on_work_changed(self) -> None:

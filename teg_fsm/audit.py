@@ -14,7 +14,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     """Register the audit subcommands on the ``teg`` parser."""
     diagrams = sub.add_parser("diagrams", help="generate diagrams/ from the machine classes")
     diagrams.add_argument("--out", type=Path, default=Path("diagrams"))
-    diagrams.add_argument("--check", action="store_true", help="exit non-zero naming every stale file")
+    diagrams.add_argument("--check", action="store_true",
+                          help="exit non-zero naming every stale file and every picture over the A4 page budget")
     diagrams.set_defaults(func=_diagrams)
 
     replay = sub.add_parser("replay", help="re-run a recorded journal against the current machines")
@@ -45,16 +46,20 @@ def _diagrams(args: argparse.Namespace) -> int:
     from teg_fsm import diagrams
 
     if args.check:
-        problems = diagrams.check(args.out)
+        problems, sizes = diagrams.check_report(args.out)
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
-            print(f"diagrams are out of date: run `{diagrams.COMMAND}` to regenerate", file=sys.stderr)
+            print(f"diagrams are out of date or over the page budget: run `{diagrams.COMMAND}` to regenerate "
+                  "(see teg_fsm/diagrams.py for the budget)", file=sys.stderr)
             return 1
         print(f"diagrams up to date ({len(diagrams.machine_classes())} machines)")
+        print("\n".join(sizes))
         return 0
-    for path in diagrams.write(args.out):
+    written, sizes = diagrams.write_report(args.out)
+    for path in written:
         print(f"wrote {path}")
+    print("\n".join(sizes))
     return 0
 
 
