@@ -233,8 +233,42 @@ def gateway_child() -> int:
     if os.environ.get(TRACEMALLOC_ENV):
         tracemalloc.start(8)
     out = Path(os.environ[DIAGNOSE_ENV])
-    threading.Thread(target=_dump_growth, args=(out,), name="soak-diagnosis", daemon=True).start()
+    connections = _watch_sqlite_connections()
+    threading.Thread(target=_dump_growth, args=(out, connections), name="soak-diagnosis", daemon=True).start()
     return main(["run"])
+
+
+def _watch_sqlite_connections() -> list[tuple[str, sqlite3.Connection]]:
+    """Every connection the gateway opens, so its SQLite memory can be read per connection."""
+    opened: list[tuple[str, sqlite3.Connection]] = []
+    connect = sqlite3.connect
+
+    def watched(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(database, *args, **kwargs)
+        opened.append((Path(str(database)).name, conn))
+        return conn
+
+    sqlite3.connect = watched  # type: ignore[assignment]
+    return opened
+
+
+def _sqlite_per_connection(connections: list[tuple[str, sqlite3.Connection]]) -> str:
+    """Page cache and statement memory of each open connection (sqlite3_db_status; CPython 3.11 layout)."""
+    lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    parts = []
+    for name, conn in connections:
+        try:
+            conn.in_transaction  # noqa: B018 - raises on a closed connection (its handle is gone)
+        except sqlite3.ProgrammingError:
+            continue
+        db = ctypes.c_void_p.from_address(id(conn) + 16)  # pysqlite_Connection.db follows PyObject_HEAD
+        used = []
+        for op in (1, 3):  # SQLITE_DBSTATUS_CACHE_USED, SQLITE_DBSTATUS_STMT_USED
+            cur, high = ctypes.c_int(), ctypes.c_int()
+            lib.sqlite3_db_status(db, op, ctypes.byref(cur), ctypes.byref(high), 0)
+            used.append(cur.value / 1024)
+        parts.append(f"{name} cache {used[0]:.0f} KiB stmts {used[1]:.0f} KiB")
+    return "; ".join(parts)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -265,12 +299,32 @@ def _type_counts() -> collections.Counter[str]:
     return collections.Counter(type(o).__name__ for o in gc.get_objects())
 
 
-def _dump_growth(out: Path) -> None:
+def _weakrefs() -> dict[int, Any]:
+    """Weak references alive now (weakrefs are not tracked by the gc: found through their referrers)."""
+    import weakref
+
+    found: dict[int, Any] = {}
+    for obj in gc.get_objects():
+        for ref in gc.get_referents(obj):
+            if isinstance(ref, weakref.ReferenceType):
+                found[id(ref)] = ref
+    return found
+
+
+def _describe_new_weakrefs(before: set[int]) -> str:
+    new = [r for i, r in _weakrefs().items() if i not in before]
+    kinds = collections.Counter(
+        f"{type(r()).__qualname__ if r() is not None else 'dead'} cb={getattr(r.__callback__, '__qualname__', None)}"
+        for r in new)
+    return f"{len(new)} new weakrefs: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common(6))
+
+
+def _dump_growth(out: Path, connections: list[tuple[str, sqlite3.Connection]]) -> None:
     import tracemalloc
 
     time.sleep(TRACEMALLOC_BASELINE_S)
     baseline = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
-    types0, started = _type_counts(), time.monotonic()
+    types0, refs0, started = _type_counts(), set(_weakrefs()), time.monotonic()
     while True:
         time.sleep(60)
         rss = psutil.Process().memory_info().rss / 2**20
@@ -278,6 +332,8 @@ def _dump_growth(out: Path) -> None:
                  f"{_native_memory()}"]
         grown = (_type_counts() - types0).most_common(8)
         lines.append("   object types grown: " + ", ".join(f"{name} +{n}" for name, n in grown))
+        lines.append("   " + _describe_new_weakrefs(refs0))
+        lines.append("   sqlite per connection: " + _sqlite_per_connection(connections))
         if baseline is not None:
             lines.append(f"   traced {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MB")
             for stat in tracemalloc.take_snapshot().compare_to(baseline, "traceback")[:10]:
