@@ -58,6 +58,9 @@ class Transition:
     event: str
 
 
+JOURNAL_CACHE_KIB = 512  # page cache bound (SQLite's default, 2000 KiB, fills slowly and reads as a leak)
+
+
 @attrs.frozen
 class JournalEntry:
     seq: int
@@ -107,6 +110,7 @@ class Journal:
         self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA cache_size=-{JOURNAL_CACHE_KIB}")
         self._db.executescript(_SCHEMA)
         self._rows: list[tuple[Any, ...]] = []
         self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode

@@ -299,6 +299,24 @@ def _type_counts() -> collections.Counter[str]:
     return collections.Counter(type(o).__name__ for o in gc.get_objects())
 
 
+def _bookkeeping_sizes() -> dict[str, int]:
+    """Sizes of the containers the gateway's own objects hold (pending maps, heaps, buffers), the larger ones."""
+    sizes: dict[str, int] = {}
+    for obj in gc.get_objects():
+        module = getattr(type(obj), "__module__", "")
+        if not isinstance(module, str) or not module.startswith(("teg_fsm", "machines", "paho", "statemachine")) or not hasattr(obj, "__dict__"):
+            continue
+        try:
+            attributes = list(vars(obj).items())
+        except TypeError:
+            continue
+        for attr, value in attributes:
+            if isinstance(value, (list, dict, set, collections.deque)) and len(value) >= 20:
+                key = f"{type(obj).__qualname__}.{attr}"
+                sizes[key] = max(sizes.get(key, 0), len(value))
+    return sizes
+
+
 def _weakrefs() -> dict[int, Any]:
     """Weak references alive now (weakrefs are not tracked by the gc: found through their referrers)."""
     import weakref
@@ -307,15 +325,23 @@ def _weakrefs() -> dict[int, Any]:
     for obj in gc.get_objects():
         for ref in gc.get_referents(obj):
             if isinstance(ref, weakref.ReferenceType):
-                found[id(ref)] = ref
+                found[id(ref)] = (ref, obj)
     return found
 
 
+def _holder(obj: Any) -> str:
+    """What holds a weakref: the container's type and size, and for a dict the type of its owner."""
+    size = len(obj) if hasattr(obj, "__len__") else -1
+    owners = [type(o).__qualname__ for o in gc.get_referrers(obj)[:3] if not isinstance(o, (list, dict)) or True]
+    return f"{type(obj).__qualname__}[{size}] in {'/'.join(owners[:2])}" if size > 50 else type(obj).__qualname__
+
+
 def _describe_new_weakrefs(before: set[int]) -> str:
-    new = [r for i, r in _weakrefs().items() if i not in before]
+    new = [found for i, found in _weakrefs().items() if i not in before]
     kinds = collections.Counter(
         f"{type(r()).__qualname__ if r() is not None else 'dead'} cb={getattr(r.__callback__, '__qualname__', None)}"
-        for r in new)
+        f" held by {_holder(container)}"
+        for r, container in new[:200])
     return f"{len(new)} new weakrefs: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common(6))
 
 
@@ -334,6 +360,8 @@ def _dump_growth(out: Path, connections: list[tuple[str, sqlite3.Connection]]) -
         lines.append("   object types grown: " + ", ".join(f"{name} +{n}" for name, n in grown))
         lines.append("   " + _describe_new_weakrefs(refs0))
         lines.append("   sqlite per connection: " + _sqlite_per_connection(connections))
+        sizes = sorted(_bookkeeping_sizes().items(), key=lambda kv: -kv[1])[:12]
+        lines.append("   largest containers: " + ", ".join(f"{k}={n}" for k, n in sizes))
         if baseline is not None:
             lines.append(f"   traced {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MB")
             for stat in tracemalloc.take_snapshot().compare_to(baseline, "traceback")[:10]:
