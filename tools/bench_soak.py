@@ -41,6 +41,7 @@ import ctypes.util  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -387,7 +388,12 @@ def main() -> int:
         return gateway_child()
     if args.diagnose is not None:
         args.diagnose = args.diagnose.resolve()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # so the gateway subprocess is stopped too
     return soak(args)
+
+
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ effect runner's worker threads, so a 30 s ``run_command`` never delays a
 are events for another machine are answered by an observer of the dispatcher:
 it sees the transitions that event caused, or refuses with the state the
 machine is in.
+
+``run_command`` runs the command without a shell in a session (process group)
+of its own; on timeout, and when the command itself ends, the whole group is
+killed, so background children never outlive it. Its output is read with a
+bound. Every request gets a reply: bad params are refused by the rpc machine
+(machines/rpc_methods.py) and a handler that raises is answered with the error.
 """
 
 from __future__ import annotations
