@@ -50,6 +50,7 @@ class RpcComponent:
         self.gateway = gateway
         self.config = gateway.config
         self.action_delay_s = 1.0
+        self.commands = CommandGroups()
 
     def machine_specs(self) -> list[MachineSpec]:
         return [MachineSpec(RpcMachine)]
@@ -60,7 +61,9 @@ class RpcComponent:
 
     def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """End running commands: a worker thread busy with a 1 h command would hold up the process's exit."""
+        self.commands.kill_all()
 
     # -- replies ----------------------------------------------------------
 
@@ -141,7 +144,7 @@ class RpcComponent:
         command, timeout_s = params["command"], params["timeout_s"]
         log.info("RPC: running command %s", command)
         try:
-            done = run_in_own_group(command, timeout_s, self.config.run_command_output_cap)
+            done = run_in_own_group(command, timeout_s, self.config.run_command_output_cap, self.commands)
         except OSError as exc:  # no shell: a missing or non-executable program ends here, named
             named = f": {exc.filename!r}" if exc.filename is not None else ""
             return f"Error - Running command failed: {exc.strerror or exc}{named}"
@@ -194,7 +197,29 @@ class CommandRun:
 _DRAIN_AFTER_KILL_S = 2.0
 
 
-def run_in_own_group(command: list[str], timeout_s: float, cap: int) -> CommandRun:
+class CommandGroups:
+    """The process groups of the commands running now, so that stopping the gateway can end them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+
+    def add(self, pgid: int) -> None:
+        with self._lock:
+            self._running.add(pgid)
+
+    def discard(self, pgid: int) -> None:
+        with self._lock:
+            self._running.discard(pgid)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            running = sorted(self._running)
+        for pgid in running:
+            _kill_group(pgid)
+
+
+def run_in_own_group(command: list[str], timeout_s: float, cap: int, groups: CommandGroups | None = None) -> CommandRun:
     """Run ``command`` (no shell) in a new session; on timeout, and when it ends, kill its whole process group.
 
     A command's background children (``sh -c 'sleep 100 &'``) share its process
@@ -204,11 +229,14 @@ def run_in_own_group(command: list[str], timeout_s: float, cap: int) -> CommandR
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     assert proc.stdout is not None
+    groups = groups or CommandGroups()
+    groups.add(proc.pid)
     output = _BoundedOutput(max(4 * cap + 4, 1 << 20))
     try:
         timed_out = not output.read_until(proc, time.monotonic() + timeout_s)
     finally:
         _kill_group(proc.pid)  # its leftovers too, when the leader ended on its own
+        groups.discard(proc.pid)  # before the leader is reaped: its pid cannot be reused until then
         proc.wait()
         output.drain(proc, time.monotonic() + _DRAIN_AFTER_KILL_S)
         proc.stdout.close()

@@ -1,11 +1,14 @@
 """run_command faults over the stand-in: malformed requests get an error reply, a timeout leaves no process.
 
 Field reports: a NUL in an argument got no reply at all; a timed-out command
-left its background children running. Real gateway process, real stand-in.
+left its background children running. Also: SIGTERM while a long command runs
+stops the gateway and the command. Real gateway process, real stand-in.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -20,6 +23,7 @@ from tests.rig.waiting import wait_for
 from tools.tb_standin import StandIn
 
 FAILED = "Error - Running command failed: "
+STOP_BUDGET_S = 20.0  # a hang detector, not a timing assertion
 
 
 @pytest.mark.parametrize(("params", "reply"), [
@@ -66,6 +70,27 @@ def test_a_timed_out_command_leaves_no_grandchild_running(tb: StandIn, tmp_path:
         wait_for(lambda: not _tagged_alive(tag), 10, "no process of the timed-out command left")
         uplink_rig.fill(gateway.queue, 20)
         rig.finish(gateway, expected_seqs=range(20))
+    finally:
+        uplink_rig.stop(gateway.proc)
+        for pid in _tagged_alive(tag):
+            psutil.Process(pid).kill()
+
+
+def test_sigterm_during_a_long_command_stops_the_gateway_and_the_command(tb: StandIn, tmp_path: Path) -> None:
+    tag = f"teg-fault-{uuid.uuid4().hex}"
+    command = ["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(100)' {tag} & wait", tag]
+    gateway = rig.start_gateway(tb, tmp_path, TEG_RUN_COMMAND_ENABLED="true")
+    try:
+        uplink_rig.fill(gateway.queue, 20)
+        rig.finish(gateway, expected_seqs=range(20))
+        tb.rpc_async(gateway.device, "run_command", {"command": command, "timeout_s": 3600}, timeout=60)
+        wait_for(lambda: _tagged_alive(tag), 10, "the long command running")
+        gateway.proc.send_signal(signal.SIGTERM)
+        try:
+            assert gateway.proc.wait(STOP_BUDGET_S) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGTERM did not stop the gateway:\n{gateway.log_text()[-3000:]}") from None
+        wait_for(lambda: not _tagged_alive(tag), 10, "the command's processes gone with the gateway")
     finally:
         uplink_rig.stop(gateway.proc)
         for pid in _tagged_alive(tag):
