@@ -22,8 +22,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from teg_fsm import sqlite_files
 from teg_fsm.packets import Packet, archived_values, build_packet, parse_record, parse_values
-from teg_fsm.sqlite_files import CACHE_KIB, open_checked
+from teg_fsm.sqlite_files import open_checked
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class QueueStore:
         open_checked(self.archive_path, _archive_schema).close()
         self.conn = open_checked(self.queue_path, _queue_schema)
         self.conn.execute("ATTACH DATABASE ? AS arc", (str(self.archive_path),))
-        self.conn.execute(f"PRAGMA arc.cache_size=-{CACHE_KIB}")  # an attached schema gets the default bound
+        self.conn.execute(f"PRAGMA arc.cache_size=-{sqlite_files.CACHE_KIB}")  # an attached schema gets the default
         self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
         self.archive_rows = self._scalar("SELECT count(*) FROM arc.controller_archive")
         self.cursor = 0

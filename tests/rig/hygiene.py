@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_NOISE_PARTS = {".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".git"}
+_NOISE_PARTS = {".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".git"}  # .hypothesis: its cache, self-gitignored
 _snapshot_key = pytest.StashKey["dict[str, tuple[str, int, int]] | None"]()
 
 
