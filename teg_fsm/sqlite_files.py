@@ -18,12 +18,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+CORRUPT_MARKERS = ("file is not a database", "malformed", "disk image", "file is encrypted")
 # Page cache bound per schema (main and each ATTACHed one). SQLite's default,
 # 2000 KiB, fills slowly as a growing file's pages are touched: at 50 rows/s the
 # queue + archive connection took ~20 minutes to reach it, which reads as a
 # leak in a soak. Our access is appends and deletes at the ends of the tables.
 CACHE_KIB = 512
-CORRUPT_MARKERS = ("file is not a database", "malformed", "disk image", "file is encrypted")
 
 
 def is_corruption(exc: BaseException) -> bool:
