@@ -202,16 +202,22 @@ def _run_load(args: argparse.Namespace, tb: StandIn, root: Path, proc: subproces
     print(f"RSS slope over the second half (minutes {args.minutes / 2:g}..{args.minutes}): "
           f"{slope_mb_per_min(second_half):+.4f} MB/min; whole run {slope_mb_per_min(points[1:]):+.4f} MB/min; "
           f"RSS {points[0][1]:.1f} -> {points[-1][1]:.1f} MB", flush=True)
+    states = [v for _, v in tb.telemetry(DEVICE, "sw_state")]
+    errors = [v for _, v in tb.telemetry(DEVICE, "sw_error")]
+    print(f"OTA: {len(states)} sw_state reports ({', '.join(sorted(set(map(str, states))))}); "
+          f"last sw_error: {errors[-1] if errors else None!r}", flush=True)
+    hashes = tb.client_attributes(DEVICE).get("FILE_HASHES")
+    print(f"file sync: FILE_HASHES {hashes!r}", flush=True)
     print(f"gateway log: {(root / 'gateway.log').stat().st_size} bytes; last lines:\n"
           + "\n".join((root / "gateway.log").read_text(errors="replace").splitlines()[-5:]), flush=True)
     return 0
 
 
 def _scheduled_pushes(args: argparse.Namespace, tb: StandIn, minute: int, counters: Counters) -> None:
-    if args.file_every_min and minute % args.file_every_min == 1:
+    if args.file_every_min and minute >= 1 and (minute - 1) % args.file_every_min == 0:
         counters.file_pushes += 1
         push_file(tb, counters.file_pushes)
-    if args.ota_every_min and minute % args.ota_every_min == 2:
+    if args.ota_every_min and minute >= 2 and (minute - 2) % args.ota_every_min == 0:
         counters.ota_assignments += 1
         assign_missing_ota(tb, counters.ota_assignments)
 
