@@ -18,6 +18,9 @@ import attrs
 import cattrs
 
 
+MAX_RUN_COMMAND_TIMEOUT_S = 3600  # a worker thread is held for this long at most
+
+
 @attrs.frozen
 class RunCommandParams:
     command: list[str]
@@ -125,7 +128,7 @@ def _strict_converter() -> cattrs.Converter:
 
 
 def parse_params(method: RpcMethod, params: Any) -> tuple[Any, str | None]:
-    """Structured params, or an error naming the parameter."""
+    """Structured params, or an error naming the parameter. Never raises: every request gets a reply."""
     if method.params is None:
         return None, None
     if not isinstance(params, dict):
@@ -135,17 +138,33 @@ def parse_params(method: RpcMethod, params: Any) -> tuple[Any, str | None]:
     except cattrs.ClassValidationError as exc:
         return None, "; ".join(_describe(e) for e in exc.exceptions)
     except cattrs.ForbiddenExtraKeysError as exc:
-        return None, f"unknown parameter(s) {', '.join(sorted(exc.extra_fields))}"
+        return None, f"unknown parameter(s) {', '.join(sorted(map(str, exc.extra_fields)))}"
+    except Exception as exc:  # noqa: BLE001 - a converter surprise still gets a reply naming it
+        return None, f"params not understood ({type(exc).__name__}: {exc})"
+    error = _check(parsed)
+    return (None, error) if error is not None else (parsed, None)
+
+
+def _check(parsed: Any) -> str | None:
+    """The rules beyond types: ranges, and what ``execve`` cannot take."""
     if isinstance(parsed, TimeRangeParams) and parsed.start_timestamp_ms >= parsed.end_timestamp_ms:
-        return None, "'start_timestamp_ms' must be less than 'end_timestamp_ms'"
-    if isinstance(parsed, RunCommandParams) and (not parsed.command or parsed.timeout_s <= 0):
-        return None, "'command' must not be empty and 'timeout_s' must be positive"
-    return parsed, None
+        return "'start_timestamp_ms' must be less than 'end_timestamp_ms'"
+    if isinstance(parsed, RunCommandParams):
+        if not parsed.command or parsed.timeout_s <= 0:
+            return "'command' must not be empty and 'timeout_s' must be positive"
+        if parsed.timeout_s > MAX_RUN_COMMAND_TIMEOUT_S:
+            return f"'timeout_s' must be at most {MAX_RUN_COMMAND_TIMEOUT_S} seconds, got {parsed.timeout_s}"
+        if not parsed.command[0]:
+            return "'command' must start with a program name, got an empty string"
+        nul = next((i for i, arg in enumerate(parsed.command) if "\0" in arg), None)
+        if nul is not None:
+            return f"'command' item {nul} contains a NUL character, which no program argument can hold"
+    return None
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown parameter(s) {', '.join(sorted(exc.extra_fields))}"
+        return f"unknown parameter(s) {', '.join(sorted(map(str, exc.extra_fields)))}"
     note = getattr(exc, "__notes__", [""])[0]
     field = note.rsplit(" ", 1)[-1] if note else "?"
     if isinstance(exc, KeyError):

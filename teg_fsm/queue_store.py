@@ -38,6 +38,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from teg_fsm import sqlite_files
 from teg_fsm.packets import Packet, archived_values, build_packet, parse_record, parse_values
 from teg_fsm.sqlite_files import is_corruption, open_checked
 
@@ -134,6 +135,7 @@ class QueueStore:
         self._quarantine_foreign_tables()
         self._read_messages_shape()
         self.conn.execute("ATTACH DATABASE ? AS arc", (str(self.archive_path),))
+        self.conn.execute(f"PRAGMA arc.cache_size=-{sqlite_files.CACHE_KIB}")  # an attached schema gets the default
         self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
         self.archive_rows = self._scalar("SELECT count(*) FROM arc.controller_archive")
         self.cursor = 0

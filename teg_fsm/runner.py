@@ -112,12 +112,23 @@ class EffectRunner:
             self._pending[effect.id] = completion
             if effect.timeout_s is not None:
                 heapq.heappush(self._deadlines, (self._monotonic() + effect.timeout_s, effect.id))
+                self._compact_deadlines()
                 self._deadline_cv.notify()
         if registration.blocking:
             self._pool.submit(self._run, registration.handler, effect, completion)
         else:
             self._run(registration.handler, effect, completion)
         return completion
+
+    def _compact_deadlines(self) -> None:
+        """Drop the deadlines of settled effects once they outnumber the live ones (lock held).
+
+        A settled effect's deadline otherwise stays until it passes: at 50 rows/s
+        the uplink's 60-120 s timeouts kept ~3000 dead entries in the heap.
+        """
+        if len(self._deadlines) > 2 * len(self._pending) + 256:
+            self._deadlines = [d for d in self._deadlines if d[1] in self._pending]
+            heapq.heapify(self._deadlines)
 
     def cancel(self, effect_id: str) -> bool:
         with self._lock:

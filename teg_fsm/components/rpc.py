@@ -6,14 +6,24 @@ effect runner's worker threads, so a 30 s ``run_command`` never delays a
 are events for another machine are answered by an observer of the dispatcher:
 it sees the transitions that event caused, or refuses with the state the
 machine is in.
+
+``run_command`` runs the command without a shell in a session (process group)
+of its own; on timeout, and when the command itself ends, the whole group is
+killed, so background children never outlive it. Its output is read with a
+bound. Every request gets a reply: bad params are refused by the rpc machine
+(machines/rpc_methods.py) and a handler that raises is answered with the error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import select
+import signal
 import subprocess
 import threading
+import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +50,7 @@ class RpcComponent:
         self.gateway = gateway
         self.config = gateway.config
         self.action_delay_s = 1.0
+        self.commands = CommandGroups()
 
     def machine_specs(self) -> list[MachineSpec]:
         return [MachineSpec(RpcMachine)]
@@ -50,7 +61,9 @@ class RpcComponent:
 
     def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """End running commands: a worker thread busy with a 1 h command would hold up the process's exit."""
+        self.commands.kill_all()
 
     # -- replies ----------------------------------------------------------
 
@@ -86,8 +99,13 @@ class RpcComponent:
     # -- handler methods (worker threads) -----------------------------------
 
     def _run(self, effect: RunRpc, completion: Completion) -> None:
-        handler = getattr(self, f"_rpc_{effect.method}")
-        message = handler(effect.params)
+        """Every request gets a reply: a handler that raises is answered with what went wrong."""
+        try:
+            message = getattr(self, f"_rpc_{effect.method}")(effect.params)
+        except Exception as exc:  # noqa: BLE001 - the operator waits for an answer
+            log.exception("RPC %s failed", effect.method)
+            prefix = METHODS_BY_NAME[effect.method].error_prefix if effect.method in METHODS_BY_NAME else ""
+            message = f"Error - {prefix}{type(exc).__name__}: {exc}"
         self.reply(effect.request_id, message)
         completion.succeed(None)
 
@@ -126,14 +144,15 @@ class RpcComponent:
         command, timeout_s = params["command"], params["timeout_s"]
         log.info("RPC: running command %s", command)
         try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as exc:
-            output = _capped(exc.output or b"", self.config.run_command_output_cap)
-            return f"Error - Error running command '{command}': Timeout after {timeout_s} seconds. Output: {output}"
+            done = run_in_own_group(command, timeout_s, self.config.run_command_output_cap, self.commands)
         except OSError as exc:  # no shell: a missing or non-executable program ends here, named
             named = f": {exc.filename!r}" if exc.filename is not None else ""
             return f"Error - Running command failed: {exc.strerror or exc}{named}"
-        output = _capped(done.stdout, self.config.run_command_output_cap)
+        except ValueError as exc:  # e.g. a NUL the parser let through: still an answer
+            return f"Error - Running command failed: {exc}"
+        output = done.output_text(self.config.run_command_output_cap)
+        if done.timed_out:
+            return f"Error - Error running command '{command}': Timeout after {timeout_s} seconds. Output: {output}"
         return f"OK - Command executed - Command '{command}' exited with code {done.returncode}. Output: {output}"
 
     def _rpc_archive_republish_messages(self, params: dict[str, Any]) -> str:
@@ -160,11 +179,112 @@ class RpcComponent:
         return f"OK - {result['rows']} messages discarded - {start} -> {end}"
 
 
-def _capped(output: bytes, cap: int) -> str:
-    text = output.decode("utf-8", errors="replace")
-    if len(text) > cap:
-        return text[:cap] + f"... [{len(text) - cap} more characters cut]"
-    return text
+class CommandRun:
+    """What a ``run_command`` produced: exit code, whether it timed out, the output (kept up to a bound)."""
+
+    def __init__(self, returncode: int | None, timed_out: bool, kept: bytes, total: int) -> None:
+        self.returncode, self.timed_out, self.kept, self.total = returncode, timed_out, kept, total
+
+    def output_text(self, cap: int) -> str:
+        text = self.kept.decode("utf-8", errors="replace")
+        unread = self.total - len(self.kept)
+        if len(text) <= cap and not unread:
+            return text
+        cut = f"{len(text) - cap} more characters" if not unread else f"{len(text) - cap} more characters and {unread} more bytes"
+        return text[:cap] + f"... [{cut} cut]"
+
+
+_DRAIN_AFTER_KILL_S = 2.0
+
+
+class CommandGroups:
+    """The process groups of the commands running now, so that stopping the gateway can end them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+
+    def add(self, pgid: int) -> None:
+        with self._lock:
+            self._running.add(pgid)
+
+    def discard(self, pgid: int) -> None:
+        with self._lock:
+            self._running.discard(pgid)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            running = sorted(self._running)
+        for pgid in running:
+            _kill_group(pgid)
+
+
+def run_in_own_group(command: list[str], timeout_s: float, cap: int, groups: CommandGroups | None = None) -> CommandRun:
+    """Run ``command`` (no shell) in a new session; on timeout, and when it ends, kill its whole process group.
+
+    A command's background children (``sh -c 'sleep 100 &'``) share its process
+    group, so killing the group leaves nothing behind; they also hold the output
+    pipe open, so waiting for end-of-output alone would wait for them.
+    """
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    groups = groups or CommandGroups()
+    groups.add(proc.pid)
+    output = _BoundedOutput(max(4 * cap + 4, 1 << 20))
+    try:
+        timed_out = not output.read_until(proc, time.monotonic() + timeout_s)
+    finally:
+        _kill_group(proc.pid)  # its leftovers too, when the leader ended on its own
+        groups.discard(proc.pid)  # before the leader is reaped: its pid cannot be reused until then
+        proc.wait()
+        output.drain(proc, time.monotonic() + _DRAIN_AFTER_KILL_S)
+        proc.stdout.close()
+    return CommandRun(None if timed_out else proc.returncode, timed_out, bytes(output.kept), output.total)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is already empty
+    except PermissionError:
+        log.warning("run_command: cannot kill process group %s (a member changed its user)", pgid)
+
+
+class _BoundedOutput:
+    """Reads a command's output, keeping the first ``limit`` bytes and counting the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.kept, self.total = limit, bytearray(), 0
+
+    def _take(self, fd: int) -> bool:
+        chunk = os.read(fd, 65536)
+        self.total += len(chunk)
+        self.kept += chunk[: max(0, self.limit - len(self.kept))]
+        return bool(chunk)
+
+    def read_until(self, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+        """True when the command ended before ``deadline`` (output read to that point)."""
+        fd, ended_output = proc.stdout.fileno(), False  # type: ignore[union-attr]
+        while (left := deadline - time.monotonic()) > 0:
+            if ended_output:  # every writer closed the pipe; the leader may still run
+                try:
+                    proc.wait(timeout=left)
+                except subprocess.TimeoutExpired:
+                    return False
+                return True
+            if select.select([fd], [], [], min(left, 0.2))[0]:
+                ended_output = not self._take(fd)
+            elif proc.poll() is not None:
+                return True  # ended; background children may still hold the pipe (killed next)
+        return False
+
+    def drain(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
+        fd = proc.stdout.fileno()  # type: ignore[union-attr]
+        while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
+            if not self._take(fd):
+                return
 
 
 def _iso(ts_ms: int) -> str:

@@ -70,8 +70,10 @@ def _kind(value: Any) -> str:
 class ScanFiles(Effect):
     """Hash the managed files: ``files`` maps key -> raw path.
 
-    Succeeds with ``{key: {"hash": md5 | "E_NOFILE", "path": resolved}}``, or
-    ``{key: {"error": reason}}`` for a path that is refused or unreadable.
+    Succeeds with ``{key: {"hash": md5 | "E_NOFILE", "path": located}}``, or
+    ``{key: {"error": reason}}`` for a path that is refused (outside the roots,
+    through a symlink, or not a regular file: a FIFO, a device node, a socket, a
+    directory; the reason names which) or unreadable.
     """
 
     files: dict[str, str]

@@ -69,15 +69,20 @@ def test_a_path_escaping_with_dotdot_is_refused(data_dir: Path) -> None:
         confine("/etc/passwd", data_dir, [data_dir])
 
 
-def test_a_symlink_pointing_outside_the_roots_is_refused(tmp_path: Path, data_dir: Path) -> None:
+def test_a_symlink_below_a_root_is_refused_on_use_not_followed(tmp_path: Path, store: FileStore, data_dir: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
+    (outside / "target.txt").write_text("secret")
     (data_dir / "link").symlink_to(outside)
     (data_dir / "file_link").symlink_to(outside / "target.txt")
-    with pytest.raises(PathRefused):
-        confine("$DATA_PATH/link/x.txt", data_dir, [data_dir])
-    with pytest.raises(PathRefused):
-        confine("$DATA_PATH/file_link", data_dir, [data_dir])
+    found = store.scan({"dir": "$DATA_PATH/link/target.txt", "file": "$DATA_PATH/file_link"})
+    assert "link is a symbolic link where a directory is expected" in found["dir"]["error"]
+    assert "file_link is a symbolic link, not a regular file" in found["file"]["error"]
+    for raw in ("$DATA_PATH/link/target.txt", "$DATA_PATH/file_link"):
+        with pytest.raises(PathRefused, match="symbolic link"):
+            store.write("a", raw, "text", "x", create=True)
+    assert store.mirror({"f": {"path": "$DATA_PATH/file_link", "encoding": "text"}})["f"].startswith("error:")
+    assert (outside / "target.txt").read_text() == "secret" and sorted(p.name for p in outside.iterdir()) == ["target.txt"]
 
 
 def test_a_single_file_can_be_an_allowed_root(tmp_path: Path, data_dir: Path) -> None:
@@ -160,11 +165,12 @@ def test_store_writes_nothing_outside_the_roots(tmp_path: Path, store: FileStore
     assert list(outside.iterdir()) == [] and not (tmp_path / "x.txt").exists()
 
 
-def test_store_writes_through_a_symlink_inside_the_roots_and_keeps_the_link(store: FileStore, data_dir: Path) -> None:
+def test_store_refuses_a_symlinked_file_even_inside_the_roots(store: FileStore, data_dir: Path) -> None:
     (data_dir / "real.txt").write_text("old")
     (data_dir / "alias.txt").symlink_to(data_dir / "real.txt")
-    store.write("a", "alias.txt", "text", "new", create=True)
-    assert (data_dir / "alias.txt").is_symlink() and (data_dir / "real.txt").read_text() == "new"
+    with pytest.raises(PathRefused, match="alias.txt is a symbolic link, not a regular file"):
+        store.write("a", "alias.txt", "text", "new", create=True)
+    assert (data_dir / "alias.txt").is_symlink() and (data_dir / "real.txt").read_text() == "old"
 
 
 def test_scan_reports_hashes_missing_files_and_refusals(store: FileStore, data_dir: Path) -> None:
