@@ -264,6 +264,7 @@ class ControllerMachine(ControllerActions, GatewayMachine):
         return bool(ev.data.get("engine_unreachable"))
 
     def image_missing(self, ev: Event) -> bool:
+        """The start failed because the version's image is not on the engine (OTA builds it)."""
         return bool(ev.data.get("image_missing"))
 
     def is_ours(self, ev: Event) -> bool:

@@ -62,6 +62,7 @@ class HealthMachine(GatewayMachine):
     # -- guards -----------------------------------------------------------
 
     def is_last_condition(self, ev: Event) -> bool:
+        """The condition that cleared is the only one still raised."""
         return set(self.conditions) <= {ev.data.get("condition")}
 
     # -- actions ----------------------------------------------------------

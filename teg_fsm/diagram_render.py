@@ -83,8 +83,12 @@ class Layout:
                 else:
                     merged.setdefault((row.source, row.target), []).append(row)
         self.edges = self._shared_edges(merged)
-        self.edges += [self._choice_edge(choice, i, branch, len(branches))
-                       for branches, choice in self.choices.items() for i, branch in enumerate(branches, 1)]
+        for branches, choice in self.choices.items():
+            # Branches that lead to the same state share one edge (its label lists them in order).
+            conditions: dict[str, list[str]] = {}
+            for number, branch in enumerate(branches, 1):
+                conditions.setdefault(branch[1], []).append(_choice_condition(number, branch, len(branches)))
+            self.edges += [self._choice_edge(choice, target, labels) for target, labels in conditions.items()]
 
     def _shared_edges(self, merged: dict[tuple[str, str], list[model.Row]]) -> list[str]:
         """One edge per (tail, head); the same label into the same head from SHARED_FROM or
@@ -117,13 +121,17 @@ class Layout:
         label = "\\l".join(edge_label_lines(rows)).replace("\n", "\\l") + "\\l"
         return f'{tail_id} -> {head_id} [label="{label}"{clusters}]'
 
-    def _choice_edge(self, choice: str, number: int, branch: tuple[tuple[str, ...], str], count: int) -> str:
-        guards, target = branch
+    def _choice_edge(self, choice: str, target: str, conditions: list[str]) -> str:
         head_id, head_state = self._node(target)
-        condition = f"[{' & '.join(guards)}]" if guards else "else"
-        label = f"{number}. {condition}" if number < count or guards else condition
         clusters = _cluster_attr("lhead", head_state)
+        label = "\\l".join(conditions)
         return f'"{choice}" -> {head_id} [label="{label}", style=dashed{clusters}]'
+
+
+def _choice_condition(number: int, branch: tuple[tuple[str, ...], str], count: int) -> str:
+    guards, _ = branch
+    condition = f"[{' & '.join(guards)}]" if guards else "else"
+    return f"{number}. {condition}" if number < count or guards else condition
 
 
 def _from_label(states: list[str]) -> str:

@@ -210,7 +210,7 @@ def test_parallel_edges_merge_into_one_labelled_edge() -> None:
     dot = diagram_render.machine_dot(OtaMachine, "TB")
     edges = re.findall(r'^\s*("[^"]+") -> ("[^"]+")', dot, re.MULTILINE)
     assert len(edges) == len(set(edges))
-    assert "fetch_{failed|timed_out|cancelled}" in dot  # one edge, the outcomes folded
+    assert "build_{failed|timed_out|cancelled}" in dot  # one edge, the outcomes folded
 
 
 def test_state_names_and_labels_share_one_font_size() -> None:
