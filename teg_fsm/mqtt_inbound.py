@@ -43,17 +43,24 @@ class Inbound:
         self._lock = threading.Lock()
         self._ids = {"attributes": itertools.count(1), "rpc": itertools.count(1)}
         self._pending: dict[tuple[str, int], tuple[int, Any]] = {}  # (kind, id) -> (session, completion)
+        # Shared attributes pushed while an attribute request is out: ThingsBoard may answer the
+        # request from a snapshot taken before that push, and the answer must not undo it.
+        self._pushed_since: dict[int, _Pushed] = {}
 
-    def expect(self, kind: str, session: int, completion: Any) -> int:
+    def expect(self, kind: str, session: int, completion: Any, shared_keys: tuple[str, ...] = ()) -> int:
         """Register a request before publishing it (the answer can beat publish())."""
         with self._lock:
             request_id = 0 if kind == "provision" else next(self._ids[kind])
             self._pending[(kind, request_id)] = (session, completion)
+            if kind == "attributes":
+                self._pushed_since[request_id] = _Pushed(frozenset(shared_keys))
         return request_id
 
     def forget(self, kind: str, request_id: int) -> Any:
         with self._lock:
             entry = self._pending.pop((kind, request_id), None)
+            if kind == "attributes":
+                self._pushed_since.pop(request_id, None)
         return entry[1] if entry else None
 
     def session_lost(self, session: int, reason: str) -> None:
@@ -86,6 +93,9 @@ class Inbound:
             # The gateway's log reaches ThingsBoard as telemetry: the operator sees which field.
             log.error("shared-attribute update: %s; that part is ignored", error)
         if checked.data is not None:
+            with self._lock:
+                for pushed in self._pushed_since.values():
+                    pushed.note(checked.data["values"], checked.data["deleted"])
             self._post("shared_attributes_updated", checked.data)
 
     def _rpc_request(self, raw_id: str, body: Any) -> None:
@@ -100,12 +110,14 @@ class Inbound:
         if request_id is None:
             log.warning("ignoring a %s response with id %r", kind, raw_id)
             return
+        with self._lock:
+            pushed = self._pushed_since.get(request_id) if kind == "attributes" else None
         completion = self.forget(kind, request_id)
         if kind == "attributes":
             checked = codec.attributes_answer_from_wire(body)
             for error in checked.errors:
                 log.error("attribute answer %d: %s; that attribute is ignored", request_id, error)
-            result = checked.data or {}
+            result = _newest(checked.data or {}, pushed)
             event = "attributes_received"
         else:
             result = body
@@ -155,3 +167,32 @@ def _int_id(raw: str) -> int | None:
         return int(raw)
     except ValueError:
         return None
+
+
+
+class _Pushed:
+    """The requested shared attributes pushed (set or deleted) since an attribute request went out."""
+
+    def __init__(self, keys: frozenset[str]) -> None:
+        self.keys = keys
+        self.values: dict[str, Any] = {}
+        self.deleted: set[str] = set()
+
+    def note(self, values: dict[str, Any], deleted: list[str]) -> None:
+        for key, value in values.items():
+            if key in self.keys:
+                self.values[key] = value
+                self.deleted.discard(key)
+        for key in deleted:
+            if key in self.keys:
+                self.values.pop(key, None)
+                self.deleted.add(key)
+
+
+def _newest(answer: dict[str, Any], pushed: _Pushed | None) -> dict[str, Any]:
+    """The answer with the shared attributes pushed since the request laid over it: a push is newer."""
+    if pushed is None or not (pushed.values or pushed.deleted):
+        return answer
+    shared = {k: v for k, v in (answer.get("shared") or {}).items() if k not in pushed.deleted}
+    shared.update(pushed.values)
+    return {**answer, "shared": shared}

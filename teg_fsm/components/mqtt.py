@@ -183,17 +183,18 @@ class MqttComponent:
             body["clientKeys"] = ",".join(effect.client_keys)
         if effect.shared_keys:
             body["sharedKeys"] = ",".join(effect.shared_keys)
-        self._request("attributes", ATTRIBUTES_REQUEST_TOPIC, body, completion)
+        self._request("attributes", ATTRIBUTES_REQUEST_TOPIC, body, completion, effect.shared_keys)
 
     def _client_rpc(self, effect: ClientRpc, completion: Completion) -> None:
         self._request("rpc", CLIENT_RPC_REQUEST_TOPIC, {"method": effect.method, "params": dict(effect.params)}, completion)
 
-    def _request(self, kind: str, topic: str, body: dict[str, Any], completion: Completion) -> None:
+    def _request(self, kind: str, topic: str, body: dict[str, Any], completion: Completion,
+                 shared_keys: tuple[str, ...] = ()) -> None:
         session = self.link.device_session()
         if session is None:
             completion.fail("not connected to ThingsBoard")
             return
-        request_id = self.link.inbound.expect(kind, session.number, completion)
+        request_id = self.link.inbound.expect(kind, session.number, completion, tuple(shared_keys))
 
         def published(ok: bool, error: str | None) -> None:
             if not ok and self.link.inbound.forget(kind, request_id) is not None:
