@@ -177,7 +177,7 @@ def test_teg_config_check_validates_an_env_file_and_teg_config_prints_the_effect
     ok = _teg("config", "--check", "--env-file", str(env_file), env={})
     assert (ok.returncode, ok.stdout) == (0, f"{env_file}: configuration OK\n")
     shown = _teg("config", "--env-file", str(env_file), env={})
-    assert "TB_HOST=tb.example\n" in shown.stdout and "TEG_RECONNECT_MAX_S=300.0    # default\n" in shown.stdout
+    assert "TB_HOST=tb.example\n" in shown.stdout and "TEG_RECONNECT_MAX_S=120.0    # default\n" in shown.stdout
     assert "THINGSBOARD_PROVISION_DEVICE_SECRET=***" in shown.stdout and "very-secret" not in shown.stdout
     env_file.write_text("TB_HOST=tb.example\nTB_PORT=70000\n")
     bad = _teg("config", "--check", "--env-file", str(env_file), env={})
