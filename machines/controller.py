@@ -64,10 +64,10 @@ from typing import Any
 
 from statemachine import State
 
-from machines import controller_support as support
-from machines.base import GatewayMachine
-from machines.controller_actions import ControllerActions
-from machines.controller_support import NO_VERSION_ERROR, ControllerSettings, stay
+from teg_fsm.machines import controller_support as support
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.controller_actions import ControllerActions
+from teg_fsm.machines.controller_support import NO_VERSION_ERROR, ControllerSettings, stay
 from teg_fsm.events import Event
 
 __all__ = ["NO_VERSION_ERROR", "ControllerMachine", "ControllerSettings"]

@@ -46,10 +46,10 @@ from typing import Any
 
 from statemachine import State
 
-from machines import file_sync_plan as support
-from machines.base import GatewayMachine
-from machines.file_sync_intake import FileSyncIntake
-from machines.file_sync_plan import NEWS, FileSyncSettings, Plan, onward
+from teg_fsm.machines import file_sync_plan as support
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.file_sync_intake import FileSyncIntake
+from teg_fsm.machines.file_sync_plan import NEWS, FileSyncSettings, Plan, onward
 from teg_fsm.effects import StartTimer
 from teg_fsm.events import Event
 

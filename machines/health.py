@@ -26,7 +26,7 @@ from typing import Any
 
 from statemachine import State
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.effects import Log
 from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish
 from teg_fsm.events import Event

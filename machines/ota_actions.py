@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from machines import ota_reasons as reason
-from machines.ota_support import (
+from teg_fsm.machines import ota_reasons as reason
+from teg_fsm.machines.ota_support import (
     OtaSettings, assigned, build_effect, checkout_effect, fetch_effect, prune_effect, record_effect, sw_state_payload,
     version_error,
 )

@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.effects import Log, Notify, StartTimer
 from teg_fsm.effects.mqtt import Connect, Disconnect
 from teg_fsm.effects.provisioning import CheckToken, RequestProvisioning

@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from machines.base import GatewayMachine
-from machines.rpc_methods import METHODS_BY_NAME, list_text, parse_params
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.rpc_methods import METHODS_BY_NAME, list_text, parse_params
 from teg_fsm.effects import Notify
 from teg_fsm.effects.mqtt import RPC_RESPONSE_TOPIC, Publish
 from teg_fsm.effects.rpc import RunRpc

@@ -66,8 +66,8 @@ from typing import Any
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
-from machines.base import GatewayMachine
-from machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
 from teg_fsm.effects import CancelTimer, Log, StartTimer
 from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
 from teg_fsm.events import Event

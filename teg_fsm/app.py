@@ -70,7 +70,7 @@ class Gateway:
         self._installer: threading.Thread | None = None
 
     def machine_specs(self) -> list[MachineSpec]:
-        from machines.health import HealthMachine
+        from teg_fsm.machines.health import HealthMachine
 
         return [spec for c in self.components.values() for spec in c.machine_specs()] + [MachineSpec(HealthMachine)]
 

@@ -20,7 +20,9 @@ from typing import Any
 import attrs
 from statemachine.callbacks import CallbackGroup
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
+
+_MACHINES_PACKAGE = "teg_fsm.machines."
 from teg_fsm.effects import Effect, Notify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +231,7 @@ def _emissions(cls: type[GatewayMachine], func: Callable[..., Any], seen: set[An
 
 def _ours(helper: Callable[..., Any], caller: Callable[..., Any]) -> bool:
     """Helpers worth reading: the ``machines`` package's, and those beside the caller."""
-    return helper.__module__.split(".")[0] == "machines" or helper.__module__ == caller.__module__
+    return helper.__module__.startswith(_MACHINES_PACKAGE) or helper.__module__ == caller.__module__
 
 
 def _dynamic_methods(cls: type, callee: ast.expr) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm import diagram_model as model
 
 FONT_PT = 14  # one size for state names and labels (graphviz points)

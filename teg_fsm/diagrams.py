@@ -33,8 +33,8 @@ from pathlib import Path
 import attrs
 from statemachine.contrib.diagram import formatter
 
-import machines
-from machines.base import GatewayMachine
+import teg_fsm.machines as machines
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm import diagram_tables
 from teg_fsm.diagram_render import FONT_PT, machine_dot, overview_dot
 
@@ -83,7 +83,7 @@ def machine_classes() -> list[type[GatewayMachine]]:
     """Every concrete machine declared in the ``machines`` package, by name."""
     found: dict[str, type[GatewayMachine]] = {}
     for module_info in pkgutil.iter_modules(machines.__path__):
-        module = importlib.import_module(f"machines.{module_info.name}")
+        module = importlib.import_module(f"teg_fsm.machines.{module_info.name}")
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, GatewayMachine) and obj.__module__ == module.__name__ and obj.machine_name:
                 found[obj.machine_name] = obj

@@ -51,7 +51,7 @@ from typing import Any
 
 import attrs
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.clock import Clock
 from teg_fsm.codec import Codec
 from teg_fsm.effects import CancelEffect, CancelTimer, Effect, Notify, StartTimer
@@ -94,8 +94,15 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+# Journals and checkpoints written before the machines moved under the project's
+# namespace name them "machines.<module>:<Class>"; stored values are a contract.
+_LEGACY_MACHINES_PREFIX = "machines."
+
+
 def load_class(path: str) -> type[GatewayMachine]:
     module, _, name = path.partition(":")
+    if module.startswith(_LEGACY_MACHINES_PREFIX):
+        module = f"teg_fsm.{module}"
     return getattr(import_module(module), name)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.codec import Codec
 from teg_fsm.dispatcher import Dispatcher

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from statemachine import State  # noqa: E402
 
-from machines.base import GatewayMachine  # noqa: E402
+from teg_fsm.machines.base import GatewayMachine  # noqa: E402
 from teg_fsm.clock import RealClock  # noqa: E402
 from teg_fsm.dispatcher import Dispatcher, MachineSpec  # noqa: E402
 from teg_fsm.journal import Journal  # noqa: E402

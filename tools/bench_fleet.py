@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machines.connection import ConnectionMachine  # noqa: E402
+from teg_fsm.machines.connection import ConnectionMachine  # noqa: E402
 from teg_fsm.components.mqtt import connection_settings  # noqa: E402
 from teg_fsm.config import read_config  # noqa: E402
 from teg_fsm.clock import FakeClock  # noqa: E402

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from machines.controller import ControllerMachine
+from teg_fsm.machines.controller import ControllerMachine
 from teg_fsm.config import Config
 from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.docker_engine import (

@@ -37,7 +37,7 @@ class FileSyncComponent:
         )
 
     def machine_specs(self) -> list[MachineSpec]:
-        from machines.file_sync import FileSyncMachine
+        from teg_fsm.machines.file_sync import FileSyncMachine
 
         return [MachineSpec(FileSyncMachine, {"check_interval_s": self.gateway.config.file_check_interval_s})]
 

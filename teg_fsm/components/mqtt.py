@@ -119,8 +119,8 @@ class MqttComponent:
             self.outbox.wake()
 
     def machine_specs(self) -> list[MachineSpec]:
-        from machines.connection import ConnectionMachine
-        from machines.provisioning import ProvisioningMachine
+        from teg_fsm.machines.connection import ConnectionMachine
+        from teg_fsm.machines.provisioning import ProvisioningMachine
 
         config = self.config
         can_provision = bool(config.provision_key and config.provision_secret)

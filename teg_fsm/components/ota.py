@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import docker
 
-from machines.ota import OtaMachine, version_error
+from teg_fsm.machines.ota import OtaMachine, version_error
 from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.docker_engine import open_client
 from teg_fsm.docker_images import ControllerImages, ImageError

@@ -27,8 +27,8 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from machines.rpc import RpcMachine
-from machines.rpc_methods import METHODS_BY_NAME
+from teg_fsm.machines.rpc import RpcMachine
+from teg_fsm.machines.rpc_methods import METHODS_BY_NAME
 from teg_fsm.dispatcher import Dispatched, MachineSpec
 from teg_fsm.effects.mqtt import RPC_RESPONSE_TOPIC
 from teg_fsm.effects.rpc import RunRpc

@@ -1,6 +1,6 @@
 """The uplink component: controller queue, archive, gateway logs -> ThingsBoard.
 
-Wires ``machines.uplink.UplinkMachine`` to ``teg_fsm.uplink_io.UplinkIO``
+Wires ``teg_fsm.machines.uplink.UplinkMachine`` to ``teg_fsm.uplink_io.UplinkIO``
 (one I/O thread over ``QueueStore`` and ``LogBuffer``), registers the
 handlers of the uplink effects and of the engine's ``Log`` effect, and puts
 ``BufferingLogHandler`` on the root logger so gateway logs reach ThingsBoard.
@@ -52,7 +52,7 @@ class UplinkComponent:
         )
 
     def machine_specs(self) -> list[MachineSpec]:
-        from machines.uplink import UplinkMachine
+        from teg_fsm.machines.uplink import UplinkMachine
 
         c = self.config
         return [MachineSpec(UplinkMachine, {

@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.effects import Effect, StartTimer
 from teg_fsm.events import Event
 

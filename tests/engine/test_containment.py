@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from statemachine import State
 
-from machines.base import GatewayMachine
-from machines.file_sync import FileSyncMachine
-from machines.health import HealthMachine
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.file_sync import FileSyncMachine
+from teg_fsm.machines.health import HealthMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.dispatcher import CONDITION_CLEARED, CONDITION_RAISED, Dispatcher, MachineSpec
 from teg_fsm.effects import Log

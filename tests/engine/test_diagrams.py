@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from statemachine import State
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm import diagram_model, diagram_render, diagrams
 from teg_fsm.effects import Log, Notify, StartTimer
 from teg_fsm.events import Event
@@ -197,7 +197,7 @@ def test_every_real_picture_fits_the_page_and_reports_its_size() -> None:
 
 
 def test_internal_self_transitions_stay_out_of_the_picture() -> None:
-    from machines.uplink import UplinkMachine
+    from teg_fsm.machines.uplink import UplinkMachine
 
     dot = diagram_render.machine_dot(UplinkMachine, "TB")
     assert "rows_waiting" not in dot and "data_packet" not in dot
@@ -205,7 +205,7 @@ def test_internal_self_transitions_stay_out_of_the_picture() -> None:
 
 
 def test_parallel_edges_merge_into_one_labelled_edge() -> None:
-    from machines.ota import OtaMachine
+    from teg_fsm.machines.ota import OtaMachine
 
     dot = diagram_render.machine_dot(OtaMachine, "TB")
     edges = re.findall(r'^\s*("[^"]+") -> ("[^"]+")', dot, re.MULTILINE)
@@ -214,7 +214,7 @@ def test_parallel_edges_merge_into_one_labelled_edge() -> None:
 
 
 def test_state_names_and_labels_share_one_font_size() -> None:
-    from machines.controller import ControllerMachine
+    from teg_fsm.machines.controller import ControllerMachine
 
     dot = diagram_render.machine_dot(ControllerMachine, "TB")
     assert set(re.findall(r"fontsize=(\d+)", dot)) == {str(diagram_render.FONT_PT)}
@@ -315,7 +315,7 @@ def test_actions_list_the_effects_they_emit_through_helpers() -> None:
 
 
 def test_guard_that_is_a_flag_attribute_names_who_sets_it() -> None:
-    from machines.ota import OtaMachine
+    from teg_fsm.machines.ota import OtaMachine
 
     flag = diagram_model.describe(OtaMachine, "transient")
     assert "`fail_transient`" in flag.meaning and flag.location.startswith("machines/ota")

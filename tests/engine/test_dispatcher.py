@@ -6,7 +6,7 @@ from pathlib import Path
 
 from statemachine import State
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.effects import Notify
 from teg_fsm.events import Event, Outcome

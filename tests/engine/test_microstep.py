@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.diagrams import machine_classes
 from teg_fsm.events import Event
 from tests.engine.examples import CounterMachine, FetcherMachine

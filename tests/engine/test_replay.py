@@ -12,7 +12,7 @@ from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.events import Outcome
 from teg_fsm.journal import read_journal
 from teg_fsm.replay import replay_journal
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from tests.engine.examples import FetcherMachine, FetcherSettings
 from tests.engine.harness import make_engine
 

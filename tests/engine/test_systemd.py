@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from statemachine import State
 
-from machines.base import GatewayMachine
+from teg_fsm.machines.base import GatewayMachine
 from teg_fsm.app import Gateway
 from teg_fsm.config import load_config
 from teg_fsm.dispatcher import MachineSpec

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from machines.file_sync import FileSyncMachine
-from machines.ota import OtaMachine
-from machines.rpc import RpcMachine
+from teg_fsm.machines.file_sync import FileSyncMachine
+from teg_fsm.machines.ota import OtaMachine
+from teg_fsm.machines.rpc import RpcMachine
 from teg_fsm import codec
 from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.mqtt_inbound import Inbound

@@ -31,7 +31,7 @@ import docker.errors
 import pytest
 from docker.models.containers import Container
 
-from machines.controller_support import NO_VERSION_LOG
+from teg_fsm.machines.controller_support import NO_VERSION_LOG
 from tests.rig.waiting import wait_for
 from tools.tb_standin import StandIn
 
@@ -158,8 +158,9 @@ def test_the_wheel_in_the_package_holds_every_package_of_the_checkout(deb_packag
     (wheel,) = (tmp_path / "opt" / "teg-fsm" / "wheels").glob("teg_fsm-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         packaged = {str(Path(name).parent) for name in archive.namelist() if name.endswith("/__init__.py")}
-    in_checkout = {str(p.parent.relative_to(REPO)) for root in ("teg_fsm", "machines")
-                   for p in (REPO / root).rglob("__init__.py")}
+    # machines/ installs as teg_fsm/machines (pyproject's package-dir): no top-level "machines" package.
+    in_checkout = {str(p.parent.relative_to(REPO)) for p in (REPO / "teg_fsm").rglob("__init__.py")}
+    in_checkout |= {"teg_fsm/" + str(p.parent.relative_to(REPO)) for p in (REPO / "machines").rglob("__init__.py")}
     assert packaged == in_checkout
     assert any(name.endswith("/licenses/LICENSE") for name in zipfile.ZipFile(wheel).namelist())
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from machines.connection import ConnectionMachine
-from machines.provisioning import ProvisioningMachine
+from teg_fsm.machines.connection import ConnectionMachine
+from teg_fsm.machines.provisioning import ProvisioningMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.effects import Effect

@@ -23,8 +23,8 @@ from typing import Any
 
 import attrs
 
-from machines.controller import ControllerMachine
-from machines.ota import OtaMachine
+from teg_fsm.machines.controller import ControllerMachine
+from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.effects import Effect, Log

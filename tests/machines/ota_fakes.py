@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import attrs
 from statemachine import State
 
-from machines.base import GatewayMachine
-from machines.ota import OtaMachine
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.effects import Effect, Log, Notify, StartTimer

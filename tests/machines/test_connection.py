@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from machines.connection import SHARED_KEYS, TOPICS
+from teg_fsm.machines.connection import SHARED_KEYS, TOPICS
 from teg_fsm.effects import Log, StartTimer
 from teg_fsm.effects.mqtt import ClientRpc, Connect, Publish, RequestAttributes, Subscribe
 from teg_fsm.effects.provisioning import CheckToken, MoveTokenAside

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from machines.controller import NO_VERSION_ERROR, ControllerMachine
+from teg_fsm.machines.controller import NO_VERSION_ERROR, ControllerMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.effects import Effect, Log, Notify

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from statemachine import State
 
-from machines.base import GatewayMachine
-from machines.file_sync import FileSyncMachine
+from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.machines.file_sync import FileSyncMachine
 from teg_fsm.clock import FakeClock
 from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.effects import Effect, Log

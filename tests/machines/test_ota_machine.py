@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from machines.ota import OtaMachine, version_error
+from teg_fsm.machines.ota import OtaMachine, version_error
 from teg_fsm.clock import FakeClock
 from teg_fsm.events import Outcome
 from tests.machines.ota_fakes import FakeGateway, FakeWorld

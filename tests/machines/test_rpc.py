@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from machines.rpc import RpcMachine
+from teg_fsm.machines.rpc import RpcMachine
 from teg_fsm.dispatcher import MachineSpec
 from teg_fsm.effects import Notify
 from teg_fsm.effects.mqtt import Publish

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from machines.uplink import UplinkMachine
+from teg_fsm.machines.uplink import UplinkMachine
 from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
 import json
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
-from machines.ota import OtaMachine
+from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.effects import StartTimer
 from teg_fsm.events import STARTED
 from teg_fsm.journal import JournalEntry, read_entries

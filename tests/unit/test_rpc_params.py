@@ -14,8 +14,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from machines.rpc import RpcMachine
-from machines.rpc_methods import (
+from teg_fsm.machines.rpc import RpcMachine
+from teg_fsm.machines.rpc_methods import (
     MAX_RUN_COMMAND_TIMEOUT_S,
     METHODS_BY_NAME,
     RPC_METHODS,
