@@ -90,7 +90,9 @@ class ControllerActions:
         self._log("warning", f"controller {self.wanted} unhealthy: {self.exit_reason}; restarting in {delay:.0f} s")
 
     def on_enter_awaiting_version(self) -> None:
-        self._log("error", support.NO_VERSION_LOG)
+        # A warning, not an error: a fresh install given no version waits here by design,
+        # but nothing runs until an operator assigns one.
+        self._log("warning", support.NO_VERSION_LOG)
         self.emit(support.ask_sw_info(self.settings), support.no_version_report())
         self.emit(StartTimer(name="version_request_due", seconds=self.settings.version_request_retry_s))
 

@@ -201,7 +201,7 @@ def test_unit_provisions_logs_for_journald_and_stops_cleanly(installed: Machine,
         # engine would show as inspecting -> engine_unreachable).
         assert "teg.transitions: controller: inspecting -> awaiting_version (on inspect_succeeded)" in installed.journal()
         # A first start of a device given no controller version says so once; nothing else warns.
-        # (The controller machine logs it at error level; replayed journals pin that level.)
+        # (At warning level: the device waits for an OTA assignment by design.)
         assert installed.journal("-p", "warning") == [NO_VERSION_LINE]
         secret_lines = [line for line in installed.journal() if SECRET in line]
         assert secret_lines == []
