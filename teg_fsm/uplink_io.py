@@ -63,6 +63,7 @@ class UplinkIO:
         self._stopping = threading.Event()
         self._watch: FileWatch | None = None
         self._last_trim_report = 0.0
+        self._storage_errors = StorageErrorLog()
         handler.wake = lambda: self.submit(self._flush_logs)
 
     def open(self) -> None:
@@ -109,7 +110,7 @@ class UplinkIO:
         try:
             job()
         except sqlite3.DatabaseError as exc:
-            log.error("uplink storage error: %s", exc)
+            self._storage_errors.failed(exc)
             if is_corruption(exc):
                 self._recover()
             elif _schema_changed(exc) and self.store is not None:
@@ -118,6 +119,8 @@ class UplinkIO:
                 self._post("rows_waiting", {})
         except Exception:
             log.exception("uplink job failed")
+        else:
+            self._storage_errors.succeeded()
 
     def _recover(self) -> None:
         """A file went bad under us: quarantine the one that fails a check, reopen."""
@@ -200,3 +203,35 @@ class UplinkIO:
 def _schema_changed(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "no such table" in text or "no such column" in text or "has no column" in text
+
+
+class StorageErrorLog:
+    """Logs a storage error once per kind and minute, and the recovery with a count.
+
+    Why: every log line is itself buffered in the logs database, so on a full disk
+    each "storage error" line failed to be stored and logged again (16,141 lines in
+    4 s in the fault test): the log must not feed on its own failure.
+    """
+
+    REPEAT_S = 60.0
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._last: tuple[str, float] | None = None  # (message, when logged)
+        self.failures = 0
+        self.unlogged = 0
+
+    def failed(self, exc: sqlite3.DatabaseError) -> None:
+        self.failures += 1
+        message, now = str(exc), self._monotonic()
+        if self._last is not None and self._last[0] == message and now - self._last[1] < self.REPEAT_S:
+            self.unlogged += 1
+            return
+        repeats = f" ({self.unlogged} more like it not logged)" if self.unlogged else ""
+        log.error("uplink storage error: %s%s", message, repeats)
+        self._last, self.unlogged = (message, now), 0
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning("uplink storage works again after %d failed jobs", self.failures)
+        self._last, self.failures, self.unlogged = None, 0, 0
