@@ -28,12 +28,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
 import git
 import pytest
 
@@ -223,22 +220,8 @@ HEALTH_KEYS = ("ms_since_controller_startup", "ms_since_last_controller_health_c
 
 
 @pytest.fixture
-def release(docker_client: docker.DockerClient, base_image: str) -> Iterator[str]:
-    version = f"v1.0.0-outage-{uuid.uuid4().hex[:6]}"
-    _remove_controller(docker_client)
-    yield version
-    _remove_controller(docker_client)
-    try:
-        docker_client.images.remove(f"teg-controller-{version}:latest", force=True)
-    except docker.errors.APIError:
-        pass
-
-
-def _remove_controller(client: docker.DockerClient) -> None:
-    try:
-        client.containers.get("teg_controller").remove(force=True)
-    except docker.errors.NotFound:
-        pass
+def release(controller_release: str) -> str:
+    return controller_release
 
 
 def _health_reports_stored_offline(data: Path) -> int:

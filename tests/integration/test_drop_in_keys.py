@@ -14,12 +14,9 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
 import pytest
 
 from teg_fsm.journal import read_journal
@@ -110,22 +107,8 @@ def _check_logs(tb: StandIn, device: str) -> None:
 
 
 @pytest.fixture
-def release(docker_client: docker.DockerClient, base_image: str) -> Iterator[str]:
-    version = f"v1.0.0-dropin-{uuid.uuid4().hex[:6]}"
-    _remove_controller(docker_client)
-    yield version
-    _remove_controller(docker_client)
-    try:
-        docker_client.images.remove(f"teg-controller-{version}:latest", force=True)
-    except docker.errors.APIError:
-        pass
-
-
-def _remove_controller(client: docker.DockerClient) -> None:
-    try:
-        client.containers.get("teg_controller").remove(force=True)
-    except docker.errors.NotFound:
-        pass
+def release(controller_release: str) -> str:
+    return controller_release
 
 
 def test_controller_keys_and_answers_with_a_running_controller(

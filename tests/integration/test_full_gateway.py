@@ -24,19 +24,13 @@ import docker.errors
 import pytest
 
 from teg_fsm.replay import replay_journal
+from tests.rig.docker_engine import remove_controller, remove_controller_images
 from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-def _remove_controller(client: docker.DockerClient) -> None:
-    try:
-        client.containers.get("teg_controller").remove(force=True)
-    except docker.errors.NotFound:
-        pass
 
 
 @pytest.fixture
@@ -50,14 +44,10 @@ def releases() -> dict[str, str]:
 def controller_engine(
     docker_client: docker.DockerClient, base_image: str, releases: dict[str, str]
 ) -> Iterator[docker.DockerClient]:
-    _remove_controller(docker_client)
+    remove_controller(docker_client)
     yield docker_client
-    _remove_controller(docker_client)
-    for version in releases.values():
-        try:
-            docker_client.images.remove(f"teg-controller-{version}:latest", force=True)
-        except docker.errors.APIError:
-            pass
+    remove_controller(docker_client)
+    remove_controller_images(docker_client, list(releases.values()))
 
 
 def test_provision_update_telemetry_rpc_file_and_rollback_end_to_end(

@@ -168,3 +168,32 @@ def _no_leaked_test_containers(request: pytest.FixtureRequest) -> Iterator[None]
             except docker.errors.APIError:
                 pass
         pytest.fail(f"test left containers running: {sorted(leaked.values())}", pytrace=False)
+
+
+CONTROLLER = "teg_controller"
+
+
+def remove_controller(client: docker.DockerClient) -> None:
+    """Remove the gateway's controller container if there is one (a test owns the engine's while it runs)."""
+    try:
+        client.containers.get(CONTROLLER).remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+def remove_controller_images(client: docker.DockerClient, versions: list[str]) -> None:
+    for version in versions:
+        try:
+            client.images.remove(f"teg-controller-{version}:latest", force=True)
+        except docker.errors.APIError:
+            pass
+
+
+@pytest.fixture
+def controller_release(docker_client: docker.DockerClient, base_image: str) -> Iterator[str]:
+    """A controller version unique to this test; no controller before, its container and image gone after."""
+    version = f"v1.0.0-{uuid.uuid4().hex[:6]}"
+    remove_controller(docker_client)
+    yield version
+    remove_controller(docker_client)
+    remove_controller_images(docker_client, [version])
