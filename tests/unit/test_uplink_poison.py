@@ -21,7 +21,6 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.configuration import set_hypothesis_home_dir
 
 from teg_fsm.packets import MAX_NESTING, parse_values
 from teg_fsm.queue_store import PENDING, QueueStore
@@ -30,11 +29,6 @@ from tools.tb_standin.model import parse_telemetry
 
 MAX_PAYLOAD = 65504
 LONG_MAX = 2**63 - 1
-
-
-# Hypothesis keeps caches under ./.hypothesis (some written while this module is
-# collected); they go to a shared temporary directory, out of the working tree.
-set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "teg-hypothesis")
 
 
 @attrs.frozen
