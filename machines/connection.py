@@ -36,9 +36,9 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm.effects import Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import (
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.engine.effects import Log, Notify, StartTimer
+from teg_fsm.engine.effects.mqtt import (
     ATTRIBUTES_RESPONSE_FILTER,
     ATTRIBUTES_TOPIC,
     CLIENT_RPC_RESPONSE_FILTER,
@@ -49,8 +49,8 @@ from teg_fsm.effects.mqtt import (
     RequestAttributes,
     Subscribe,
 )
-from teg_fsm.effects.provisioning import MoveTokenAside
-from teg_fsm.events import Event
+from teg_fsm.engine.effects.provisioning import MoveTokenAside
+from teg_fsm.engine.events import Event
 
 TOPICS = (RPC_REQUEST_FILTER, ATTRIBUTES_TOPIC, ATTRIBUTES_RESPONSE_FILTER, CLIENT_RPC_RESPONSE_FILTER)
 SHARED_KEYS = (

@@ -65,10 +65,10 @@ from typing import Any
 from statemachine import State
 
 from teg_fsm.machines import controller_support as support
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.controller_actions import ControllerActions
 from teg_fsm.machines.controller_support import NO_VERSION_ERROR, ControllerSettings, stay
-from teg_fsm.events import Event
+from teg_fsm.engine.events import Event
 
 __all__ = ["NO_VERSION_ERROR", "ControllerMachine", "ControllerSettings"]
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from teg_fsm.machines import controller_support as support
-from teg_fsm.effects import CancelTimer, StartTimer
-from teg_fsm.effects.controller import InspectController, ReadControllerHealth
-from teg_fsm.events import Event
+from teg_fsm.engine.effects import CancelTimer, StartTimer
+from teg_fsm.engine.effects.controller import InspectController, ReadControllerHealth
+from teg_fsm.engine.events import Event
 
 if TYPE_CHECKING:
     from teg_fsm.machines.controller_support import ControllerSettings
-    from teg_fsm.effects import Effect
+    from teg_fsm.engine.effects import Effect
 
 
 class ControllerActions:

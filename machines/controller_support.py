@@ -13,10 +13,10 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.effects import Log, Notify
-from teg_fsm.effects.controller import ENGINE_UNREACHABLE, StartController, StopController
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish, RequestAttributes
-from teg_fsm.events import Event
+from teg_fsm.engine.effects import Log, Notify
+from teg_fsm.engine.effects.controller import ENGINE_UNREACHABLE, StartController, StopController
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Publish, RequestAttributes
+from teg_fsm.engine.events import Event
 
 NO_VERSION_ERROR = "No previous version known to launch from, requested version info from ThingsBoard"
 NO_VERSION_LOG = (

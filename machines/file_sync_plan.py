@@ -14,8 +14,8 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.effects.files import MirrorFiles, ScanFiles, WriteFile, content_bytes
-from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC, Publish, RequestAttributes
+from teg_fsm.engine.effects.files import MirrorFiles, ScanFiles, WriteFile, content_bytes
+from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, Publish, RequestAttributes
 
 CONTENT_PREFIX = "FILE_CONTENT_"
 LOG_CAP = 500

@@ -51,12 +51,12 @@ from typing import Any, ClassVar
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.ota_actions import OtaActions
 
 # OtaSettings and version_error are re-exported: the OTA component and tests import them from here.
 from teg_fsm.machines.ota_support import OtaSettings, assigned, next_target, version_error
-from teg_fsm.events import Event
+from teg_fsm.engine.events import Event
 
 __all__ = ["OtaMachine", "OtaSettings", "version_error"]
 

@@ -18,10 +18,10 @@ from teg_fsm.machines.ota_support import (
     OtaSettings, assigned, build_effect, checkout_effect, fetch_effect, prune_effect, record_effect, sw_state_payload,
     version_error,
 )
-from teg_fsm.effects import CancelTimer, Effect, Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Publish
-from teg_fsm.effects.ota import WriteControllerVersion
-from teg_fsm.events import Event
+from teg_fsm.engine.effects import CancelTimer, Effect, Log, Notify, StartTimer
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Publish
+from teg_fsm.engine.effects.ota import WriteControllerVersion
+from teg_fsm.engine.events import Event
 
 
 class OtaActions:

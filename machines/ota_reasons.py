@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from teg_fsm.events import Event
+from teg_fsm.engine.events import Event
 
 OPERATOR_ROLLBACK = "operator asked for a rollback"
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects.controller import image_name
-from teg_fsm.effects.ota import (
+from teg_fsm.engine.effects.controller import image_name
+from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
     FetchControllerRepo,
     PruneControllerImages,
     WriteControllerVersion,
 )
-from teg_fsm.events import Event
+from teg_fsm.engine.events import Event
 
 # Docker repository path component (lowercase, separators . _ __ -), so the
 # image name is valid; it also rules out spaces, shell characters and "..".

@@ -30,11 +30,11 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm.effects import Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import Connect, Disconnect
-from teg_fsm.effects.provisioning import CheckToken, RequestProvisioning
-from teg_fsm.events import Event
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.engine.effects import Log, Notify, StartTimer
+from teg_fsm.engine.effects.mqtt import Connect, Disconnect
+from teg_fsm.engine.effects.provisioning import CheckToken, RequestProvisioning
+from teg_fsm.engine.events import Event
 
 
 @attrs.define

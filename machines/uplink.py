@@ -16,7 +16,7 @@ machines/uplink_plan.py) and carried out by the queue adapter:
 
 Cost per packet: 1 telemetry message (also charged to ``messages`` to be safe
 on servers that count it there) + one data point per key. The buckets of
-``teg_fsm.rate_limits`` are spent when a packet leaves; a packet reserves
+``teg_fsm.engine.rate_limits`` are spent when a packet leaves; a packet reserves
 points and gets the unused ones back with its PUBACK.
 
 States: ``offline`` (no session; sending paused), ``idle`` (online, nothing to
@@ -66,11 +66,11 @@ from typing import Any
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
-from teg_fsm.effects import CancelTimer, Log, StartTimer
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
-from teg_fsm.events import Event
+from teg_fsm.engine.effects import CancelTimer, Log, StartTimer
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
+from teg_fsm.engine.events import Event
 
 def _loops(*states: State) -> TransitionList:
     """Internal self-transitions in every given state (bookkeeping events)."""

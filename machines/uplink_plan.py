@@ -17,10 +17,10 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects import Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC
-from teg_fsm.effects.uplink import DATA, LOGS, SendPacket, TransferRows
-from teg_fsm.rate_limits import TokenBuckets
+from teg_fsm.engine.effects import Log, Notify, StartTimer
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
+from teg_fsm.engine.effects.uplink import DATA, LOGS, SendPacket, TransferRows
+from teg_fsm.engine.rate_limits import TokenBuckets
 
 # MQTT remaining length = 2 + topic + 2 (packet id) [+ MQTT 5 property length]; the
 # limit counts all of it (PROTOCOL.md §1.2). A few bytes of slack on top.

@@ -14,17 +14,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from teg_fsm.clock import Clock, RealClock
-from teg_fsm.codec import Codec
+from teg_fsm.engine.clock import Clock, RealClock
+from teg_fsm.engine.codec import Codec
 from teg_fsm.components import Component, default_components
 from teg_fsm.config import Config
-from teg_fsm.dispatcher import Dispatcher, MachineSpec
-from teg_fsm.events import Source
-from teg_fsm.journal import Journal
-from teg_fsm.runner import EffectRunner
-from teg_fsm.sqlite_files import QUARANTINE_MARK
-from teg_fsm.systemd import Notifier, StatusFile, status_line
-from teg_fsm.timers import Timers
+from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
+from teg_fsm.engine.events import Source
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.runner import EffectRunner
+from teg_fsm.engine.sqlite_files import QUARANTINE_MARK
+from teg_fsm.adapters.systemd import Notifier, StatusFile, status_line
+from teg_fsm.engine.timers import Timers
 
 log = logging.getLogger(__name__)
 

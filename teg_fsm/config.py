@@ -24,7 +24,7 @@ from pathlib import Path
 
 import attrs
 
-from teg_fsm.rate_limits import LimitSpecError, parse_limit
+from teg_fsm.engine.rate_limits import LimitSpecError, parse_limit
 
 # sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus= names it.
 EX_CONFIG = 78

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from statemachine import State  # noqa: E402
 
-from teg_fsm.machines.base import GatewayMachine  # noqa: E402
-from teg_fsm.clock import RealClock  # noqa: E402
-from teg_fsm.dispatcher import Dispatcher, MachineSpec  # noqa: E402
-from teg_fsm.journal import Journal  # noqa: E402
-from teg_fsm.timers import Timers  # noqa: E402
+from teg_fsm.engine.machine import GatewayMachine  # noqa: E402
+from teg_fsm.engine.clock import RealClock  # noqa: E402
+from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec  # noqa: E402
+from teg_fsm.engine.journal import Journal  # noqa: E402
+from teg_fsm.engine.timers import Timers  # noqa: E402
 
 
 class RowsWaitingMachine(GatewayMachine):
@@ -61,7 +61,7 @@ def run(events: int) -> tuple[float, float]:
         journal.close()
         machine = dispatcher.machines["bench"]
         assert machine.seen == events, (machine.seen, events)
-        rows = len(list(__import__("teg_fsm.journal", fromlist=["x"]).read_journal(Path(tmp) / "teg_journal.db")))
+        rows = len(list(__import__("teg_fsm.engine.journal", fromlist=["x"]).read_journal(Path(tmp) / "teg_journal.db")))
         assert rows == events + 1, rows
     return events / elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from teg_fsm.machines.connection import ConnectionMachine  # noqa: E402
 from teg_fsm.components.mqtt import connection_settings  # noqa: E402
 from teg_fsm.config import read_config  # noqa: E402
-from teg_fsm.clock import FakeClock  # noqa: E402
-from teg_fsm.effects import CancelTimer, StartTimer  # noqa: E402
-from teg_fsm.effects.mqtt import Connect  # noqa: E402
-from teg_fsm.events import Event, Source, outcome_event_name  # noqa: E402
-from teg_fsm.events import Outcome  # noqa: E402
-from teg_fsm.timers import Timers  # noqa: E402
+from teg_fsm.engine.clock import FakeClock  # noqa: E402
+from teg_fsm.engine.effects import CancelTimer, StartTimer  # noqa: E402
+from teg_fsm.engine.effects.mqtt import Connect  # noqa: E402
+from teg_fsm.engine.events import Event, Source, outcome_event_name  # noqa: E402
+from teg_fsm.engine.events import Outcome  # noqa: E402
+from teg_fsm.engine.timers import Timers  # noqa: E402
 
 
 class Fleet:

@@ -21,7 +21,7 @@ from pathlib import Path
 from teg_fsm.app import Gateway
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
-from teg_fsm.effects.mqtt import TELEMETRY_TOPIC
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
 from tools.tb_standin import StandIn
 
 DEVICE = "bench-outbox"

@@ -235,7 +235,7 @@ def gateway_child() -> int:
     """
     import tracemalloc
 
-    from teg_fsm.cli import main
+    from teg_fsm.cli.main import main
 
     if os.environ.get(TRACEMALLOC_ENV):
         tracemalloc.start(8)

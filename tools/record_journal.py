@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from teg_fsm.events import STARTED
-from teg_fsm.journal import JournalEntry, entry_to_jsonl, read_journal
+from teg_fsm.engine.events import STARTED
+from teg_fsm.engine.journal import JournalEntry, entry_to_jsonl, read_journal
 
 ENV = "TEG_RECORD_JOURNALS"
 CORPUS = REPO / "tests" / "replay" / "corpus"

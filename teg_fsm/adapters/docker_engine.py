@@ -34,7 +34,7 @@ import docker.errors
 import requests
 from docker.types import LogConfig
 
-from teg_fsm.effects.controller import (
+from teg_fsm.engine.effects.controller import (
     CONTAINER_NAME,
     ENGINE_UNREACHABLE,
     image_name,

@@ -56,7 +56,7 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects.files import (
+from teg_fsm.engine.effects.files import (
     NO_FILE,
     TOO_LARGE,
     ContentError,
@@ -65,8 +65,8 @@ from teg_fsm.effects.files import (
     WriteFile,
     content_bytes,
 )
-from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC
-from teg_fsm.runner import Completion
+from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC
+from teg_fsm.engine.runner import Completion
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ offline arrive later.
 ThingsBoard keeps one value per key and ts, so two records of one millisecond
 would keep one row: each record's ts is made strictly increasing when it is
 stored, through the ``last_ts`` table the gateway's outbox keeps for every key
-it sends (``teg_fsm.outbox``), so it holds across restarts.
+it sends (``teg_fsm.adapters.outbox``), so it holds across restarts.
 
 ``BufferingLogHandler`` never does I/O on the logging thread: it keeps
 redacted records in a bounded deque that the uplink I/O thread flushes into
@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from teg_fsm.logs import RedactSecrets
-from teg_fsm.outbox import load_last_ts, save_last_ts, stamp
-from teg_fsm.outbox import schema as outbox_schema
-from teg_fsm.packets import Packet, build_packet
-from teg_fsm.sqlite_files import open_checked
+from teg_fsm.adapters.logs import RedactSecrets
+from teg_fsm.adapters.outbox import load_last_ts, save_last_ts, stamp
+from teg_fsm.adapters.outbox import schema as outbox_schema
+from teg_fsm.adapters.packets import Packet, build_packet
+from teg_fsm.engine.sqlite_files import open_checked
 
 PREFIX = "GATEWAY - "
 MAX_MEMORY_RECORDS = 10_000

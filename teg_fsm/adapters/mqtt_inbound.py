@@ -5,7 +5,7 @@ made (attribute requests, client RPCs, provisioning) are matched by request id
 to the pending ``Completion``; an answer nobody waits for any more (it came
 after the timeout) is posted as an event instead, so nothing is lost silently.
 Malformed JSON is logged and dropped; well-formed JSON of the wrong shape is
-checked by ``teg_fsm.codec`` (a malformed field is logged by name and left
+checked by ``teg_fsm.engine.codec`` (a malformed field is logged by name and left
 out, the rest goes through), so machines never see a wrong-typed field. The provisioning answer's
 ``credentialsValue`` is written to the token file here and removed before
 anything is posted: secrets never reach the journal or the logs.
@@ -21,8 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from teg_fsm import codec, tokens
-from teg_fsm.effects.mqtt import PROVISION_RESPONSE_TOPIC
+from teg_fsm.engine import codec
+
+from teg_fsm.adapters import tokens
+from teg_fsm.engine.effects.mqtt import PROVISION_RESPONSE_TOPIC
 
 log = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from teg_fsm import tokens
-from teg_fsm.mqtt_inbound import Inbound
+from teg_fsm.adapters import tokens
+from teg_fsm.adapters.mqtt_inbound import Inbound
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
-from teg_fsm.rate_limits import LimitSpecError, TokenBuckets
-from teg_fsm.sqlite_files import is_corruption, open_checked, quarantine
+from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
+from teg_fsm.engine.rate_limits import LimitSpecError, TokenBuckets
+from teg_fsm.engine.sqlite_files import is_corruption, open_checked, quarantine
 
 log = logging.getLogger(__name__)
 

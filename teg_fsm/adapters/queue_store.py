@@ -5,7 +5,7 @@ gateway (DESIGN.md): ``communication_queue.db`` holds ``messages`` (written by
 the controller), ``health_check``, ``pending_mqtt_messages`` and our
 ``dead_letters``; ``gateway_archive.db`` holds ``controller_archive``. Missing
 tables are created, existing rows are never touched by schema work, and an
-unreadable file is quarantined (``teg_fsm.sqlite_files``), never deleted.
+unreadable file is quarantined (``teg_fsm.engine.sqlite_files``), never deleted.
 
 Only the uplink I/O thread uses a ``QueueStore``. The archive is ATTACHed to
 the queue connection so one transaction covers a batch: archive copy, pending
@@ -38,9 +38,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from teg_fsm import sqlite_files
-from teg_fsm.packets import Packet, archived_values, build_packet, parse_record, parse_values
-from teg_fsm.sqlite_files import is_corruption, open_checked
+from teg_fsm.engine import sqlite_files
+from teg_fsm.adapters.packets import Packet, archived_values, build_packet, parse_record, parse_values
+from teg_fsm.engine.sqlite_files import is_corruption, open_checked
 
 log = logging.getLogger(__name__)
 

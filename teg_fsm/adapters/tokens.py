@@ -12,7 +12,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from teg_fsm.sqlite_files import quarantine
+from teg_fsm.engine.sqlite_files import quarantine
 
 _MODE = 0o600
 

@@ -35,7 +35,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     status = sub.add_parser("status", help="every machine's state (from the checkpoints)")
     status.add_argument("--data", type=Path, default=None)
     status.add_argument("--mermaid", action="store_true", help="print each diagram with the active state")
-    # The command itself lives in teg_fsm.cli (it reports the daemon as well as the machines).
+    # The command itself lives in teg_fsm.cli.main (it reports the daemon as well as the machines).
 
 
 def _data_dir(arg: Path | None) -> Path:
@@ -43,7 +43,7 @@ def _data_dir(arg: Path | None) -> Path:
 
 
 def _diagrams(args: argparse.Namespace) -> int:
-    from teg_fsm import diagrams
+    from teg_fsm.cli import diagrams
 
     if args.check:
         problems, sizes = diagrams.check_report(args.out)
@@ -51,7 +51,7 @@ def _diagrams(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         if problems:
             print(f"diagrams are out of date or over the page budget: run `{diagrams.COMMAND}` to regenerate "
-                  "(see teg_fsm/diagrams.py for the budget)", file=sys.stderr)
+                  "(see teg_fsm/cli/diagrams.py for the budget)", file=sys.stderr)
             return 1
         print(f"diagrams up to date ({len(diagrams.machine_classes())} machines)")
         print("\n".join(sizes))
@@ -64,7 +64,7 @@ def _diagrams(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from teg_fsm.replay import replay_journal
+    from teg_fsm.engine.replay import replay_journal
 
     if not args.journal.exists():
         print(f"teg replay: no such journal: {args.journal}", file=sys.stderr)
@@ -99,7 +99,7 @@ def format_time(ts_ms: int) -> str:
 def _journal(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from teg_fsm.journal import entry_to_jsonl, read_entries
+    from teg_fsm.engine.journal import entry_to_jsonl, read_entries
 
     path = args.file or _data_dir(args.data) / "teg_journal.db"
     if not path.exists():
@@ -131,7 +131,7 @@ def _journal_line(entry) -> str:  # type: ignore[no-untyped-def]
 def _print_mermaid(states: dict[str, str]) -> None:
     from statemachine.contrib.diagram import MermaidGraphMachine
 
-    from teg_fsm.diagrams import machine_classes
+    from teg_fsm.cli.diagrams import machine_classes
 
     for cls in machine_classes():
         state = states.get(cls.machine_name)

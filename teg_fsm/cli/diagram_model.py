@@ -20,12 +20,12 @@ from typing import Any
 import attrs
 from statemachine.callbacks import CallbackGroup
 
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 
 _MACHINES_PACKAGE = "teg_fsm.machines."
-from teg_fsm.effects import Effect, Notify
+from teg_fsm.engine.effects import Effect, Notify
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _ACTION_GROUPS = (CallbackGroup.VALIDATOR, CallbackGroup.BEFORE, CallbackGroup.ON, CallbackGroup.AFTER)
 _NOT_GUARD_NAMES = frozenset({"and", "or", "not", "True", "False"})
 

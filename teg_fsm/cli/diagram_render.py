@@ -1,10 +1,10 @@
-"""Graphviz DOT for the machines' pictures and the overview (see ``teg_fsm.diagrams``).
+"""Graphviz DOT for the machines' pictures and the overview (see ``teg_fsm.cli.diagrams``).
 
 A picture shows the policy: states, and one edge per pair of states whose
 label lists the events (one per line, guards in brackets under them).
 Internal self-transitions (bookkeeping) are left out; re-entering
 self-transitions are listed in the state's box (\u21bb); big or shared
-decisions become numbered choice points. The tables (``teg_fsm.diagram_tables``)
+decisions become numbered choice points. The tables (``teg_fsm.cli.diagram_tables``)
 list every row and are the authority on evaluation order.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm import diagram_model as model
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.cli import diagram_model as model
 
 FONT_PT = 14  # one size for state names and labels (graphviz points)
 FONT = "Helvetica"

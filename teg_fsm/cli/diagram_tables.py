@@ -1,4 +1,4 @@
-"""The Markdown transition tables of ``diagrams/<machine>.md`` (see ``teg_fsm.diagrams``).
+"""The Markdown transition tables of ``diagrams/<machine>.md`` (see ``teg_fsm.cli.diagrams``).
 
 Each table answers an auditor's question from the code: which transition is
 taken (every row, internal ones too, in evaluation order), what a guard means
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm import diagram_model as model
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.cli import diagram_model as model
 
 EVALUATION_NOTE = (
     "Rows are in evaluation order. When an event arrives, the rows of the current state for that "

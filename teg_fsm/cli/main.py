@@ -23,8 +23,8 @@ EX_USAGE = 2
 def _run(args: argparse.Namespace) -> int:
     from teg_fsm.app import Gateway
     from teg_fsm.config import EX_CONFIG, read_config
-    from teg_fsm.logs import TransitionLog, configure_logging, print_error
-    from teg_fsm.status import AlreadyRunning, RunMarker, now_ms
+    from teg_fsm.adapters.logs import TransitionLog, configure_logging, print_error
+    from teg_fsm.cli.status import AlreadyRunning, RunMarker, now_ms
 
     config, problems = read_config()
     for problem in problems:
@@ -95,7 +95,7 @@ def _config(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from teg_fsm import audit, status
+    from teg_fsm.cli import audit, status
     from teg_fsm.config import read_config, tool_environment
 
     where = tool_environment()
@@ -129,7 +129,7 @@ def _checkpoint_states(journal: Path) -> dict[str, str]:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from teg_fsm.migrate import inspect_host
+    from teg_fsm.cli.migrate import inspect_host
 
     env, origin = _env_source(args) if args.env_file is not None else _default_env_file()
     findings = inspect_host(ours=env, ours_origin=origin, old_env_file=args.old_env_file)
@@ -165,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--env-file", type=Path, default=None, help="our env file (default /etc/teg-fsm/teg.env)")
     migrate.add_argument("--old-env-file", type=Path, default=None, help="the existing gateway's .env")
     migrate.set_defaults(func=_migrate)
-    from teg_fsm import audit
+    from teg_fsm.cli import audit
 
     audit.add_commands(sub)
-    sub.choices["status"].set_defaults(func=_status)  # reports the daemon too (teg_fsm/status.py)
+    sub.choices["status"].set_defaults(func=_status)  # reports the daemon too (teg_fsm/cli/status.py)
     return parser
 
 
@@ -181,7 +181,7 @@ def _apply_defaults(args: argparse.Namespace) -> int | None:
         args.data = where.resolve(read_config(where.values)[0].data_path)
     machine = getattr(args, "machine", None)
     if machine is not None and not _known_machine(machine, args.file or args.data / "teg_journal.db"):
-        from teg_fsm.diagrams import machine_classes
+        from teg_fsm.cli.diagrams import machine_classes
 
         known = ", ".join(sorted(cls.machine_name for cls in machine_classes()))
         return _usage_error(f"teg {args.command}: unknown machine {machine!r} (known: {known})")
@@ -190,8 +190,8 @@ def _apply_defaults(args: argparse.Namespace) -> int | None:
 
 def _known_machine(name: str, journal: Path) -> bool:
     """One of ours, or one the journal mentions (recorded journals may carry other machines)."""
-    from teg_fsm.diagrams import machine_classes
-    from teg_fsm.journal import read_entries
+    from teg_fsm.cli.diagrams import machine_classes
+    from teg_fsm.engine.journal import read_entries
 
     if name in {cls.machine_name for cls in machine_classes()} or not journal.exists():
         return True  # a missing journal gets its own message

@@ -27,7 +27,7 @@ from typing import IO
 
 import attrs
 
-from teg_fsm.audit import format_time
+from teg_fsm.cli.audit import format_time
 from teg_fsm.config import Config
 
 RUN_MARKER = "teg.run"
@@ -147,7 +147,7 @@ def _process_line(inputs: StatusInputs) -> str:
 
 def condition_lines(inputs: StatusInputs) -> Iterator[str]:
     """Degraded modes the gateway declared, from the live status file the engine writes."""
-    from teg_fsm.systemd import read_status
+    from teg_fsm.adapters.systemd import read_status
 
     live = read_status(inputs.data_path / "teg_status.json")
     if live is None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway
-    from teg_fsm.dispatcher import MachineSpec
+    from teg_fsm.engine.dispatcher import MachineSpec
 
 
 class Component(Protocol):

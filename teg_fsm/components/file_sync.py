@@ -1,6 +1,6 @@
 """The file sync component: the files adapter wired to the engine and the MQTT link.
 
-The ``file_sync`` machine decides; ``FileStore`` (``teg_fsm/files.py``) touches
+The ``file_sync`` machine decides; ``FileStore`` (``teg_fsm/adapters/files.py``) touches
 the disk. Mirrors are published on the MQTT link directly (file contents stay
 out of the journal) and wait for their PUBACK, so the effect's result says what
 reached ThingsBoard.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.effects.files import MirrorFiles, ScanFiles, WriteFile
-from teg_fsm.files import FileStore
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.effects.files import MirrorFiles, ScanFiles, WriteFile
+from teg_fsm.adapters.files import FileStore
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

@@ -2,12 +2,12 @@
 
 Other components reach the link as ``gateway.components["mqtt"].link``; hot
 paths publish with ``link.publish_async(topic, payload_bytes, qos, on_done)``
-(see ``teg_fsm.mqtt_link``) instead of journaled ``Publish`` effects.
+(see ``teg_fsm.adapters.mqtt_link``) instead of journaled ``Publish`` effects.
 Register this component last: the link starts taking messages in ``start``.
 
 Everything the gateway says on its own account (``Publish`` on the telemetry
 or attributes topic, whichever machine emits it, and ``sys_info`` on every
-connect) goes through the durable outbox (``teg_fsm.outbox``, reachable as
+connect) goes through the durable outbox (``teg_fsm.adapters.outbox``, reachable as
 ``gateway.components["mqtt"].outbox``): stored with strictly increasing ``ts``
 per key, sent when connected, deleted on PUBACK. Such a ``Publish`` succeeds
 once stored (``{"stored": true}``). Other topics (RPC answers) go out directly.
@@ -20,10 +20,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm import __version__, tokens
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.effects import Log
-from teg_fsm.effects.mqtt import (
+from teg_fsm import __version__
+
+from teg_fsm.adapters import tokens
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.effects import Log
+from teg_fsm.engine.effects.mqtt import (
     ATTRIBUTES_REQUEST_TOPIC,
     ATTRIBUTES_TOPIC,
     CLIENT_RPC_REQUEST_TOPIC,
@@ -36,12 +38,12 @@ from teg_fsm.effects.mqtt import (
     RequestAttributes,
     Subscribe,
 )
-from teg_fsm.effects.provisioning import CheckToken, MoveTokenAside, RequestProvisioning
-from teg_fsm.events import Source
-from teg_fsm.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
-from teg_fsm.outbox import OUTBOX_TOPICS, Outbox
-from teg_fsm.runner import Completion
-from teg_fsm.sys_info import read_sys_info
+from teg_fsm.engine.effects.provisioning import CheckToken, MoveTokenAside, RequestProvisioning
+from teg_fsm.engine.events import Source
+from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
+from teg_fsm.adapters.outbox import OUTBOX_TOPICS, Outbox
+from teg_fsm.engine.runner import Completion
+from teg_fsm.adapters.sys_info import read_sys_info
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

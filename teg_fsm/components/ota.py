@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any
 import docker
 
 from teg_fsm.machines.ota import OtaMachine, version_error
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.docker_engine import open_client
-from teg_fsm.docker_images import ControllerImages, ImageError
-from teg_fsm.effects.ota import (
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.adapters.docker_engine import open_client
+from teg_fsm.adapters.docker_images import ControllerImages, ImageError
+from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
     FetchControllerRepo,
     PruneControllerImages,
     WriteControllerVersion,
 )
-from teg_fsm.files import atomic_write
-from teg_fsm.git_repo import ControllerRepo, GitRepoError
-from teg_fsm.runner import Completion
-from teg_fsm.sqlite_files import read_text_checked
+from teg_fsm.adapters.files import atomic_write
+from teg_fsm.adapters.git_repo import ControllerRepo, GitRepoError
+from teg_fsm.engine.runner import Completion
+from teg_fsm.engine.sqlite_files import read_text_checked
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from teg_fsm.machines.rpc import RpcMachine
 from teg_fsm.machines.rpc_methods import METHODS_BY_NAME
-from teg_fsm.dispatcher import Dispatched, MachineSpec
-from teg_fsm.effects.mqtt import RPC_RESPONSE_TOPIC
-from teg_fsm.effects.rpc import RunRpc
-from teg_fsm.runner import Completion
+from teg_fsm.engine.dispatcher import Dispatched, MachineSpec
+from teg_fsm.engine.effects.mqtt import RPC_RESPONSE_TOPIC
+from teg_fsm.engine.effects.rpc import RunRpc
+from teg_fsm.engine.runner import Completion
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

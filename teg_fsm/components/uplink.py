@@ -1,6 +1,6 @@
 """The uplink component: controller queue, archive, gateway logs -> ThingsBoard.
 
-Wires ``teg_fsm.machines.uplink.UplinkMachine`` to ``teg_fsm.uplink_io.UplinkIO``
+Wires ``teg_fsm.machines.uplink.UplinkMachine`` to ``teg_fsm.adapters.uplink_io.UplinkIO``
 (one I/O thread over ``QueueStore`` and ``LogBuffer``), registers the
 handlers of the uplink effects and of the engine's ``Log`` effect, and puts
 ``BufferingLogHandler`` on the root logger so gateway logs reach ThingsBoard.
@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.effects import Log
-from teg_fsm.effects.uplink import DiscardArchived, RepublishArchived, SendPacket, TransferRows
-from teg_fsm.events import Source
-from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
-from teg_fsm.queue_store import QueueStore
-from teg_fsm.runner import Completion
-from teg_fsm.uplink_io import UplinkIO
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.effects import Log
+from teg_fsm.engine.effects.uplink import DiscardArchived, RepublishArchived, SendPacket, TransferRows
+from teg_fsm.engine.events import Source
+from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
+from teg_fsm.adapters.queue_store import QueueStore
+from teg_fsm.engine.runner import Completion
+from teg_fsm.adapters.uplink_io import UplinkIO
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

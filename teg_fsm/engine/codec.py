@@ -16,8 +16,8 @@ import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
-from teg_fsm.effects import Effect, all_effect_types
-from teg_fsm.events import Event
+from teg_fsm.engine.effects import Effect, all_effect_types
+from teg_fsm.engine.events import Event
 
 T = TypeVar("T")
 

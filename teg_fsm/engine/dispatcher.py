@@ -51,14 +51,14 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm.clock import Clock
-from teg_fsm.codec import Codec
-from teg_fsm.effects import CancelEffect, CancelTimer, Effect, Notify, StartTimer
-from teg_fsm.events import RESUMED, STARTED, Event, JsonDict, Outcome, Source, outcome_event_name
-from teg_fsm.journal import Checkpoint, Journal, Transition
-from teg_fsm.runner import EffectRunner
-from teg_fsm.timers import Timers
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.engine.clock import Clock
+from teg_fsm.engine.codec import Codec
+from teg_fsm.engine.effects import CancelEffect, CancelTimer, Effect, Notify, StartTimer
+from teg_fsm.engine.events import RESUMED, STARTED, Event, JsonDict, Outcome, Source, outcome_event_name
+from teg_fsm.engine.journal import Checkpoint, Journal, Transition
+from teg_fsm.engine.runner import EffectRunner
+from teg_fsm.engine.timers import Timers
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any, TextIO
 
 import attrs
 
-from teg_fsm import sqlite_files
-from teg_fsm.events import Event
+from teg_fsm.engine import sqlite_files
+from teg_fsm.engine.events import Event
 
 log = logging.getLogger(__name__)
 

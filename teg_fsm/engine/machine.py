@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import cattrs
 from statemachine import StateChart
 
-from teg_fsm.effects import Effect
-from teg_fsm.events import Event
+from teg_fsm.engine.effects import Effect
+from teg_fsm.engine.events import Event
 
 _settings_converter = cattrs.Converter(forbid_extra_keys=True)
 

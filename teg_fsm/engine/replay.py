@@ -17,13 +17,13 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm.clock import FakeClock
-from teg_fsm.codec import Codec
-from teg_fsm.dispatcher import Dispatcher
-from teg_fsm.events import STARTED, Event, Source
-from teg_fsm.journal import JournalEntry, read_entries, transition_record
-from teg_fsm.timers import Timers
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.codec import Codec
+from teg_fsm.engine.dispatcher import Dispatcher
+from teg_fsm.engine.events import STARTED, Event, Source
+from teg_fsm.engine.journal import JournalEntry, read_entries, transition_record
+from teg_fsm.engine.timers import Timers
 
 
 @attrs.frozen

@@ -19,8 +19,8 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects import Effect
-from teg_fsm.events import Outcome
+from teg_fsm.engine.effects import Effect
+from teg_fsm.engine.events import Outcome
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import random
 import threading
 from collections.abc import Callable
 
-from teg_fsm.clock import Clock
+from teg_fsm.engine.clock import Clock
 
 TimerKey = tuple[str, str]
 FireCallback = Callable[[str, str, int], None]

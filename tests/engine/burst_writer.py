@@ -6,10 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-from teg_fsm.clock import RealClock
-from teg_fsm.dispatcher import Dispatcher, MachineSpec
-from teg_fsm.journal import Journal
-from teg_fsm.timers import Timers
+from teg_fsm.engine.clock import RealClock
+from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.timers import Timers
 from tests.engine.examples import CounterMachine, FetcherMachine
 
 

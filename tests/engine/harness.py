@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from teg_fsm.clock import FakeClock
-from teg_fsm.dispatcher import Dispatcher, MachineSpec
-from teg_fsm.journal import Journal
-from teg_fsm.timers import Timers
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.timers import Timers
 
 
 def make_engine(

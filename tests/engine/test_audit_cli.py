@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from teg_fsm.journal import Checkpoint, Journal
+from teg_fsm.engine.journal import Checkpoint, Journal
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from teg_fsm.codec import Codec, RecordError
-from teg_fsm.effects import StartTimer
-from teg_fsm.events import Event
+from teg_fsm.engine.codec import Codec, RecordError
+from teg_fsm.engine.effects import StartTimer
+from teg_fsm.engine.events import Event
 
 
 def test_events_and_effects_round_trip() -> None:

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from statemachine import State
 
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.file_sync import FileSyncMachine
 from teg_fsm.machines.health import HealthMachine
-from teg_fsm.clock import FakeClock
-from teg_fsm.dispatcher import CONDITION_CLEARED, CONDITION_RAISED, Dispatcher, MachineSpec
-from teg_fsm.effects import Log
-from teg_fsm.effects.mqtt import Publish
-from teg_fsm.events import Event
-from teg_fsm.journal import DISK_FULL, STORAGE_ERROR, Checkpoint, Journal, read_journal
-from teg_fsm.replay import replay_journal
-from teg_fsm.timers import Timers
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.dispatcher import CONDITION_CLEARED, CONDITION_RAISED, Dispatcher, MachineSpec
+from teg_fsm.engine.effects import Log
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.events import Event
+from teg_fsm.engine.journal import DISK_FULL, STORAGE_ERROR, Checkpoint, Journal, read_journal
+from teg_fsm.engine.replay import replay_journal
+from teg_fsm.engine.timers import Timers
 from tests.engine.harness import make_engine
 from tests.rig.waiting import wait_for
 
@@ -122,7 +122,7 @@ def test_replay_of_a_journal_whose_machine_code_changed_reports_the_divergence_n
 
 
 def _export(path: Path) -> list[str]:
-    from teg_fsm.journal import entry_to_jsonl, read_entries
+    from teg_fsm.engine.journal import entry_to_jsonl, read_entries
 
     return [entry_to_jsonl(e) + "\n" for e in read_entries(path)]
 
@@ -282,7 +282,7 @@ def test_teg_journal_and_status_on_a_damaged_journal_say_so_without_a_traceback(
 
 
 def test_the_status_line_and_file_lead_with_the_degraded_mode(tmp_path: Path) -> None:
-    from teg_fsm.systemd import StatusFile, read_status, status_line
+    from teg_fsm.adapters.systemd import StatusFile, read_status, status_line
 
     states = {"uplink": {"state": "draining"}, "health": {"state": "degraded"}}
     assert status_line(states, {"disk_full": "x"}) == "DEGRADED (disk_full) health=degraded uplink=draining"
@@ -295,7 +295,7 @@ def test_the_status_line_and_file_lead_with_the_degraded_mode(tmp_path: Path) ->
 
 
 def test_a_token_file_that_is_not_text_is_moved_aside_and_reads_as_no_token(tmp_path: Path) -> None:
-    from teg_fsm.tokens import read_token
+    from teg_fsm.adapters.tokens import read_token
 
     damaged = tmp_path / "tb_access_token"
     damaged.write_bytes(b"\xff\xfeAbc\x80")

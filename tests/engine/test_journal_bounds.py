@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from teg_fsm.events import Event
-from teg_fsm.journal import Journal, Transition, read_journal
+from teg_fsm.engine.events import Event
+from teg_fsm.engine.journal import Journal, Transition, read_journal
 
 
 def _event(seq: int, ts_ms: int, blob: str = "") -> Event:

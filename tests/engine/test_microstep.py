@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from teg_fsm.machines.base import GatewayMachine
-from teg_fsm.diagrams import machine_classes
-from teg_fsm.events import Event
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.cli.diagrams import machine_classes
+from teg_fsm.engine.events import Event
 from tests.engine.examples import CounterMachine, FetcherMachine
 
 

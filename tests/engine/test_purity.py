@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from teg_fsm.diagrams import machine_classes
+from teg_fsm.cli.diagrams import machine_classes
 
 FORBIDDEN = {"paho", "docker", "git", "sqlite3", "os", "time", "threading", "subprocess", "socket", "shutil", "pathlib", "random"}
 MACHINES = Path(__file__).resolve().parents[2] / "machines"
@@ -32,7 +32,7 @@ def test_no_machine_module_imports_io_libraries() -> None:
 
 
 def test_machine_modules_import_only_pure_parts_of_teg_fsm() -> None:
-    allowed = {"teg_fsm.machines", "teg_fsm.effects", "teg_fsm.events", "teg_fsm.rate_limits", "teg_fsm.versions"}
+    allowed = {"teg_fsm.machines", "teg_fsm.engine.effects", "teg_fsm.engine.events", "teg_fsm.engine.rate_limits", "teg_fsm.versions"}
     offenders = {}
     for path in sorted(MACHINES.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.journal import Checkpoint, Journal, read_journal
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.journal import Checkpoint, Journal, read_journal
 from tests.engine.examples import FetcherMachine, FetchThing
 from tests.engine.harness import make_engine
 
@@ -88,7 +88,7 @@ def test_reaching_a_rest_state_resets_the_loop_guard(tmp_path: Path) -> None:
     dispatcher, _, journal = make_engine([MachineSpec(FetcherMachine)], path)
     assert journal is not None and journal.load_checkpoints()["fetcher"].resume_count == 1
     fetch_id = [e for e in read_journal(path) if e.name == "resumed"][-1].effects[0]["id"]
-    from teg_fsm.events import Outcome
+    from teg_fsm.engine.events import Outcome
 
     dispatcher.post_outcome("fetcher", FetchThing(id=fetch_id, url="u", reply="fetch"), Outcome.SUCCEEDED, {"result": 1})
     dispatcher.run_until_idle()

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from teg_fsm.effects import Effect
-from teg_fsm.events import Outcome
-from teg_fsm.runner import Completion, EffectRunner
+from teg_fsm.engine.effects import Effect
+from teg_fsm.engine.events import Outcome
+from teg_fsm.engine.runner import Completion, EffectRunner
 from tests.engine.examples import FetchThing
 
 

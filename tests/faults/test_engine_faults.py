@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from teg_fsm.journal import read_journal
+from teg_fsm.engine.journal import read_journal
 from tests.faults import rig
 from tests.integration import uplink_rig
 from tests.rig.waiting import wait_for

@@ -24,12 +24,12 @@ import docker.errors
 from teg_fsm.app import Gateway
 from teg_fsm.components.ota import OtaComponent
 from teg_fsm.config import Config, load_config
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.docker_engine import read_health_ts
-from teg_fsm.effects import Effect, Log
-from teg_fsm.effects.mqtt import Publish
-from teg_fsm.events import Source
-from teg_fsm.runner import Completion
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.adapters.docker_engine import read_health_ts
+from teg_fsm.engine.effects import Effect, Log
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.events import Source
+from teg_fsm.engine.runner import Completion
 from tests.machines.ota_fakes import (
     FakeControllerMachine,
     FakeInspectController,

@@ -18,7 +18,7 @@ import pytest
 from teg_fsm.app import Gateway
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
-from teg_fsm.dispatcher import Dispatched
+from teg_fsm.engine.dispatcher import Dispatched
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
 

@@ -28,13 +28,13 @@ import pytest
 from teg_fsm.app import Gateway
 from teg_fsm.components.controller import ControllerComponent
 from teg_fsm.config import load_config
-from teg_fsm.dispatcher import Dispatched
-from teg_fsm.docker_engine import parse_docker_time
-from teg_fsm.effects import Notify
-from teg_fsm.effects.controller import image_name
-from teg_fsm.effects.mqtt import Publish
-from teg_fsm.events import Source
-from teg_fsm.runner import Completion
+from teg_fsm.engine.dispatcher import Dispatched
+from teg_fsm.adapters.docker_engine import parse_docker_time
+from teg_fsm.engine.effects import Notify
+from teg_fsm.engine.effects.controller import image_name
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.events import Source
+from teg_fsm.engine.runner import Completion
 from tests.rig.docker_engine import BuildImage
 
 pytestmark = pytest.mark.integration

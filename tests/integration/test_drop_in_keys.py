@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from teg_fsm.journal import read_journal
+from teg_fsm.engine.journal import read_journal
 from tests.integration import uplink_rig
 from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo

@@ -21,7 +21,7 @@ from teg_fsm.app import Gateway
 from teg_fsm.components.file_sync import FileSyncComponent
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
-from teg_fsm.journal import read_journal
+from teg_fsm.engine.journal import read_journal
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
 

@@ -23,7 +23,7 @@ import docker
 import docker.errors
 import pytest
 
-from teg_fsm.replay import replay_journal
+from teg_fsm.engine.replay import replay_journal
 from tests.rig.docker_engine import remove_controller, remove_controller_images
 from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo

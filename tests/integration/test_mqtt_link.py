@@ -11,7 +11,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from teg_fsm.mqtt_link import DEVICE, PROVISION, MqttLink
+from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from teg_fsm.docker_images import ControllerImages, ImageError
-from teg_fsm.git_repo import ControllerRepo, GitRepoError
+from teg_fsm.adapters.docker_images import ControllerImages, ImageError
+from teg_fsm.adapters.git_repo import ControllerRepo, GitRepoError
 from tests.integration.ota_rig import HEALTHY, controller_files
 
 pytestmark = pytest.mark.integration

@@ -30,13 +30,13 @@ from teg_fsm.app import Gateway
 from teg_fsm.components.controller import ControllerComponent
 from teg_fsm.components.ota import OtaComponent
 from teg_fsm.config import load_config
-from teg_fsm.dispatcher import Dispatched
-from teg_fsm.docker_engine import parse_docker_time, read_health_ts
-from teg_fsm.effects import Log
-from teg_fsm.effects.controller import image_name
-from teg_fsm.effects.mqtt import Publish, RequestAttributes
-from teg_fsm.events import Source
-from teg_fsm.runner import Completion
+from teg_fsm.engine.dispatcher import Dispatched
+from teg_fsm.adapters.docker_engine import parse_docker_time, read_health_ts
+from teg_fsm.engine.effects import Log
+from teg_fsm.engine.effects.controller import image_name
+from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes
+from teg_fsm.engine.events import Source
+from teg_fsm.engine.runner import Completion
 from tests.integration.ota_rig import HEALTHY
 from tests.rig.waiting import wait_for
 

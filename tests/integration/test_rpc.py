@@ -36,7 +36,7 @@ from teg_fsm.components.controller import ControllerComponent
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.components.rpc import RpcComponent
 from teg_fsm.config import load_config
-from teg_fsm.effects.controller import image_name
+from teg_fsm.engine.effects.controller import image_name
 from tests.integration import uplink_rig as rig
 from tests.rig.docker_engine import BuildImage
 from tools.tb_standin import StandIn

@@ -16,8 +16,8 @@ import pytest
 from teg_fsm.app import Gateway
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.journal import read_journal
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.journal import read_journal
 from tests.integration import uplink_rig as rig
 from tools.tb_standin import StandIn
 

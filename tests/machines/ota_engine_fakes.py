@@ -25,27 +25,27 @@ import attrs
 
 from teg_fsm.machines.controller import ControllerMachine
 from teg_fsm.machines.ota import OtaMachine
-from teg_fsm.clock import FakeClock
-from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
-from teg_fsm.effects import Effect, Log
-from teg_fsm.effects.controller import (
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
+from teg_fsm.engine.effects import Effect, Log
+from teg_fsm.engine.effects.controller import (
     InspectController,
     ReadControllerHealth,
     StartController,
     StopController,
     image_name,
 )
-from teg_fsm.effects.mqtt import Publish, RequestAttributes
-from teg_fsm.effects.ota import (
+from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes
+from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
     FetchControllerRepo,
     PruneControllerImages,
     WriteControllerVersion,
 )
-from teg_fsm.events import Outcome, Source
-from teg_fsm.journal import Journal
-from teg_fsm.timers import Timers
+from teg_fsm.engine.events import Outcome, Source
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.timers import Timers
 
 PROBATION_S = 60.0
 

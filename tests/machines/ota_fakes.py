@@ -17,22 +17,22 @@ from typing import Any, ClassVar
 import attrs
 from statemachine import State
 
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.ota import OtaMachine
-from teg_fsm.clock import FakeClock
-from teg_fsm.dispatcher import Dispatcher, MachineSpec
-from teg_fsm.effects import Effect, Log, Notify, StartTimer
-from teg_fsm.effects.mqtt import Publish
-from teg_fsm.effects.ota import (
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
+from teg_fsm.engine.effects import Effect, Log, Notify, StartTimer
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
     FetchControllerRepo,
     PruneControllerImages,
     WriteControllerVersion,
 )
-from teg_fsm.events import Event, Outcome, Source
-from teg_fsm.journal import Journal
-from teg_fsm.timers import Timers
+from teg_fsm.engine.events import Event, Outcome, Source
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.timers import Timers
 
 HEALTH_PERIOD_S = 5.0
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from teg_fsm.machines.connection import SHARED_KEYS, TOPICS
-from teg_fsm.effects import Log, StartTimer
-from teg_fsm.effects.mqtt import ClientRpc, Connect, Publish, RequestAttributes, Subscribe
-from teg_fsm.effects.provisioning import CheckToken, MoveTokenAside
+from teg_fsm.engine.effects import Log, StartTimer
+from teg_fsm.engine.effects.mqtt import ClientRpc, Connect, Publish, RequestAttributes, Subscribe
+from teg_fsm.engine.effects.provisioning import CheckToken, MoveTokenAside
 from tests.machines.link_harness import LinkRig
 
 

@@ -17,21 +17,21 @@ from typing import Any, TypeVar
 import pytest
 
 from teg_fsm.machines.controller import NO_VERSION_ERROR, ControllerMachine
-from teg_fsm.clock import FakeClock
-from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
-from teg_fsm.effects import Effect, Log, Notify
-from teg_fsm.effects.controller import (
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
+from teg_fsm.engine.effects import Effect, Log, Notify
+from teg_fsm.engine.effects.controller import (
     ENGINE_UNREACHABLE,
     InspectController,
     ReadControllerHealth,
     StartController,
     StopController,
 )
-from teg_fsm.effects.mqtt import Publish, RequestAttributes
-from teg_fsm.events import Source
-from teg_fsm.journal import Journal
-from teg_fsm.runner import Completion, EffectRunner
-from teg_fsm.timers import Timers
+from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes
+from teg_fsm.engine.events import Source
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.runner import Completion, EffectRunner
+from teg_fsm.engine.timers import Timers
 
 E = TypeVar("E", bound=Effect)
 H = 3600.0
@@ -517,7 +517,7 @@ def test_a_crash_loop_mid_swap_falls_back_to_unhealthy_and_fails_the_swap(
     engine: FakeEngine, journal_path: Path, rigs: list[Rig]
 ) -> None:
     journal = Journal(journal_path)
-    from teg_fsm.journal import Checkpoint
+    from teg_fsm.engine.journal import Checkpoint
 
     data = {"version": "v1", "swap_version": "v2", "backoff_s": 600.0}
     journal.save_checkpoint(Checkpoint("controller", "swapping", data, ControllerMachine.max_resumes), 0)

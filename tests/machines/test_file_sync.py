@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from statemachine import State
 
-from teg_fsm.machines.base import GatewayMachine
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.file_sync import FileSyncMachine
-from teg_fsm.clock import FakeClock
-from teg_fsm.dispatcher import Dispatched, Dispatcher, MachineSpec
-from teg_fsm.effects import Effect, Log
-from teg_fsm.effects.files import (
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
+from teg_fsm.engine.effects import Effect, Log
+from teg_fsm.engine.effects.files import (
     NO_FILE,
     TOO_LARGE,
     MirrorFiles,
@@ -24,10 +24,10 @@ from teg_fsm.effects.files import (
     WriteFile,
     content_bytes,
 )
-from teg_fsm.effects.mqtt import Publish, RequestAttributes
-from teg_fsm.events import Event, Outcome
-from teg_fsm.journal import Journal
-from teg_fsm.timers import Timers
+from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes
+from teg_fsm.engine.events import Event, Outcome
+from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.timers import Timers
 
 DATA = "/data"
 

@@ -20,8 +20,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from teg_fsm.clock import FakeClock
-from teg_fsm.events import Source
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.events import Source
 from tests.machines.ota_engine_fakes import EngineWorld, TruthGateway
 
 FIRST_START = ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"]

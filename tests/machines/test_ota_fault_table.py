@@ -10,8 +10,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from teg_fsm.clock import FakeClock
-from teg_fsm.events import Outcome
+from teg_fsm.engine.clock import FakeClock
+from teg_fsm.engine.events import Outcome
 from tests.machines.ota_engine_fakes import EngineWorld, TruthGateway
 from tests.machines.ota_fakes import FakeGateway, FakeWorld
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from teg_fsm.effects import Log, StartTimer
-from teg_fsm.effects.mqtt import Connect, Disconnect
-from teg_fsm.effects.provisioning import CheckToken, RequestProvisioning
+from teg_fsm.engine.effects import Log, StartTimer
+from teg_fsm.engine.effects.mqtt import Connect, Disconnect
+from teg_fsm.engine.effects.provisioning import CheckToken, RequestProvisioning
 from tests.machines.link_harness import LinkRig
 
 SECRETS = ("psecret", "the-token")

@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 from teg_fsm.machines.rpc import RpcMachine
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.effects import Notify
-from teg_fsm.effects.mqtt import Publish
-from teg_fsm.effects.rpc import RunRpc
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.effects import Notify
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.effects.rpc import RunRpc
 from tests.engine.harness import make_engine
 
 

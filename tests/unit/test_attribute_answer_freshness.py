@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teg_fsm.mqtt_inbound import Inbound
+from teg_fsm.adapters.mqtt_inbound import Inbound
 
 PUSH = "v1/devices/me/attributes"
 KEYS = ("sw_title", "sw_version", "sw_url", "FILES")

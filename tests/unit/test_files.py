@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from teg_fsm.effects.files import NO_FILE, TOO_LARGE, ContentError, content_bytes
-from teg_fsm.files import (
+from teg_fsm.engine.effects.files import NO_FILE, TOO_LARGE, ContentError, content_bytes
+from teg_fsm.adapters.files import (
     FileStore,
     FileSyncError,
     PathRefused,
@@ -235,7 +235,7 @@ def test_a_mirror_of_exactly_the_packet_limit_is_sent_and_one_byte_more_is_not(d
 _WRITER = """
 import sys
 from pathlib import Path
-from teg_fsm.files import atomic_write
+from teg_fsm.adapters.files import atomic_write
 path, size = Path(sys.argv[1]), int(sys.argv[2])
 blobs = [b"A" * size, b"B" * size]
 print("ready", flush=True)

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teg_fsm.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
-from teg_fsm.gateway_logs import BufferingLogHandler, LogBuffer
-from teg_fsm.outbox import OnDone, Outbox, OutboxError, OutboxStore, stamp, telemetry_elements
-from teg_fsm.sys_info import parse_proc_stat
+from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
+from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
+from teg_fsm.adapters.outbox import OnDone, Outbox, OutboxError, OutboxStore, stamp, telemetry_elements
+from teg_fsm.adapters.sys_info import parse_proc_stat
 from tests.rig.waiting import wait_for
 
 T0 = 1_700_000_000_000

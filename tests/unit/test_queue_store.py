@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from teg_fsm.gateway_logs import LogBuffer
-from teg_fsm.packets import build_packet, parse_record, parse_values
-from teg_fsm.queue_store import QueueStore
+from teg_fsm.adapters.gateway_logs import LogBuffer
+from teg_fsm.adapters.packets import build_packet, parse_record, parse_values
+from teg_fsm.adapters.queue_store import QueueStore
 from tests.integration import uplink_rig as rig
 
 

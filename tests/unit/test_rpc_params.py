@@ -23,10 +23,10 @@ from teg_fsm.machines.rpc_methods import (
     TimeRangeParams,
     parse_params,
 )
-from teg_fsm.dispatcher import MachineSpec
-from teg_fsm.effects import Notify
-from teg_fsm.effects.mqtt import Publish
-from teg_fsm.effects.rpc import RunRpc
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.effects import Notify
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.effects.rpc import RunRpc
 from tests.engine.harness import make_engine
 
 RUN_COMMAND = METHODS_BY_NAME["run_command"]

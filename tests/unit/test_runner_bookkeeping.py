@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from teg_fsm.effects import Effect
-from teg_fsm.events import Outcome
-from teg_fsm.runner import Completion, EffectRunner
+from teg_fsm.engine.effects import Effect
+from teg_fsm.engine.events import Outcome
+from teg_fsm.engine.runner import Completion, EffectRunner
 from tests.engine.examples import FetchThing
 from tests.rig.waiting import wait_for
 

@@ -6,7 +6,7 @@ import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
-from teg_fsm import tokens
+from teg_fsm.adapters import tokens
 
 
 def test_write_token_replaces_the_file_with_mode_0600_and_leaves_no_temp_file(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from teg_fsm.packets import MAX_NESTING, parse_values
-from teg_fsm.queue_store import PENDING, QueueStore
+from teg_fsm.adapters.packets import MAX_NESTING, parse_values
+from teg_fsm.adapters.queue_store import PENDING, QueueStore
 from tests.integration import uplink_rig as rig
 from tools.tb_standin.model import parse_telemetry
 
@@ -297,7 +297,7 @@ def test_parse_values_never_raises_on_text() -> None:
 def test_a_failure_nobody_foresaw_is_pinned_on_its_row_by_bisection(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
     """The safety net under the parser: whatever a row makes the batch raise, only that row stops."""
-    import teg_fsm.queue_store as queue_store
+    import teg_fsm.adapters.queue_store as queue_store
 
     real = queue_store.parse_values
 

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from teg_fsm.uplink_io import StorageErrorLog
+from teg_fsm.adapters.uplink_io import StorageErrorLog
 
 
 def test_repeated_storage_errors_are_logged_once_a_minute_and_the_recovery_with_a_count(
@@ -16,7 +16,7 @@ def test_repeated_storage_errors_are_logged_once_a_minute_and_the_recovery_with_
     now = [0.0]
     errors = StorageErrorLog(monotonic=lambda: now[0])
     full = sqlite3.OperationalError("database or disk is full")
-    with caplog.at_level(logging.WARNING, logger="teg_fsm.uplink_io"):
+    with caplog.at_level(logging.WARNING, logger="teg_fsm.adapters.uplink_io"):
         for _ in range(10_000):
             errors.failed(full)
         now[0] = 61.0

@@ -1,4 +1,4 @@
-"""Effects on the controller container (handled by ``teg_fsm/docker_engine.py``).
+"""Effects on the controller container (handled by ``teg_fsm/adapters/docker_engine.py``).
 
 Also the naming contract of the existing gateway (container ``teg_controller``,
 images ``teg-controller-<version>:latest``) and the error prefix an adapter
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from teg_fsm.effects import Effect
+from teg_fsm.engine.effects import Effect
 
 CONTAINER_NAME = "teg_controller"
 IMAGE_PREFIX = "teg-controller-"

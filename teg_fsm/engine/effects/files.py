@@ -1,4 +1,4 @@
-"""Effects on managed files (handled by the files adapter, ``teg_fsm/files.py``).
+"""Effects on managed files (handled by the files adapter, ``teg_fsm/adapters/files.py``).
 
 Paths in these effects are the operator's raw definition paths (``$DATA_PATH``
 not yet expanded): the adapter alone expands, resolves and confines them, so
@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects import Effect
+from teg_fsm.engine.effects import Effect
 
 ENCODINGS = ("text", "json", "base64")
 NO_FILE = "E_NOFILE"  # the existing gateway's marker for a missing file (hash and mirror)

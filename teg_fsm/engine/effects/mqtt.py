@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from teg_fsm.effects import Effect
+from teg_fsm.engine.effects import Effect
 
 TELEMETRY_TOPIC = "v1/devices/me/telemetry"
 ATTRIBUTES_TOPIC = "v1/devices/me/attributes"

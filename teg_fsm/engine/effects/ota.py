@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import attrs
 
-from teg_fsm.effects import Effect
+from teg_fsm.engine.effects import Effect
 
 
 @attrs.frozen(kw_only=True)

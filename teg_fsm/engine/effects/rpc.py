@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.effects import Effect
+from teg_fsm.engine.effects import Effect
 
 
 @attrs.frozen(kw_only=True)
