@@ -3,7 +3,7 @@
 Runs the ThingsBoard stand-in in a child process (so its CPU is not counted)
 over TLS and prints figures; it asserts nothing.
 
-    python -m tools.bench_mqtt_link --idle-s 60 --publish-s 10 --payload-kib 64
+    python tools/bench_mqtt_link.py --idle-s 60 --publish-s 10 --payload-kib 64
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -29,8 +30,11 @@ from typing import Self
 import docker
 import git
 
-from tests.integration.ota_rig import HEALTHY, OtaRig, controller_files, read_health_ms
-from tests.rig.docker_engine import base_image_name
+if not __package__:  # run as `python tools/bench_ota.py`: the repository root holds `tests` and `tools`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration.ota_rig import HEALTHY, OtaRig, controller_files, read_health_ms  # noqa: E402
+from tests.rig.docker_engine import base_image_name  # noqa: E402
 
 LABELS = {"teg-bench": "ota"}
 

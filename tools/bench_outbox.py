@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from teg_fsm.app import Gateway
-from teg_fsm.components.mqtt import MqttComponent
-from teg_fsm.config import load_config
-from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
-from tools.tb_standin import StandIn
+if not __package__:  # run as `python tools/bench_outbox.py`: the repository root holds `tests` and `tools`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from teg_fsm.app import Gateway  # noqa: E402
+from teg_fsm.components.mqtt import MqttComponent  # noqa: E402
+from teg_fsm.config import load_config  # noqa: E402
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC  # noqa: E402
+from tools.tb_standin import StandIn  # noqa: E402
 
 DEVICE = "bench-outbox"
 

@@ -1,6 +1,6 @@
 """RPC benchmark: ``ping`` round trips through the stand-in, idle and while the uplink drains a backlog.
 
-    python -m tools.bench_rpc [--idle-pings 200] [--rows 100000] [--no-control]
+    python tools/bench_rpc.py [--idle-pings 200] [--rows 100000] [--no-control]
 
 A round trip is the stand-in's ``rpc()`` call (REST-like two-way RPC) until it
 returns the gateway's reply. The gateway runs as a subprocess (``python -m
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -32,8 +33,11 @@ from subprocess import Popen
 
 import paho.mqtt.client as mqtt
 
-from tests.integration import uplink_rig as rig
-from tools.tb_standin import StandIn
+if not __package__:  # run as `python tools/bench_rpc.py`: the repository root holds `tests` and `tools`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration import uplink_rig as rig  # noqa: E402
+from tools.tb_standin import StandIn  # noqa: E402
 
 DEVICE, ECHO = "bench-station", "bench-echo"
 

@@ -1,7 +1,7 @@
 """Uplink benchmark: drain a pre-filled controller queue to the stand-in over TLS.
 
-    python tools/bench_uplink.py 100000 [1000000 ...]   # drain runs (or python -m tools.bench_uplink)
-    python -m tools.bench_uplink --idle 60               # CPU of an idle gateway
+    python tools/bench_uplink.py 100000 [1000000 ...]   # drain runs
+    python tools/bench_uplink.py --idle 60             # CPU of an idle gateway
 
 Prints, per size: records/s from the first row taken from the queue to the
 last record acknowledged (first/last arrival at the stand-in, whose PUBACK
