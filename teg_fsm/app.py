@@ -16,7 +16,13 @@ from pathlib import Path
 
 from teg_fsm.engine.clock import Clock, RealClock
 from teg_fsm.engine.codec import Codec
-from teg_fsm.components import Component, default_components
+from teg_fsm.components import Component
+from teg_fsm.components.controller import ControllerComponent
+from teg_fsm.components.file_sync import FileSyncComponent
+from teg_fsm.components.mqtt import MqttComponent
+from teg_fsm.components.ota import OtaComponent
+from teg_fsm.components.rpc import RpcComponent
+from teg_fsm.components.uplink import UplinkComponent
 from teg_fsm.config import Config
 from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.engine.events import Source
@@ -32,6 +38,19 @@ STATUS_FILE_NAME = "teg_status.json"
 INSTALL_RETRY_MIN_S = 1.0
 INSTALL_RETRY_MAX_S = 15.0
 ComponentsFactory = Callable[["Gateway"], list[Component]]
+
+
+def default_components(gateway: Gateway) -> list[Component]:
+    """The gateway's components, in start order: MQTT last, so every handler is
+    registered before the first message arrives."""
+    return [
+        UplinkComponent(gateway),
+        RpcComponent(gateway),
+        FileSyncComponent(gateway),
+        OtaComponent(gateway),
+        ControllerComponent(gateway),
+        MqttComponent(gateway),
+    ]
 
 
 class Gateway:
