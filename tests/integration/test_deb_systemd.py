@@ -31,7 +31,7 @@ import docker.errors
 import pytest
 from docker.models.containers import Container
 
-from teg_fsm.machines.controller_support import NO_VERSION_LOG
+from teg_fsm.machines.controller_rules import NO_VERSION_LOG
 from tests.rig.waiting import wait_for
 from tools.tb_standin import StandIn
 

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from teg_fsm.machines.controller import NO_VERSION_ERROR, ControllerMachine
+from teg_fsm.machines.controller import ControllerMachine
+from teg_fsm.machines.controller_rules import NO_VERSION_ERROR
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Effect, Log, Notify

@@ -1,7 +1,7 @@
-"""The controller machine's pure parts: settings, backoff arithmetic, payloads, texts.
+"""The controller machine's pure rules: settings, backoff arithmetic, payloads, texts.
 
-Nothing here keeps state or emits: ``machines/controller.py`` holds the table,
-and its actions (``machines/controller_actions.py``) call these to compute values
+Nothing here keeps state or emits: ``machines/controller.py`` holds the machine
+(table, guards, actions), whose guards and actions call these to compute values
 and build the effects they then emit, so they stay one or two lines each.
 """
 
@@ -25,13 +25,6 @@ NO_VERSION_LOG = (
 )
 SW_INFO_KEYS = ("sw_title", "sw_url", "sw_version")
 NO_REASON = "no reason given"
-
-# Persisted state names are a contract (STYLE 4): keep these keys.
-PERSISTED = (
-    "version", "container_id", "started_at_ms", "backoff_s", "restart_due_ms",
-    "restart_queued", "pending_swap", "swap_version", "engine_down_since_ms",
-)
-
 
 @attrs.define
 class ControllerSettings:
