@@ -1,7 +1,7 @@
 """The rpc machine: routes server-side RPCs.
 
 What it is for: every RPC from ThingsBoard becomes a journaled event here, is
-checked against the RPC table (machines/rpc_methods.py) and then answered at
+checked against the RPC table (machines/rpc_rules.py) and then answered at
 once (``ping``, ``list``, unknown method, bad params), handed to the RPC
 component's worker threads (``RunRpc``: reboot, run_command, archive, ...), or
 turned into an event for the machine that owns the action (restart_controller
@@ -23,7 +23,7 @@ import attrs
 from statemachine import State
 
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.rpc_methods import METHODS_BY_NAME, list_text, parse_params
+from teg_fsm.machines.rpc_rules import METHODS_BY_NAME, list_text, parse_params
 from teg_fsm.engine.effects import Notify
 from teg_fsm.engine.effects.mqtt import RPC_RESPONSE_TOPIC, Publish
 from teg_fsm.engine.effects.rpc import RunRpc
