@@ -46,10 +46,10 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.machines import file_sync_plan as support
+from teg_fsm.machines import file_sync_rules as support
 from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.file_sync_intake import FileSyncIntake
-from teg_fsm.machines.file_sync_plan import NEWS, FileSyncSettings, Plan, onward
+from teg_fsm.machines.file_sync_rules import NEWS, FileSyncSettings, Plan, onward
 from teg_fsm.engine.effects import StartTimer
 from teg_fsm.engine.events import Event
 

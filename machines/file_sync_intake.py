@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.machines import file_sync_plan as support
-from teg_fsm.machines.file_sync_plan import OUTCOMES, REPLIES, content_key
+from teg_fsm.machines import file_sync_rules as support
+from teg_fsm.machines.file_sync_rules import OUTCOMES, REPLIES, content_key
 from teg_fsm.engine.effects import Log, Notify
 from teg_fsm.engine.effects.files import NO_FILE, ContentError, parse_definitions, parse_hashes
 from teg_fsm.engine.events import Event
 
 if TYPE_CHECKING:
-    from teg_fsm.machines.file_sync_plan import Plan
+    from teg_fsm.machines.file_sync_rules import Plan
     from teg_fsm.engine.effects import Effect
 
 
