@@ -46,7 +46,7 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.machines import file_sync_rules as support
+from teg_fsm.machines import file_sync_rules as rules
 from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.machines.file_sync_rules import NEWS, OUTCOMES, REPLIES, FileSyncSettings, Plan, content_key, onward
 from teg_fsm.engine.effects import Log, Notify, StartTimer
@@ -59,7 +59,10 @@ __all__ = ["FileSyncMachine", "FileSyncSettings", "Plan"]
 class FileSyncMachine(GatewayMachine):
     """Reconciles managed files with ThingsBoard's FILES / FILE_CONTENT_ attributes.
 
-    The table, guards and step entries; ``take_in`` and the plan updates are in ``FileSyncIntake``.
+    The table, then its data, guards and actions: ``take_in`` (what each event
+    means for the plan), the bookkeeping of reported hashes, and the step entries
+    that issue the effects. ``Plan``, the settings and the effect builders are in
+    ``machines/file_sync_rules.py``.
     """
 
     machine_name = "file_sync"
@@ -118,6 +121,8 @@ class FileSyncMachine(GatewayMachine):
     suspended.to(requesting, event="init_files_requested", validators="take_in")
     resumed = idle.to.itself(internal=True) | in_sync.to.itself(internal=True) | suspended.to.itself(internal=True)
     del _steps, _busy
+
+    # -- data -----------------------------------------------------------------
 
     def setup(self) -> None:
         self.definitions: dict[str, dict[str, Any]] = {}
@@ -242,7 +247,7 @@ class FileSyncMachine(GatewayMachine):
         self._log("ERROR", key, f"file {key}: refused: {reason}")
 
     def _drifted(self, key: str) -> bool:
-        return support.drifted(self.local[key], self.recorded.get(key) or {}, self.definitions[key]["write_version"])
+        return rules.drifted(self.local[key], self.recorded.get(key) or {}, self.definitions[key]["write_version"])
 
     def _took_fetch(self, result: dict[str, Any] | None, error: str) -> None:
         keys, self.plan.fetching = self.plan.fetching, []
@@ -253,18 +258,18 @@ class FileSyncMachine(GatewayMachine):
         for key in keys:
             if key not in self.definitions or key not in self.local:
                 continue
-            if support.CONTENT_PREFIX + key in shared:
-                self._take_content(key, shared[support.CONTENT_PREFIX + key])
+            if rules.CONTENT_PREFIX + key in shared:
+                self._take_content(key, shared[rules.CONTENT_PREFIX + key])
             else:  # no content attribute: the file is mirrored read-only
                 self._record(key, self.local[key])
 
     def _take_content(self, key: str, value: Any) -> None:
         d = self.definitions.get(key)
         if d is None:
-            self._log("WARNING", key, f"{support.CONTENT_PREFIX}{key} has no definition in FILES; ignored")
+            self._log("WARNING", key, f"{rules.CONTENT_PREFIX}{key} has no definition in FILES; ignored")
             return
         try:
-            digest = support.digest(d["encoding"], value)
+            digest = rules.digest(d["encoding"], value)
         except ContentError as exc:
             self._log("ERROR", key, f"file {key}: content rejected, nothing written: {exc}")
             return
@@ -295,7 +300,7 @@ class FileSyncMachine(GatewayMachine):
             self._log("WARNING", "*", f"mirroring files failed: {error}")
             return
         for key, status in sorted(result.items()):
-            problem = support.mirror_problem(key, status)
+            problem = rules.mirror_problem(key, status)
             if problem is not None:
                 self._log("ERROR", key, problem)
 
@@ -314,7 +319,7 @@ class FileSyncMachine(GatewayMachine):
 
     def _log(self, level: str, key: str, message: str) -> None:
         """Report to the gateway log (forwarded to ThingsBoard); a repeat of the last message for a key is dropped."""
-        message = support.capped(message)
+        message = rules.capped(message)
         if self.logged.get(key) == message:
             return
         self.logged[key] = message
@@ -324,29 +329,29 @@ class FileSyncMachine(GatewayMachine):
 
     def on_enter_requesting(self) -> None:
         self.plan.full, self.plan.in_full = False, True
-        self.emit(support.request_definitions(self.settings))
+        self.emit(rules.request_definitions(self.settings))
 
     def on_enter_scanning(self) -> None:
         self.plan.scan = False
-        self.emit(support.scan(self.definitions))
+        self.emit(rules.scan(self.definitions))
 
     def on_enter_fetching(self) -> None:
         self.plan.fetching, self.plan.fetch = sorted(self.plan.fetch), set()
-        self.emit(support.fetch(self.plan.fetching, self.settings))
+        self.emit(rules.fetch(self.plan.fetching, self.settings))
 
     def on_enter_writing(self) -> None:
         key = next(iter(self.plan.writes))
         content = self.plan.writes.pop(key)
         self.plan.writing = key
-        self.emit(support.write(key, self.definitions[key], content, self.plan.force, self.settings))
+        self.emit(rules.write(key, self.definitions[key], content, self.plan.force, self.settings))
 
     def on_enter_mirroring(self) -> None:
         keys, self.plan.mirror = sorted(k for k in self.plan.mirror if k in self.definitions), set()
-        self.emit(support.mirror(keys, self.definitions))
+        self.emit(rules.mirror(keys, self.definitions))
 
     def on_enter_reporting(self) -> None:
         self.plan.report = False
-        self.emit(support.report(support.hashes_attribute(self.recorded, self.definitions), self.settings))
+        self.emit(rules.report(rules.hashes_attribute(self.recorded, self.definitions), self.settings))
 
     def on_enter_in_sync(self) -> None:
         self.plan.in_full = self.plan.force = False
