@@ -6,7 +6,7 @@ least once, in order, without ever tripping ThingsBoard's payload or rate
 limits (a tripped limit closes the session: PROTOCOL.md §1.2, §6.3).
 
 Two pipelines, decided by this machine (the planning and the rate budget are in
-machines/uplink_plan.py) and carried out by the queue adapter:
+machines/uplink_rules.py) and carried out by the queue adapter:
 - transfer: ``TransferRows`` moves a batch from ``messages`` to the archive and
   ``pending_mqtt_messages`` (one transaction), while pending is below its cap.
   Runs online and offline, one batch at a time.
@@ -67,7 +67,7 @@ from statemachine import State
 from statemachine.transition_list import TransitionList
 
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
+from teg_fsm.machines.uplink_rules import Stream, UplinkPlanning, UplinkSettings
 from teg_fsm.engine.effects import CancelTimer, Log, StartTimer
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
 from teg_fsm.engine.events import Event
