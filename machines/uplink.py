@@ -5,8 +5,8 @@ gateway's own log records, reach ThingsBoard as telemetry arrays (QoS 1), at
 least once, in order, without ever tripping ThingsBoard's payload or rate
 limits (a tripped limit closes the session: PROTOCOL.md §1.2, §6.3).
 
-Two pipelines, decided by this machine (the planning and the rate budget are in
-machines/uplink_rules.py) and carried out by the queue adapter:
+Two pipelines, decided by this machine (its last sections: the rate budget and
+the planning) and carried out by the queue adapter:
 - transfer: ``TransferRows`` moves a batch from ``messages`` to the archive and
   ``pending_mqtt_messages`` (one transaction), while pending is below its cap.
   Runs online and offline, one batch at a time.
@@ -66,26 +66,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from statemachine import State
-from statemachine.transition_list import TransitionList
 
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.uplink_rules import PACKET_OVERHEAD, Stream, UplinkSettings
+from teg_fsm.machines.uplink_rules import PACKET_OVERHEAD, Stream, UplinkSettings, loops
 from teg_fsm.engine.effects import CancelTimer, Log, Notify, StartTimer
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
 from teg_fsm.engine.effects.uplink import DATA, LOGS, SendPacket, TransferRows
 from teg_fsm.engine.events import Event
 from teg_fsm.engine.rate_limits import TokenBuckets
 
-def _loops(*states: State) -> TransitionList:
-    """Internal self-transitions in every given state (bookkeeping events)."""
-    transitions = TransitionList()
-    for state in states:
-        transitions = transitions | state.to.itself(internal=True)
-    return transitions
-
 
 class UplinkMachine(GatewayMachine):
-    """Controller queue and gateway logs -> ThingsBoard telemetry."""
+    """Controller queue and gateway logs -> ThingsBoard telemetry.
+
+    The table, then its data, guards and event handlers, then the rate budget
+    and the planning the handlers call. ``UplinkSettings``, ``Stream`` and the
+    table helper ``loops`` are in ``machines/uplink_rules.py``.
+    """
 
     machine_name = "uplink"
     settings_type = UplinkSettings
@@ -103,28 +100,28 @@ class UplinkMachine(GatewayMachine):
         idle.to(draining, cond="is_draining") | idle.to(throttled, cond="is_throttled")
         | draining.to(idle, cond="is_idle") | draining.to(throttled, cond="is_throttled")
         | throttled.to(draining, cond="is_draining") | throttled.to(idle, cond="is_idle")
-        | _loops(offline, idle, draining, throttled)  # already where the work says
+        | loops(offline, idle, draining, throttled)  # already where the work says
     )
-    session_limits_received = _loops(offline, idle, draining, throttled)
-    gateway_stopping = _loops(offline, idle, draining, throttled)
-    rows_waiting = _loops(offline, idle, draining, throttled)
-    logs_waiting = _loops(offline, idle, draining, throttled)
-    pending_refilled = _loops(offline, idle, draining, throttled)
-    hold_elapsed = _loops(idle, draining, throttled)
-    transfer_retry_elapsed = _loops(offline, idle, draining, throttled)
-    transfer_succeeded = _loops(offline, idle, draining, throttled)
-    transfer_failed = _loops(offline, idle, draining, throttled)
-    transfer_timed_out = _loops(offline, idle, draining, throttled)
-    transfer_cancelled = _loops(offline, idle, draining, throttled)  # only at shutdown
+    session_limits_received = loops(offline, idle, draining, throttled)
+    gateway_stopping = loops(offline, idle, draining, throttled)
+    rows_waiting = loops(offline, idle, draining, throttled)
+    logs_waiting = loops(offline, idle, draining, throttled)
+    pending_refilled = loops(offline, idle, draining, throttled)
+    hold_elapsed = loops(idle, draining, throttled)
+    transfer_retry_elapsed = loops(offline, idle, draining, throttled)
+    transfer_succeeded = loops(offline, idle, draining, throttled)
+    transfer_failed = loops(offline, idle, draining, throttled)
+    transfer_timed_out = loops(offline, idle, draining, throttled)
+    transfer_cancelled = loops(offline, idle, draining, throttled)  # only at shutdown
     # Packets exist only online; in offline their outcomes are stale and dropped.
-    data_packet_succeeded = _loops(offline, idle, draining, throttled)
-    data_packet_failed = _loops(offline, idle, draining, throttled)
-    data_packet_timed_out = _loops(offline, idle, draining, throttled)
-    data_packet_cancelled = _loops(offline, idle, draining, throttled)
-    log_packet_succeeded = _loops(offline, idle, draining, throttled)
-    log_packet_failed = _loops(offline, idle, draining, throttled)
-    log_packet_timed_out = _loops(offline, idle, draining, throttled)
-    log_packet_cancelled = _loops(offline, idle, draining, throttled)
+    data_packet_succeeded = loops(offline, idle, draining, throttled)
+    data_packet_failed = loops(offline, idle, draining, throttled)
+    data_packet_timed_out = loops(offline, idle, draining, throttled)
+    data_packet_cancelled = loops(offline, idle, draining, throttled)
+    log_packet_succeeded = loops(offline, idle, draining, throttled)
+    log_packet_failed = loops(offline, idle, draining, throttled)
+    log_packet_timed_out = loops(offline, idle, draining, throttled)
+    log_packet_cancelled = loops(offline, idle, draining, throttled)
 
     # -- data ---------------------------------------------------------------
 
@@ -499,6 +496,8 @@ class UplinkMachine(GatewayMachine):
         ))
         stream.restart = False
         stream.in_flight += 1
+
+    # -- read by the component and the journal ----------------------------------
 
     def in_flight(self) -> int:
         """Packets awaiting PUBACK (read by the component while the gateway stops)."""

@@ -1,17 +1,16 @@
-"""The uplink's planning: what goes out next, and what ThingsBoard's limits allow.
+"""The uplink's rules: its settings, one send pipeline's position, the table helper.
 
-``UplinkPlanning`` is a mixin of ``machines.uplink.UplinkMachine``: the machine
-keeps the table, the data and the event handlers; the methods here read that
-data and decide the work to issue now (a ``TransferRows`` batch, ``SendPacket``
-packets), spend and refund the rate buckets, hold the machine when tokens run
-out, and notify ``work_changed`` when the state no longer fits the work. Like
-the machine, pure: no I/O, and time only from ``now_ms``.
-Also here: the machine's settings and ``Stream``, the state of one send pipeline.
+Nothing here keeps machine state or emits: ``machines/uplink.py`` holds the
+table, the machine's data, its handlers and the planning and rate budget that
+decide what goes out next; it builds its ``Stream``s and reads
+``PACKET_OVERHEAD`` from here.
 """
 
 from __future__ import annotations
 
 import attrs
+from statemachine import State
+from statemachine.transition_list import TransitionList
 
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
 
@@ -52,3 +51,11 @@ class Stream:
     @property
     def waiting(self) -> bool:
         return self.known_top is None or self.known_top > self.sent_top
+
+
+def loops(*states: State) -> TransitionList:
+    """Internal self-transitions in every given state (bookkeeping events)."""
+    transitions = TransitionList()
+    for state in states:
+        transitions = transitions | state.to.itself(internal=True)
+    return transitions
