@@ -46,20 +46,23 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.machines import file_sync_plan as support
+from teg_fsm.machines import file_sync_rules as rules
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.file_sync_intake import FileSyncIntake
-from teg_fsm.machines.file_sync_plan import NEWS, FileSyncSettings, Plan, onward
-from teg_fsm.engine.effects import StartTimer
+from teg_fsm.machines.file_sync_rules import NEWS, OUTCOMES, REPLIES, FileSyncSettings, Plan, content_key, onward
+from teg_fsm.engine.effects import Log, Notify, StartTimer
+from teg_fsm.engine.effects.files import NO_FILE, ContentError, parse_definitions, parse_hashes
 from teg_fsm.engine.events import Event
 
 __all__ = ["FileSyncMachine", "FileSyncSettings", "Plan"]
 
 
-class FileSyncMachine(FileSyncIntake, GatewayMachine):
+class FileSyncMachine(GatewayMachine):
     """Reconciles managed files with ThingsBoard's FILES / FILE_CONTENT_ attributes.
 
-    The table, guards and step entries; ``take_in`` and the plan updates are in ``FileSyncIntake``.
+    The table, then its data, guards and actions: ``take_in`` (what each event
+    means for the plan), the bookkeeping of reported hashes, and the step entries
+    that issue the effects. ``Plan``, the settings and the effect builders are in
+    ``machines/file_sync_rules.py``.
     """
 
     machine_name = "file_sync"
@@ -119,6 +122,8 @@ class FileSyncMachine(FileSyncIntake, GatewayMachine):
     resumed = idle.to.itself(internal=True) | in_sync.to.itself(internal=True) | suspended.to.itself(internal=True)
     del _steps, _busy
 
+    # -- data -----------------------------------------------------------------
+
     def setup(self) -> None:
         self.definitions: dict[str, dict[str, Any]] = {}
         self.recorded: dict[str, dict[str, Any]] = {}  # FILE_HASHES as last reported
@@ -153,33 +158,200 @@ class FileSyncMachine(FileSyncIntake, GatewayMachine):
         """The plan has FILE_HASHES to report to ThingsBoard."""
         return self.plan.report
 
+    # -- taking events into the plan (before the transition is chosen) ---
+
+    def take_in(self, ev: Event) -> None:
+        """Validator on every transition, so it runs before the guards: takes ``ev`` into the plan, once."""
+        if self._taken is ev:  # the next candidate transition of the same event
+            return
+        self._taken = ev
+        name, data = ev.name, ev.data
+        reply, _, outcome = name.partition("_")
+        if name in ("shared_attributes_received", "init_files_requested"):
+            self.plan.full = True
+            self.plan.force = self.plan.force or name == "init_files_requested"
+        elif name == "shared_attributes_updated":
+            self._take_push(data.get("values") or {}, data.get("deleted") or [])
+        elif name == "check_due":
+            self.plan.scan = self.state_name == "in_sync" or self.plan.scan
+        elif reply in REPLIES and outcome in OUTCOMES:
+            ok = outcome == "succeeded"
+            result = (data.get("result") or {}) if ok else None
+            getattr(self, f"_took_{reply}")(result, data.get("error") or outcome.replace("_", " "))
+        self.mark_dirty()
+
+    def _take_push(self, values: dict[str, Any], deleted: list[str]) -> None:
+        if "FILES" in values or "FILES" in deleted:
+            self.logged.clear()  # new definitions: report their problems afresh
+        if "FILES" in deleted:
+            self._set_definitions({})
+        elif "FILES" in values:
+            self._set_definitions(values["FILES"])
+        for name, value in values.items():
+            key = content_key(name)
+            if key is not None:
+                self.logged.pop(key, None)
+                self._take_content(key, value)
+        for name in deleted:
+            key = content_key(name)
+            if key in self.definitions:  # from now on read-only: mirror what is there
+                self.plan.writes.pop(key, None)
+                self.plan.mirror.add(key)
+
+    def _set_definitions(self, raw: Any) -> None:
+        found, errors = parse_definitions(raw)
+        for key, reason in errors.items():
+            self._log("ERROR", key, f"file {key}: invalid definition, ignored: {reason}")
+        changed = {k for k in found if self.definitions.get(k) != found[k]}
+        for key in set(self.definitions) - set(found):  # no longer managed
+            self.recorded.pop(key, None)
+            self.local.pop(key, None)
+            self.plan.forget(key)
+            self.plan.report = True
+        self.definitions = found
+        self.plan.changed |= changed
+        self.plan.scan = self.plan.scan or bool(changed)
+
+    def _took_request(self, result: dict[str, Any] | None, error: str) -> None:
+        if result is None:
+            self.plan.in_full = False
+            self._log("WARNING", "*", f"requesting FILES and FILE_HASHES failed: {error}")
+            return
+        for key, entry in parse_hashes((result.get("client") or {}).get("FILE_HASHES")).items():
+            self.recorded.setdefault(key, entry)  # our own record wins: it is newer
+        self._set_definitions((result.get("shared") or {}).get("FILES", {}))
+        self.plan.scan = True
+
+    def _took_scan(self, result: dict[str, Any] | None, error: str) -> None:
+        if result is None:
+            self._log("ERROR", "*", f"scanning the managed files failed: {error}")
+            return
+        for key, found in result.items():
+            if key not in self.definitions:
+                continue
+            if "error" in found:
+                self._refused(key, found["error"])
+                continue
+            self.local[key] = found["hash"]
+            if self.plan.in_full or key in self.plan.changed or self._drifted(key):
+                self.plan.fetch.add(key)
+        self.plan.changed.clear()
+        if self.plan.in_full:
+            self.plan.mirror |= set(self.local)
+            self.plan.report = True
+
+    def _refused(self, key: str, reason: str) -> None:
+        self.local.pop(key, None)
+        self.plan.forget(key)
+        self.plan.report = self.plan.report or self.recorded.pop(key, None) is not None
+        self._log("ERROR", key, f"file {key}: refused: {reason}")
+
+    def _drifted(self, key: str) -> bool:
+        return rules.drifted(self.local[key], self.recorded.get(key) or {}, self.definitions[key]["write_version"])
+
+    def _took_fetch(self, result: dict[str, Any] | None, error: str) -> None:
+        keys, self.plan.fetching = self.plan.fetching, []
+        if result is None:
+            self._log("WARNING", "*", f"fetching file contents failed: {error}")
+            return
+        shared = result.get("shared") or {}
+        for key in keys:
+            if key not in self.definitions or key not in self.local:
+                continue
+            if rules.CONTENT_PREFIX + key in shared:
+                self._take_content(key, shared[rules.CONTENT_PREFIX + key])
+            else:  # no content attribute: the file is mirrored read-only
+                self._record(key, self.local[key])
+
+    def _take_content(self, key: str, value: Any) -> None:
+        d = self.definitions.get(key)
+        if d is None:
+            self._log("WARNING", key, f"{rules.CONTENT_PREFIX}{key} has no definition in FILES; ignored")
+            return
+        try:
+            digest = rules.digest(d["encoding"], value)
+        except ContentError as exc:
+            self._log("ERROR", key, f"file {key}: content rejected, nothing written: {exc}")
+            return
+        local = self.local.get(key)
+        if local == NO_FILE and not d["create"]:
+            self._log("WARNING", key, f"file {key}: missing and create_if_not_exist is false; not created")
+            self._record(key, NO_FILE)
+        elif digest == local and not self.plan.force:
+            self._record(key, local)  # already in place; the write_version is now applied too
+        else:
+            self.plan.writes[key] = value
+
+    def _took_write(self, result: dict[str, Any] | None, error: str) -> None:
+        key, self.plan.writing = self.plan.writing, None
+        if key is None or key not in self.definitions:
+            return
+        if result is None or not isinstance(result.get("hash"), str):
+            self._log("ERROR", key, f"file {key}: write failed, file unchanged: {error}")
+            return
+        self.local[key] = result["hash"]
+        self._record(key, result["hash"], mirror=bool(result.get("changed")))
+        self.logged.pop(key, None)
+        if result.get("changed") and self.definitions[key]["restart"]:
+            self.emit(Notify(machine="controller", name="restart_requested", data={"reason": f"file {key} changed"}))
+
+    def _took_mirror(self, result: dict[str, Any] | None, error: str) -> None:
+        if result is None:
+            self._log("WARNING", "*", f"mirroring files failed: {error}")
+            return
+        for key, status in sorted(result.items()):
+            problem = rules.mirror_problem(key, status)
+            if problem is not None:
+                self._log("ERROR", key, problem)
+
+    def _took_report(self, result: dict[str, Any] | None, error: str) -> None:
+        if result is None:  # the next connect reports again: every full pass does
+            self._log("WARNING", "*", f"publishing FILE_HASHES failed: {error}")
+
+    # -- bookkeeping ------------------------------------------------------
+
+    def _record(self, key: str, digest: str, mirror: bool = False) -> None:
+        entry = {"hash": digest, "write_version": self.definitions[key]["write_version"]}
+        if self.recorded.get(key) != entry or mirror:
+            self.plan.mirror.add(key)
+            self.plan.report = True
+        self.recorded[key] = entry
+
+    def _log(self, level: str, key: str, message: str) -> None:
+        """Report to the gateway log (forwarded to ThingsBoard); a repeat of the last message for a key is dropped."""
+        message = rules.capped(message)
+        if self.logged.get(key) == message:
+            return
+        self.logged[key] = message
+        self.emit(Log(level=level, message=message))
+
     # -- entering a step issues its effect -------------------------------
 
     def on_enter_requesting(self) -> None:
         self.plan.full, self.plan.in_full = False, True
-        self.emit(support.request_definitions(self.settings))
+        self.emit(rules.request_definitions(self.settings))
 
     def on_enter_scanning(self) -> None:
         self.plan.scan = False
-        self.emit(support.scan(self.definitions))
+        self.emit(rules.scan(self.definitions))
 
     def on_enter_fetching(self) -> None:
         self.plan.fetching, self.plan.fetch = sorted(self.plan.fetch), set()
-        self.emit(support.fetch(self.plan.fetching, self.settings))
+        self.emit(rules.fetch(self.plan.fetching, self.settings))
 
     def on_enter_writing(self) -> None:
         key = next(iter(self.plan.writes))
         content = self.plan.writes.pop(key)
         self.plan.writing = key
-        self.emit(support.write(key, self.definitions[key], content, self.plan.force, self.settings))
+        self.emit(rules.write(key, self.definitions[key], content, self.plan.force, self.settings))
 
     def on_enter_mirroring(self) -> None:
         keys, self.plan.mirror = sorted(k for k in self.plan.mirror if k in self.definitions), set()
-        self.emit(support.mirror(keys, self.definitions))
+        self.emit(rules.mirror(keys, self.definitions))
 
     def on_enter_reporting(self) -> None:
         self.plan.report = False
-        self.emit(support.report(support.hashes_attribute(self.recorded, self.definitions), self.settings))
+        self.emit(rules.report(rules.hashes_attribute(self.recorded, self.definitions), self.settings))
 
     def on_enter_in_sync(self) -> None:
         self.plan.in_full = self.plan.force = False

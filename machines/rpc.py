@@ -1,9 +1,9 @@
 """The rpc machine: routes server-side RPCs.
 
 What it is for: every RPC from ThingsBoard becomes a journaled event here, is
-checked against the RPC table (machines/rpc_methods.py) and then answered at
-once (``ping``, ``list``, unknown method, bad params), handed to the RPC
-component's worker threads (``RunRpc``: reboot, run_command, archive, ...), or
+checked against the RPC table and its parameter rules (``machines/rpc_rules.py``)
+and then answered at once (``ping``, ``list``, unknown method, bad params),
+handed to the RPC component's worker threads (``RunRpc``: reboot, run_command, archive, ...), or
 turned into an event for the machine that owns the action (restart_controller
 -> controller, init_files -> file_sync, ota_retry/ota_rollback -> ota). For
 those the engine's answer hook replies with the transition the event caused,
@@ -11,7 +11,8 @@ or refuses with that machine's current state.
 
 Events: ``rpc_requested`` {request_id, method, params}.
 Effects: ``Publish`` (the reply), ``RunRpc``, ``Notify`` (with rpc_request_id).
-Persists nothing: a restart drops RPCs in flight (ThingsBoard times them out).
+Persists nothing: a restart drops RPCs in flight (ThingsBoard times them out)
+and resumes in ``serving``, its only state.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import attrs
 from statemachine import State
 
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.rpc_methods import METHODS_BY_NAME, list_text, parse_params
+from teg_fsm.machines.rpc_rules import METHODS_BY_NAME, list_text, parse_params, plain_params
 from teg_fsm.engine.effects import Notify
 from teg_fsm.engine.effects.mqtt import RPC_RESPONSE_TOPIC, Publish
 from teg_fsm.engine.effects.rpc import RunRpc
@@ -64,14 +64,9 @@ class RpcMachine(GatewayMachine):
         if error is not None:
             self._reply(request_id, f"Error - {method.error_prefix}{error}")
         elif method.handler is not None:
-            plain = _plain(params)
-            self.emit(RunRpc(request_id=request_id, method=method.name, params=plain))
+            self.emit(RunRpc(request_id=request_id, method=method.name, params=plain_params(params)))
         else:
             self.emit(Notify(machine=method.machine, name=method.event, data={"rpc_request_id": request_id, "rpc_method": method.name}))
 
     def _reply(self, request_id: Any, message: Any) -> None:
         self.emit(Publish(topic=RPC_RESPONSE_TOPIC.format(request_id), payload=json.dumps({"message": message}), qos=1))
-
-
-def _plain(params: Any) -> Any:
-    return None if params is None else attrs.asdict(params)

@@ -5,8 +5,8 @@ gateway's own log records, reach ThingsBoard as telemetry arrays (QoS 1), at
 least once, in order, without ever tripping ThingsBoard's payload or rate
 limits (a tripped limit closes the session: PROTOCOL.md §1.2, §6.3).
 
-Two pipelines, decided by this machine (the planning and the rate budget are in
-machines/uplink_plan.py) and carried out by the queue adapter:
+Two pipelines, decided by this machine (its last sections: the rate budget and
+the planning) and carried out by the queue adapter:
 - transfer: ``TransferRows`` moves a batch from ``messages`` to the archive and
   ``pending_mqtt_messages`` (one transaction), while pending is below its cap.
   Runs online and offline, one batch at a time.
@@ -61,27 +61,28 @@ ignored.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from statemachine import State
-from statemachine.transition_list import TransitionList
 
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.uplink_plan import Stream, UplinkPlanning, UplinkSettings
-from teg_fsm.engine.effects import CancelTimer, Log, StartTimer
+from teg_fsm.machines.uplink_rules import PACKET_OVERHEAD, Stream, UplinkSettings, loops
+from teg_fsm.engine.effects import CancelTimer, Log, Notify, StartTimer
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
+from teg_fsm.engine.effects.uplink import DATA, LOGS, SendPacket, TransferRows
 from teg_fsm.engine.events import Event
-
-def _loops(*states: State) -> TransitionList:
-    """Internal self-transitions in every given state (bookkeeping events)."""
-    transitions = TransitionList()
-    for state in states:
-        transitions = transitions | state.to.itself(internal=True)
-    return transitions
+from teg_fsm.engine.rate_limits import TokenBuckets
 
 
-class UplinkMachine(UplinkPlanning, GatewayMachine):
-    """Controller queue and gateway logs -> ThingsBoard telemetry."""
+class UplinkMachine(GatewayMachine):
+    """Controller queue and gateway logs -> ThingsBoard telemetry.
+
+    The table, then its data, guards and event handlers, then the rate budget
+    and the planning the handlers call. ``UplinkSettings``, ``Stream`` and the
+    table helper ``loops`` are in ``machines/uplink_rules.py``.
+    """
 
     machine_name = "uplink"
     settings_type = UplinkSettings
@@ -99,28 +100,28 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         idle.to(draining, cond="is_draining") | idle.to(throttled, cond="is_throttled")
         | draining.to(idle, cond="is_idle") | draining.to(throttled, cond="is_throttled")
         | throttled.to(draining, cond="is_draining") | throttled.to(idle, cond="is_idle")
-        | _loops(offline, idle, draining, throttled)  # already where the work says
+        | loops(offline, idle, draining, throttled)  # already where the work says
     )
-    session_limits_received = _loops(offline, idle, draining, throttled)
-    gateway_stopping = _loops(offline, idle, draining, throttled)
-    rows_waiting = _loops(offline, idle, draining, throttled)
-    logs_waiting = _loops(offline, idle, draining, throttled)
-    pending_refilled = _loops(offline, idle, draining, throttled)
-    hold_elapsed = _loops(idle, draining, throttled)
-    transfer_retry_elapsed = _loops(offline, idle, draining, throttled)
-    transfer_succeeded = _loops(offline, idle, draining, throttled)
-    transfer_failed = _loops(offline, idle, draining, throttled)
-    transfer_timed_out = _loops(offline, idle, draining, throttled)
-    transfer_cancelled = _loops(offline, idle, draining, throttled)  # only at shutdown
+    session_limits_received = loops(offline, idle, draining, throttled)
+    gateway_stopping = loops(offline, idle, draining, throttled)
+    rows_waiting = loops(offline, idle, draining, throttled)
+    logs_waiting = loops(offline, idle, draining, throttled)
+    pending_refilled = loops(offline, idle, draining, throttled)
+    hold_elapsed = loops(idle, draining, throttled)
+    transfer_retry_elapsed = loops(offline, idle, draining, throttled)
+    transfer_succeeded = loops(offline, idle, draining, throttled)
+    transfer_failed = loops(offline, idle, draining, throttled)
+    transfer_timed_out = loops(offline, idle, draining, throttled)
+    transfer_cancelled = loops(offline, idle, draining, throttled)  # only at shutdown
     # Packets exist only online; in offline their outcomes are stale and dropped.
-    data_packet_succeeded = _loops(offline, idle, draining, throttled)
-    data_packet_failed = _loops(offline, idle, draining, throttled)
-    data_packet_timed_out = _loops(offline, idle, draining, throttled)
-    data_packet_cancelled = _loops(offline, idle, draining, throttled)
-    log_packet_succeeded = _loops(offline, idle, draining, throttled)
-    log_packet_failed = _loops(offline, idle, draining, throttled)
-    log_packet_timed_out = _loops(offline, idle, draining, throttled)
-    log_packet_cancelled = _loops(offline, idle, draining, throttled)
+    data_packet_succeeded = loops(offline, idle, draining, throttled)
+    data_packet_failed = loops(offline, idle, draining, throttled)
+    data_packet_timed_out = loops(offline, idle, draining, throttled)
+    data_packet_cancelled = loops(offline, idle, draining, throttled)
+    log_packet_succeeded = loops(offline, idle, draining, throttled)
+    log_packet_failed = loops(offline, idle, draining, throttled)
+    log_packet_timed_out = loops(offline, idle, draining, throttled)
+    log_packet_cancelled = loops(offline, idle, draining, throttled)
 
     # -- data ---------------------------------------------------------------
 
@@ -351,6 +352,152 @@ class UplinkMachine(UplinkPlanning, GatewayMachine):
         # Shutdown: start nothing new, so the packets in flight can get their
         # PUBACKs before the session closes (fewer rows sent twice).
         self.stopping = True
+
+    # -- limits ---------------------------------------------------------------
+
+    def _set_limits(self, messages: str, telemetry: str, points: str, now_ms: int) -> None:
+        self.limits_spec = (messages, telemetry, points)
+        self.messages = TokenBuckets(messages, now_ms)
+        self.telemetry = TokenBuckets(telemetry, now_ms)
+        self.points = TokenBuckets(points, now_ms)
+
+    def _take_session_limits(self, data: Mapping[str, Any]) -> None:
+        """Adopt the limits the server sent for this session (its rates only when they parse)."""
+        s = self.settings
+        rates = data.get("rateLimits") or {}
+        spec = (
+            rates.get("messages") or s.rate_messages,
+            rates.get("telemetryMessages") or s.rate_telemetry_messages,
+            rates.get("telemetryDataPoints") or s.rate_data_points,
+        )
+        if spec != self.limits_spec:
+            try:
+                self._set_limits(*spec, self.now_ms)
+            except ValueError as exc:
+                self.emit(Log(level="WARNING", message=f"ignoring session limits: {exc}"))
+        size = data.get("maxPayloadSize")
+        self.max_payload_size = min(s.max_payload_size, int(size)) if size else s.max_payload_size
+        inflight = data.get("maxInflightMessages")
+        # As ThingsBoard's SDK does: 80 % of what the server reports.
+        self.session_inflight = max(1, int(inflight) * 8 // 10) if inflight else None
+
+    def _settle_budget(self, result: Mapping[str, Any]) -> None:
+        """A packet was acknowledged: refund what it did not spend, learn its cost."""
+        reserved = result.get("max_points")
+        if reserved is not None:
+            self.points.give_back(max(0, reserved - result.get("points", 0)), self.now_ms)
+        if not result.get("rows"):  # nothing went out: the packet's tokens were not spent
+            self.messages.give_back(1, self.now_ms)
+            self.telemetry.give_back(1, self.now_ms)
+        elif result.get("bytes") and reserved is not None:  # points are counted only under a limit
+            self.points_per_byte = result.get("points", 0) / result["bytes"]
+        self.need_points = int(result.get("needs_points") or 0)
+
+    # -- planning -------------------------------------------------------------
+
+    def _plan(self) -> None:
+        """Issue the work that can go now, then let ``work_changed`` pick the state."""
+        if self.stopping:
+            return
+        self._plan_transfer()
+        if self.connected:
+            self._plan_packets()
+        if self._wanted_state() != self.current_state_value and not self.settle_pending:
+            self.settle_pending = True
+            self.emit(Notify(machine=self.machine_name, name="work_changed"))
+
+    def _wanted_state(self) -> str:
+        """The state the work calls for (the guards of ``work_changed`` agree with it)."""
+        if not self.connected:
+            return "offline"
+        if self.holding:
+            return "throttled"
+        return "draining" if self._in_flight() else "idle"
+
+    def _in_flight(self) -> int:
+        return self.data.in_flight + self.logs.in_flight
+
+    def _window(self) -> int:
+        if self.session_inflight is None:
+            return self.settings.max_inflight
+        return max(1, min(self.settings.max_inflight, self.session_inflight))
+
+    def _hold(self, seconds: float) -> None:
+        if not self.holding:
+            self.holding = True
+            self.emit(StartTimer(name="hold_elapsed", seconds=max(seconds, 0.01)))
+
+    def _plan_transfer(self) -> None:
+        if self.transfer_in_flight or self.transfer_held or not self.rows_maybe_waiting:
+            return
+        if self.pending_full and self.pending_rows >= self.settings.pending_max_rows:
+            return
+        s = self.settings
+        self.transfer_in_flight = True
+        self.emit(TransferRows(max_rows=s.batch_rows, pending_max_rows=s.pending_max_rows,
+                               reply="transfer", timeout_s=s.transfer_timeout_s))
+
+    def _plan_packets(self) -> None:
+        while not self.holding and self._in_flight() < self._window():
+            if self.logs.waiting and self.logs.in_flight == 0:
+                stream = self.logs
+            elif self.data.waiting and self._data_packets_useful():
+                stream = self.data
+            else:
+                return
+            budget = self._points_budget()
+            if budget is None:
+                return
+            self._send(stream, budget)
+
+    def _data_packets_useful(self) -> bool:
+        """Another data packet has rows to carry (probe with one while the size is unknown)."""
+        if self.data.in_flight == 0:
+            return True
+        if self.data.known_top is None or self.rows_per_packet == 0:
+            return False
+        return self.data.in_flight < -(-self.pending_rows // self.rows_per_packet)
+
+    def _points_budget(self) -> int | None:
+        """Points the next packet may carry (-1: no limit); None when it must wait (then holds)."""
+        now = self.now_ms
+        if self.messages.available(now) < 1 or self.telemetry.available(now) < 1:
+            self._hold(max(self.messages.wait_s(1, now), self.telemetry.wait_s(1, now)))
+            return None
+        if self.points.unlimited:
+            return -1
+        wanted = min(self.points.capacity, max(self.need_points, self._points_per_packet()))
+        available = self.points.available(now)
+        if available < wanted:
+            self._hold(self.points.wait_s(wanted, now))
+            return None
+        return int(wanted)
+
+    def _points_per_packet(self) -> float:
+        if self.points_per_byte is None:
+            return self.points.capacity
+        return math.ceil(self.points_per_byte * (self.max_payload_size - PACKET_OVERHEAD) * 1.1) + 1
+
+    def _send(self, stream: Stream, budget: int) -> None:
+        now = self.now_ms
+        self.messages.take(1, now)
+        self.telemetry.take(1, now)
+        if budget >= 0:
+            self.points.take(budget, now)
+        capacity = None if self.points.unlimited else int(self.points.capacity)
+        self.emit(SendPacket(
+            stream=DATA if stream is self.data else LOGS,
+            restart=stream.restart,
+            max_payload_bytes=self.max_payload_size - PACKET_OVERHEAD,
+            max_points=budget if budget >= 0 else None,
+            points_capacity=capacity,
+            reply=stream.reply,
+            timeout_s=self.stall_timeout_s,
+        ))
+        stream.restart = False
+        stream.in_flight += 1
+
+    # -- read by the component and the journal ----------------------------------
 
     def in_flight(self) -> int:
         """Packets awaiting PUBACK (read by the component while the gateway stops)."""

@@ -11,7 +11,7 @@ machine is in.
 of its own; on timeout, and when the command itself ends, the whole group is
 killed, so background children never outlive it. Its output is read with a
 bound. Every request gets a reply: bad params are refused by the rpc machine
-(machines/rpc_methods.py) and a handler that raises is answered with the error.
+(machines/rpc_rules.py) and a handler that raises is answered with the error.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from teg_fsm.machines.rpc import RpcMachine
-from teg_fsm.machines.rpc_methods import METHODS_BY_NAME
+from teg_fsm.machines.rpc_rules import METHODS_BY_NAME
 from teg_fsm.engine.dispatcher import Dispatched, MachineSpec
 from teg_fsm.engine.effects.mqtt import RPC_RESPONSE_TOPIC
 from teg_fsm.engine.effects.rpc import RunRpc

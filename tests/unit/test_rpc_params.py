@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teg_fsm.machines.rpc import RpcMachine
-from teg_fsm.machines.rpc_methods import (
+from teg_fsm.machines.rpc_rules import (
     MAX_RUN_COMMAND_TIMEOUT_S,
     METHODS_BY_NAME,
     RPC_METHODS,

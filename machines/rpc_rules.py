@@ -1,6 +1,7 @@
-"""The RPC table: every method, what it does, its parameters, its replies.
+"""The rpc machine's rules: the RPC table, every method, its parameters, its replies.
 
-Pure data (no I/O), shared by the rpc machine and the RPC component. A method
+Pure data and functions (no I/O, no machine state), shared by the rpc machine
+(machines/rpc.py) and the RPC component. A method
 is either answered by the rpc machine itself (``reply``), run by the RPC
 component on a worker thread (``handler``), or turned into an event for
 another machine (``machine``/``event``); for those the reply says whether the
@@ -143,6 +144,11 @@ def parse_params(method: RpcMethod, params: Any) -> tuple[Any, str | None]:
         return None, f"params not understood ({type(exc).__name__}: {exc})"
     error = _check(parsed)
     return (None, error) if error is not None else (parsed, None)
+
+
+def plain_params(params: Any) -> Any:
+    """Parsed params as the plain dict ``RunRpc`` carries into the journal (None stays None)."""
+    return None if params is None else attrs.asdict(params)
 
 
 def _check(parsed: Any) -> str | None:

@@ -1,8 +1,8 @@
-"""File sync's pure parts: the plan, settings, the table helper, payloads and texts.
+"""File sync's rules: the plan's type, settings, the table helper, payloads and texts.
 
-Nothing here keeps state or emits: ``machines/file_sync.py`` holds the table
-and ``machines/file_sync_intake.py`` its bookkeeping; they call these to decide
-and to build the effects they then emit.
+Nothing here keeps state or emits: ``machines/file_sync.py`` holds the table,
+the machine's data and its actions; they call these to decide and to build the
+effects they then emit.
 """
 
 from __future__ import annotations
