@@ -48,7 +48,9 @@ class Emission:
 
 @attrs.frozen
 class Row:
-    """One transition for one event, as the microstep tries it."""
+    """One transition for one event; rows come in the order python-statemachine tries them
+    (the active state's transitions in declaration order, then its ancestors').
+    """
 
     source: str
     event: str

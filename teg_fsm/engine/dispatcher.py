@@ -269,7 +269,7 @@ class Dispatcher:
             moved, effects = machine.handle(event)
         except Exception as exc:
             # A machine bug must not stop the gateway. The step's effects are
-            # dropped whole (the microstep already restored the state), the
+            # dropped whole (the library already restored the state), the
             # machine goes to its declared safe state, and the failure is
             # journaled as what this event did, so a replay meets it again.
             machine.take_effects(), machine.take_transitions()
@@ -277,7 +277,7 @@ class Dispatcher:
                 log.exception("%s failed on event #%s %s", name, event.seq, event.name)
             safe = type(machine).error_state
             if safe is not None:
-                machine.current_state_value = safe
+                machine.place(safe)
             error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
             return [Transition(name, before, machine.state_name, event.name, error)], []
         return [Transition(name, source, target, trigger) for source, target, trigger in moved], effects

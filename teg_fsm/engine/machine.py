@@ -6,7 +6,8 @@ effect commands the machine issued. Machines read time from ``self.now_ms``
 (the timestamp of the event being handled) and never from a clock.
 
 Resume contract (Mender's StoreStateData / LoadStateFromDb): the engine stores
-``current_state_value`` and ``snapshot()`` after any step that changed them,
+``state_name`` (the active atomic state, nested for a compound machine) and
+``snapshot()`` after any step that changed them,
 before handing out that step's effects. On start it re-enters
 ``resume_table[stored_state]``, calls ``restore(data)`` and sends the
 ``resumed`` event so the machine can re-issue the work of the state it is in.
@@ -20,11 +21,12 @@ one; the engine journals the failure and carries on with the next event.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSet
 from typing import Any, ClassVar
 
 import cattrs
-from statemachine import StateChart
+from statemachine import State, StateChart
+from statemachine.orderedset import OrderedSet
 
 from teg_fsm.engine.effects import Effect
 from teg_fsm.engine.events import Event
@@ -36,13 +38,42 @@ class NoSettings:
     """Settings type of a machine that needs none."""
 
 
+class _TransitionRecorder:
+    """Listener that logs each transition the library takes into the machine's transition log.
+
+    ``after_transition`` runs for every transition, internal self-transitions
+    included, once the machine is in the target, so the entry names the
+    active atomic states before and after (a compound machine's nested states,
+    not the compound state a transition may be declared on).
+    """
+
+    def __init__(self, machine: GatewayMachine) -> None:
+        self._machine = machine
+        self._source = ""
+
+    def start(self, source: str) -> None:
+        self._source = source
+
+    def after_transition(self, event: str) -> None:
+        target = self._machine.state_name
+        self._machine.transition_log.append((self._source, target, str(event)))
+        self._source = target
+
+
 class GatewayMachine(StateChart):
     """Base of the gateway's machines."""
 
     catch_errors_as_events = False
     allow_event_without_transition = True
-    # "internal" means no exit/entry, as the microstep runs it (the library re-enters by default).
+    # An internal transition (``s.to.itself(internal=True)``) runs no exit/entry
+    # actions: the gateway's bookkeeping events rely on it.
     enable_self_transition_entries = False
+    # Transition actions (before/on, and exit) see the source state, entry and
+    # after actions the target: one configuration update between the two, as
+    # the library's classic StateMachine does (the SCXML default leaves the
+    # machine in no state while ``on_<event>`` runs, and actions such as the
+    # uplink's planning compare the work with the current state).
+    atomic_configuration_update = True
 
     machine_name: ClassVar[str] = ""
     settings_type: ClassVar[type] = NoSettings
@@ -61,7 +92,11 @@ class GatewayMachine(StateChart):
         self.now_ms = 0
         self.dirty = False
         self.setup()
-        super().__init__(start_value=start_value)
+        self._recorder = _TransitionRecorder(self)
+        super().__init__(start_value=start_value, listeners=[self._recorder])
+        self._event_names = {
+            state.value: self._declared_event_names(state) for state in self.states_map.values() if state.is_atomic
+        }
 
     @classmethod
     def structure_settings(cls, settings: Mapping[str, Any] | None) -> Any:
@@ -90,98 +125,43 @@ class GatewayMachine(StateChart):
         self.dirty = True
 
     def handle(self, ev: Event) -> tuple[list[tuple[str, str, str]], list[Effect]]:
+        """Run ``ev`` through the library's ``send``; return the transitions taken and the effects issued.
+
+        Every transition is logged as (state before, state after, event), the
+        states being the active atomic states (for a compound machine, the
+        nested state; what ``state_name`` and the checkpoints say), internal
+        self-transitions included. A step that raises leaves the state as
+        the library restored it (before the failed transition; a failing
+        ``after`` action runs once the machine is in the target) and its
+        effects in the outbox, for the dispatcher to drop.
+        """
         self.now_ms = ev.ts_ms
-        if self._flat:
-            self._microstep(ev)
-        else:
-            before = self.state_name
+        if self._may_take(ev.name):
+            self._recorder.start(self.state_name)
             self.send(ev.name, ev=ev)
-            if self.state_name != before:
-                self.transition_log.append((before, self.state_name, ev.name))
         return self.take_transitions(), self.take_effects()
 
-    # -- the flat-machine microstep ---------------------------------------
-    # Why: the library's SCXML processing loop (queues, macrosteps, eventless
-    # transitions) costs ~200 us per event, ten times the gateway's budget. A
-    # flat machine needs exactly one microstep: pick the first enabled
-    # transition of the active state, then before -> exit -> on -> enter ->
-    # after. This runs that step on the library's own resolved callbacks
-    # (same keys, same argument injection), so declarations, conventions and
-    # diagrams stay the library's; tests/engine/test_microstep.py checks it
-    # against ``send`` on every machine.
+    def _may_take(self, event_name: str) -> bool:
+        """False only when no active state declares ``event_name`` (so ``send`` would do nothing).
 
-    @property
-    def _flat(self) -> bool:
-        return type(self)._is_flat()
+        Why: many events the dispatcher delivers find no transition in the
+        machine's current state (broadcasts, outcomes that arrive late), and
+        skipping ``send`` for them keeps a no-op cheap. It also keeps an event
+        whose name happens to be a method of the machine (``send`` looks the
+        name up as an attribute) from reaching the library at all.
+        """
+        names = self._event_names[self._leaf_value()]
+        return names is None or "." in event_name or event_name in names
 
     @classmethod
-    def _is_flat(cls) -> bool:
-        flat = cls.__dict__.get("_flat_cache")
-        if flat is None:
-            flat = all(s.is_atomic and s.parent is None and not s.final for s in cls.states_map.values())
-            flat = flat and not any(t.is_eventless for s in cls.states for t in s.transitions)
-            cls._flat_cache = flat
-        return flat
-
-    @classmethod
-    def _candidates(cls, state_id: str, event_name: str) -> list[Any]:
-        table = cls.__dict__.get("_candidates_cache")
-        if table is None:
-            table = {}
-            cls._candidates_cache = table
-        key = (state_id, event_name)
-        if key not in table:
-            state = cls.states_map[state_id]
-            table[key] = [t for t in state.transitions if not t.initial and t.match(event_name)]
-        return table[key]
-
-    def _microstep(self, ev: Event) -> None:
-        state = self.states_map[self.current_state_value]
-        candidates = self._candidates(state.id, ev.name)
-        if not candidates:
-            return
-        callbacks = self._callbacks
-        kwargs = {"ev": ev, "machine": self, "model": self.model, "event": self._event_objects()[ev.name],
-                  "event_data": None, "state": state, "source": state}
-        for transition in candidates:
-            kwargs["transition"] = transition
-            kwargs["target"] = transition.target
-            validators, cond = transition.validators.key, transition.cond.key
-            if validators in callbacks:
-                callbacks.call(validators, **kwargs)
-            if cond not in callbacks or callbacks.all(cond, **kwargs):
-                self._take(transition, state, kwargs)
-                return
-
-    def _take(self, transition: Any, state: Any, kwargs: dict[str, Any]) -> None:
-        callbacks = self._callbacks
-        target = transition.target
-        previous = self.current_state_value
-        internal = transition.internal
-        try:
-            for key in (transition.before.key, None if internal else state.exit.key, transition.on.key):
-                if key in callbacks:
-                    callbacks.call(key, **kwargs)
-            if not internal:
-                self.current_state_value = target.value
-                kwargs["state"] = target
-                if target.enter.key in callbacks:
-                    callbacks.call(target.enter.key, **kwargs)
-        except Exception:
-            self.current_state_value = previous
-            raise
-        self.transition_log.append((state.id, target.id, kwargs["event"].id))
-        kwargs["state"] = target
-        if transition.after.key in callbacks:
-            callbacks.call(transition.after.key, **kwargs)
-
-    def _event_objects(self) -> dict[str, Any]:
-        cls = type(self)
-        table = cls.__dict__.get("_event_objects_cache")
-        if table is None:
-            table = {e.id: e for e in self.events}
-            cls._event_objects_cache = table
-        return table
+    def _declared_event_names(cls, state: State) -> frozenset[str] | None:
+        """Names of the events ``state`` or an ancestor has transitions for; None if one is a pattern."""
+        names: set[str] = set()
+        for holder in (state, *state.ancestors()):
+            names.update(str(e) for e in holder.transitions.unique_events)
+        if any("*" in name or "." in name for name in names):
+            return None
+        return frozenset(names)
 
     def take_effects(self) -> list[Effect]:
         if not self.outbox:
@@ -199,7 +179,30 @@ class GatewayMachine(StateChart):
 
     @property
     def state_name(self) -> str:
-        return str(self.current_state_value)
+        """The active atomic state's value: what checkpoints store and transitions name."""
+        return str(self._leaf_value())
+
+    def _leaf_value(self) -> Any:
+        value = self.current_state_value
+        if not isinstance(value, MutableSet):
+            return value
+        # A compound machine's configuration holds the nested state and its ancestors.
+        leaves = [state.value for state in self.configuration if state.is_atomic]
+        if len(leaves) != 1:
+            raise ValueError(f"{type(self).__name__}: parallel states are not supported ({leaves})")
+        return leaves[0]
+
+    def place(self, state_value: str) -> None:
+        """Put the machine in ``state_value`` without running any action (the engine's error_state).
+
+        The configuration is the state with its ancestors; a compound state
+        is placed in its initial descendant.
+        """
+        state = self.states_map[state_value]
+        while state.is_compound:
+            state = next(t.target for t in state.transitions if t.initial)
+        chain = [*reversed(list(state.ancestors())), state]
+        self.current_state_value = OrderedSet(s.value for s in chain) if len(chain) > 1 else state.value
 
     def snapshot(self) -> dict[str, Any]:
         """The data needed to resume; JSON-able."""

@@ -92,3 +92,76 @@ class CounterMachine(GatewayMachine):
 
     def on_tick(self) -> None:
         self.count += 1
+
+
+@attrs.frozen(kw_only=True)
+class Download(Effect):
+    """A test effect issued on entering ``downloading``."""
+
+    attempt: int
+
+
+class UpdaterMachine(GatewayMachine):
+    """A compound machine: ``working`` nests ``downloading`` and ``installing``.
+
+    ``cancel`` is declared on the compound state, so it applies in either
+    nested state. ``progress`` is a targetless transition of ``working``: it
+    runs its action in whichever nested state is active, with no exit or
+    entry. (``to.itself(internal=True)`` would not do here: python-statemachine
+    3.2.2 re-enters the ancestors of a nested state on it, and exits the
+    nested states of a compound one; see docs/ENGINE.md.)
+    ``install_failed`` raises after issuing an effect, for containment.
+    """
+
+    machine_name = "updater"
+    resume_table = {"idle": "idle", "downloading": "downloading", "installing": "installing", "halted": "halted"}
+    rest_states = frozenset({"idle", "halted"})
+    error_state = "halted"
+
+    idle = State(initial=True)
+    halted = State()
+
+    class working(State.Compound):
+        downloading = State(initial=True)
+        installing = State()
+
+        downloaded = downloading.to(installing)
+
+    start = idle.to(working) | halted.to(working)
+    progress = working.to(None)
+    cancel = working.to(idle)
+    installed = working.installing.to(idle)
+    install_failed = working.installing.to(idle)
+    halt_requested = working.to(halted)
+
+    def setup(self) -> None:
+        self.attempts = 0
+        self.progress_seen = 0
+        self.entered: list[str] = []
+
+    def on_enter_working(self) -> None:
+        self.entered.append("working")
+
+    def on_exit_working(self) -> None:
+        self.entered.append("-working")
+
+    def on_enter_downloading(self) -> None:
+        self.attempts += 1
+        self.entered.append("downloading")
+        self.emit(Download(attempt=self.attempts))
+
+    def on_enter_installing(self) -> None:
+        self.entered.append("installing")
+
+    def on_progress(self, ev: Event) -> None:
+        self.progress_seen += ev.data.get("step", 1)
+
+    def on_install_failed(self) -> None:
+        self.emit(Download(attempt=-1))
+        raise RuntimeError("install script crashed")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"attempts": self.attempts}
+
+    def restore(self, data: Any) -> None:
+        self.attempts = data.get("attempts", 0)

@@ -278,7 +278,7 @@ def test_table_lists_every_transition_in_evaluation_order(cls: type[GatewayMachi
     for state, event in {(s, e) for s, e, _, _ in library}:
         in_table = [row for row in table if row[:2] == (state, event)]
         in_library = [(s, e, t, i and s == t) for s, e, t, i in library if (s, e) == (state, event)]
-        assert in_table == in_library  # the order the microstep tries them
+        assert in_table == in_library  # the order the library tries them
 
 
 def test_uplink_table_shows_the_bookkeeping_and_rpc_its_only_transition() -> None:
