@@ -39,24 +39,32 @@ Concurrency: one step runs at a time. An assignment arriving mid-update is
 recorded; when the running step ends, a newer target restarts the pipeline
 from ``fetching`` (via ``idle``) and the latest assignment wins.
 
-This module is the table: states, transitions, data and guards. The actions
-it names are in machines/ota_actions.py, the effects and payloads in
-machines/ota_support.py.
+This module is the machine, read top-down: flags, states, transitions (one
+event per line), data, guards, actions. Pure helpers that need no machine
+state (settings, the version rule, effect and payload builders, the
+``sw_error`` texts) are in machines/ota_rules.py.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
+from teg_fsm.engine.effects import CancelTimer, Log, Notify, StartTimer
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Publish
+from teg_fsm.engine.effects.ota import WriteControllerVersion
+from teg_fsm.engine.events import Event
 from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.ota_actions import OtaActions
+from teg_fsm.machines import ota_rules as rules
 
 # OtaSettings and version_error are re-exported: the OTA component and tests import them from here.
-from teg_fsm.machines.ota_support import OtaSettings, assigned, next_target, version_error
-from teg_fsm.engine.events import Event
+from teg_fsm.machines.ota_rules import (
+    OtaSettings, assigned, build_effect, checkout_effect, fetch_effect, next_target, prune_effect, record_effect,
+    sw_state_payload, version_error,
+)
 
 __all__ = ["OtaMachine", "OtaSettings", "version_error"]
 
@@ -96,7 +104,7 @@ def _missing_image_transitions(fetching: State, rest: tuple[State, ...], busy: t
     return transitions | _everywhere((*rest, *busy), before="note_missing_image")
 
 
-class OtaMachine(OtaActions, GatewayMachine):
+class OtaMachine(GatewayMachine):
     """Installs the assigned controller version; rolls back to the last good one."""
 
     machine_name = "ota"
@@ -441,7 +449,7 @@ class OtaMachine(OtaActions, GatewayMachine):
         self.live, self.live_health_ms = None, None
         if isinstance(version, str) and not version_error(version, assigned=False):
             self.rebuild = version
-            self.emit(Log(level="WARNING", message=reason.image_missing(version)))
+            self.emit(Log(level="WARNING", message=rules.image_missing(version)))
         self.mark_dirty()
 
     def before_resumed(self) -> None:
@@ -455,11 +463,11 @@ class OtaMachine(OtaActions, GatewayMachine):
 
     def ask_rollback(self) -> None:
         self.rollback_asked = True
-        self._block(reason.OPERATOR_ROLLBACK)
+        self._block(rules.OPERATOR_ROLLBACK)
         self.mark_dirty()
 
     def note_operator_rollback(self) -> None:
-        self.reason = reason.OPERATOR_ROLLBACK
+        self.reason = rules.OPERATOR_ROLLBACK
 
     # -- entering states ---------------------------------------------------------
 
@@ -470,7 +478,7 @@ class OtaMachine(OtaActions, GatewayMachine):
         if error:
             self._report("FAILED", error)
         elif self.desired is not None and self.desired == self.blocked:
-            self._report("FAILED", reason.cancelled_by_operator(self.target, self.running))
+            self._report("FAILED", rules.cancelled_by_operator(self.target, self.running))
         elif self.desired is not None and self.desired == self.running:
             self._report("UPDATED")
 
@@ -574,13 +582,13 @@ class OtaMachine(OtaActions, GatewayMachine):
         self._report("VERIFIED")
 
     def note_fetch_failed(self, ev: Event) -> None:
-        self.fetch_error = reason.error_of(ev)
+        self.fetch_error = rules.error_of(ev)
         self.mark_dirty()
-        self.emit(Log(level="WARNING", message=reason.fetch_failed_trying_local(self.target, self.fetch_error)))
+        self.emit(Log(level="WARNING", message=rules.fetch_failed_trying_local(self.target, self.fetch_error)))
 
     def fail_transient(self, ev: Event) -> None:
         """The fetch failed and the version is not in the local refs either: retried later."""
-        self.reason = reason.fetch_failed(self.target, f"{self.fetch_error}; {reason.error_of(ev)}")
+        self.reason = rules.fetch_failed(self.target, f"{self.fetch_error}; {rules.error_of(ev)}")
         self.transient = True
 
     def _block(self, why: str) -> None:
@@ -588,17 +596,17 @@ class OtaMachine(OtaActions, GatewayMachine):
         self.reason, self.blocked = why, self.target
 
     def fail_blocking(self, ev: Event) -> None:
-        self._block(reason.step_failed(ev.name, self.target, reason.error_of(ev)))
+        self._block(rules.step_failed(ev.name, self.target, rules.error_of(ev)))
 
     # Every way into rolling_back blocks the target: a rolled-back release is not retried.
     def note_reason(self, ev: Event) -> None:
-        self._block(reason.live_failed(ev.name, self.target, reason.error_of(ev)))
+        self._block(rules.live_failed(ev.name, self.target, rules.error_of(ev)))
 
     def note_swap_timeout(self) -> None:
-        self._block(reason.swap_timed_out(self.target, self.settings.swap_timeout_s))
+        self._block(rules.swap_timed_out(self.target, self.settings.swap_timeout_s))
 
     def note_no_health(self) -> None:
-        self._block(reason.no_health(self.target, self.settings.health_timeout_s))
+        self._block(rules.no_health(self.target, self.settings.health_timeout_s))
 
     def fail_no_health(self) -> None:
         self.note_no_health()
@@ -609,25 +617,25 @@ class OtaMachine(OtaActions, GatewayMachine):
             self.note_reason(ev)
         elif ev is not None and ev.name == "swap_deadline_elapsed":
             self.note_swap_timeout()
-        self._block(reason.without_rollback(self.reason, self.target == self.last_good))
+        self._block(rules.without_rollback(self.reason, self.target == self.last_good))
 
     def rolled_back(self) -> None:
         self.running = self.last_good
-        self.reason = reason.rolled_back(self.last_good, self.reason)
+        self.reason = rules.rolled_back(self.last_good, self.reason)
 
     def rollback_failed(self, ev: Event) -> None:
         self.running = None
-        self.reason = reason.rollback_failed(self.last_good, reason.error_of(ev), self.reason)
+        self.reason = rules.rollback_failed(self.last_good, rules.error_of(ev), self.reason)
 
     def note_crash_loop(self, ev: Event) -> None:
-        self._block(reason.crash_loop(ev.data.get("from_state", ""), self.target))
+        self._block(rules.crash_loop(ev.data.get("from_state", ""), self.target))
 
     def settle_crash_loop(self, ev: Event) -> None:
         """A resume in ``failed``: re-arm the retry timer, or report a crash loop we gave up on."""
         if not ev.data.get("crash_loop"):
             self._arm_fetch_retry()
             return
-        self._block(reason.gave_up(ev.data.get("from_state", ""), self.target))
+        self._block(rules.gave_up(ev.data.get("from_state", ""), self.target))
         if ev.data.get("from_state") == "rolling_back":
             self.running = None
         self._report("FAILED", self.reason)
@@ -642,7 +650,7 @@ class OtaMachine(OtaActions, GatewayMachine):
         self._report("UPDATED")
 
     def report_record_failed(self, ev: Event) -> None:
-        error = reason.record_failed(self.running, self.settings.version_file, reason.error_of(ev))
+        error = rules.record_failed(self.running, self.settings.version_file, rules.error_of(ev))
         self.emit(Log(level="ERROR", message=error))
         self._report("UPDATED", error)
 

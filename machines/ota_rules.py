@@ -1,10 +1,9 @@
-"""What the ota machine computes, kept apart from its table (machines/ota.py).
+"""What the ota machine (machines/ota.py) computes without its state.
 
 Pure functions and data, no I/O and no machine state: the version rule, the
 machine's settings, how an assignment is read from shared attributes, which
-version to install next, the effect commands of each step and the
-``sw_state`` telemetry payload. The texts of ``sw_error`` are in
-machines/ota_reasons.py.
+version to install next, the effect commands of each step, the ``sw_state``
+telemetry payload and the texts of ``sw_error``.
 """
 
 from __future__ import annotations
@@ -166,7 +165,9 @@ def sw_state_payload(running: str | None, state: str, error: str | None) -> dict
     return payload
 
 
-# -- sw_error reasons (moved from machines/ota_reasons.py) ----------------------------
+# -- sw_error reasons ------------------------------------------------------------
+# One function per text. Operators read these on ThingsBoard and recorded journals
+# contain them: change a text and the replay snapshots change with it.
 
 OPERATOR_ROLLBACK = "operator asked for a rollback"
 
