@@ -50,6 +50,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+import attrs
+import cattrs
 from statemachine import State
 from statemachine.transition_list import TransitionList
 
@@ -68,14 +70,44 @@ from teg_fsm.machines.ota_rules import (
 
 __all__ = ["OtaMachine", "OtaSettings", "version_error"]
 
-_PERSISTED = (
-    "desired", "desired_title", "target", "target_title", "running", "running_title", "last_good",
-    "blocked", "reason", "transient", "health_seen", "window_over", "swap_started_ms",
-    "rollback_asked", "last_report", "rebuild", "fetch_error", "live", "live_health_ms", "held_updated",
-)
+
+@attrs.define
+class OtaData:
+    """What the machine knows and persists; ``snapshot()`` is this, field by field.
+
+    The field names and their JSON values are the checkpoint and journal format
+    (a contract, like the state names): rename nothing here.
+    """
+
+    desired: str | None = None  # the assigned version (sw_version)
+    desired_title: str | None = None
+    target: str | None = None  # the version being installed
+    target_title: str | None = None
+    running: str | None = None  # the version in service (None after a failed rollback)
+    running_title: str = "controller"
+    last_good: str | None = None  # the version to roll back to
+    blocked: str | None = None  # a rolled-back or failed version, not retried until reassigned
+    reason: str = ""  # the sw_error of the current failure
+    transient: bool = False  # the failure may go away by itself: the fetch is retried
+    health_seen: bool = False  # the target wrote a health check during its swap or probation
+    window_over: bool = False  # the probation window has elapsed
+    swap_started_ms: int = 0  # health checks older than this are not the target's
+    rollback_asked: bool = False  # the operator asked for a rollback during the swap
+    last_report: dict[str, Any] | None = None  # the last sw_state payload sent
+    rebuild: str | None = None  # the controller misses this version's image
+    fetch_error: str | None = None  # the last fetch failed; the checkout decides
+    # Engine truth, from the controller's broadcasts since this process started
+    # (reset on ``resumed``): the version of the container that runs, and the
+    # newest health check it wrote since it started. UPDATED is sent only for that.
+    live: str | None = None
+    live_health_ms: int | None = None
+    held_updated: str | None = None  # an UPDATED (with its sw_error) waiting for ``live`` to prove it
+
+
+# Checkpoints and journals hold OtaData unstructured: plain JSON values.
+_data_converter = cattrs.Converter()
+
 _LIVE = ("swapping", "probation")
-_REST = ("idle", "committed", "failed")
-_BUSY = ("fetching", "checking_out", "building", "swapping", "probation", "committing", "rolling_back")
 
 
 def _assignment_transitions(fetching: State, rest: tuple[State, ...], busy: tuple[State, ...]) -> TransitionList:
@@ -255,37 +287,15 @@ class OtaMachine(GatewayMachine):
 
     def setup(self) -> None:
         self.ready = False
-        self.desired: str | None = None
-        self.desired_title: str | None = None
-        self.target: str | None = None
-        self.target_title: str | None = None
-        self.running: str | None = self.settings.last_good
-        self.running_title: str = self.settings.title
-        self.last_good: str | None = self.settings.last_good
-        self.blocked: str | None = None
-        self.reason = ""
-        self.transient = False
-        self.health_seen = False
-        self.window_over = False
-        self.swap_started_ms = 0
-        self.rollback_asked = False
-        self.last_report: dict[str, Any] | None = None
-        self.rebuild: str | None = None  # the controller misses this version's image
-        self.fetch_error: str | None = None  # the last fetch failed; the checkout decides
-        # Engine truth, from the controller's broadcasts since this process started
-        # (reset on ``resumed``): the version of the container that runs, and the
-        # newest health check it wrote since it started. UPDATED is sent only for that.
-        self.live: str | None = None
-        self.live_health_ms: int | None = None
-        self.held_updated: str | None = None  # an UPDATED (with its sw_error) waiting for ``live`` to prove it
+        self.data = OtaData(
+            running=self.settings.last_good, running_title=self.settings.title, last_good=self.settings.last_good)
 
     def snapshot(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in _PERSISTED}
+        return _data_converter.unstructure(self.data)
 
     def restore(self, data: Any) -> None:
-        for key in _PERSISTED:
-            if key in data:
-                setattr(self, key, data[key])
+        known = {key: data[key] for key in attrs.fields_dict(OtaData) if key in data}
+        self.data = _data_converter.structure({**self.snapshot(), **known}, OtaData)
 
     def _next_target(self, desired: str | None = None, blocked: str | None = "") -> str | None:
         """The version to install next (for ``desired``, else the assigned one); ``blocked=None`` ignores blocks.
@@ -293,26 +303,26 @@ class OtaMachine(GatewayMachine):
         An assignment other than the running version comes first; else a version
         whose image the controller misses is rebuilt (unless that is blocked).
         """
-        desired = self.desired if desired is None else desired
-        blocked = self.blocked if blocked == "" else blocked
-        upcoming = next_target(desired, self.running, blocked)
-        if upcoming is None and self.rebuild is not None and self.rebuild != blocked:
-            return self.rebuild
+        desired = self.data.desired if desired is None else desired
+        blocked = self.data.blocked if blocked == "" else blocked
+        upcoming = next_target(desired, self.data.running, blocked)
+        if upcoming is None and self.data.rebuild is not None and self.data.rebuild != blocked:
+            return self.data.rebuild
         return upcoming
 
     def verified(self, version: str | None) -> bool:
         """A container of ``version`` runs and wrote a health check since it started,
         no longer ago than the probation window (``health_timeout_s``)."""
-        if version is None or self.live != version or self.live_health_ms is None:
+        if version is None or self.data.live != version or self.data.live_health_ms is None:
             return False
-        return self.now_ms - self.live_health_ms <= self.settings.health_timeout_s * 1000
+        return self.now_ms - self.data.live_health_ms <= self.settings.health_timeout_s * 1000
 
     # -- guards --------------------------------------------------------------
 
     def assignment_starts(self, ev: Event) -> bool:
         """The event assigns a version that should be installed now (not running, refused or blocked)."""
-        version, _ = assigned(ev, (self.desired, self.desired_title))
-        blocked = self.blocked if version == self.desired else None
+        version, _ = assigned(ev, (self.data.desired, self.data.desired_title))
+        blocked = self.data.blocked if version == self.data.desired else None
         return version is not None and self._next_target(version, blocked) is not None
 
     def should_start(self) -> bool:
@@ -325,41 +335,57 @@ class OtaMachine(GatewayMachine):
 
     def _reinstall_needed(self) -> bool:
         """The assigned version is not proven running, so installing it again is worth it."""
-        desired = self.desired
+        desired = self.data.desired
         return desired is not None and not version_error(desired) and not self.verified(desired)
 
     def rebuild_starts(self, ev: Event) -> bool:
         """The controller lacks the image of a version this machine may build (not blocked, not mangled)."""
         version = ev.data.get("version")
-        return isinstance(version, str) and not version_error(version, assigned=False) and version != self.blocked
+        return isinstance(version, str) and not version_error(version, assigned=False) and version != self.data.blocked
+
+    def transient(self) -> bool:
+        """The failure may pass by itself (the fetch failed): the fetch is retried."""
+        return self.data.transient
+
+    def health_seen(self) -> bool:
+        """The target wrote a health check since its swap began."""
+        return self.data.health_seen
+
+    def window_over(self) -> bool:
+        """The probation window has elapsed."""
+        return self.data.window_over
+
+    def rollback_asked(self) -> bool:
+        """The operator asked for a rollback while the swap ran."""
+        return self.data.rollback_asked
 
     def fetch_had_failed(self) -> bool:
         """The last fetch failed, so the checkout tried the local refs only."""
-        return self.fetch_error is not None
+        return self.data.fetch_error is not None
 
     def is_superseded(self) -> bool:
         """The version being installed is no longer the one to install next."""
-        return self._next_target() != self.target
+        return self._next_target() != self.data.target
 
     def has_last_good(self) -> bool:
         """A last good version other than the target to roll back to."""
-        return self.last_good is not None and self.last_good != self.target
+        return self.data.last_good is not None and self.data.last_good != self.data.target
 
     def runs_other_than_last_good(self) -> bool:
         """A last good version exists and the controller runs a different one."""
-        return self.last_good is not None and self.running != self.last_good
+        return self.data.last_good is not None and self.data.running != self.data.last_good
 
     def is_for_target(self, ev: Event) -> bool:
         """The event is about the version being installed."""
-        return ev.data.get("version") == self.target
+        return ev.data.get("version") == self.data.target
 
     def is_for_last_good(self, ev: Event) -> bool:
         """The event is about the last good version (the rollback's)."""
-        return ev.data.get("version") == self.last_good
+        return ev.data.get("version") == self.data.last_good
 
     def is_fresh_target_health(self, ev: Event) -> bool:
         """A health check of the version being installed, taken after its swap began."""
-        return self.is_for_target(ev) and int(ev.data.get("health_ts_ms") or 0) >= self.swap_started_ms
+        return self.is_for_target(ev) and int(ev.data.get("health_ts_ms") or 0) >= self.data.swap_started_ms
 
     def crashed_live(self, ev: Event) -> bool:
         """Resumed after a crash loop while a new version was live (swapping or probation)."""
@@ -372,21 +398,21 @@ class OtaMachine(GatewayMachine):
     # -- assignments and operator requests -------------------------------------
 
     def _note_assignment(self, ev: Event) -> None:
-        version, title = assigned(ev, (self.desired, self.desired_title))
-        changed = version != self.desired
+        version, title = assigned(ev, (self.data.desired, self.data.desired_title))
+        changed = version != self.data.desired
         if changed:
-            self.blocked = None  # a new assignment lifts the block on a rolled-back release
-        self.desired, self.desired_title = version, title
+            self.data.blocked = None  # a new assignment lifts the block on a rolled-back release
+        self.data.desired, self.data.desired_title = version, title
         self.mark_dirty()
         resting = self.state_name in self.rest_states
         if resting and self._next_target() is not None:
             return  # entering fetching reports DOWNLOADING
         if resting and changed and version is not None and version_error(version):
-            self.reason = version_error(version) or ""
-            self._report("FAILED", self.reason)
-        elif ev.name == "shared_attributes_received" and self.last_report is not None:
+            self.data.reason = version_error(version) or ""
+            self._report("FAILED", self.data.reason)
+        elif ev.name == "shared_attributes_received" and self.data.last_report is not None:
             self._report(force=True)  # after a reconnect ThingsBoard hears the current state again
-        elif resting and version is not None and version == self.running:
+        elif resting and version is not None and version == self.data.running:
             self._report("UPDATED")  # first contact: tell ThingsBoard what runs
 
     def on_shared_attributes_updated(self, ev: Event) -> None:
@@ -397,8 +423,8 @@ class OtaMachine(GatewayMachine):
 
     def on_ota_retry_requested(self) -> None:
         if self._next_target(blocked=None) is None and self._reinstall_needed():
-            self.rebuild = self.desired  # assigned and in service, but not really running: install it again
-        self.blocked = None
+            self.data.rebuild = self.data.desired  # assigned and in service, but not really running: install it again
+        self.data.blocked = None
         self.mark_dirty()
 
     # -- what really runs (the controller's broadcasts, in every state) ----------
@@ -407,24 +433,24 @@ class OtaMachine(GatewayMachine):
         version = ev.data.get("version")
         if not isinstance(version, str):
             return
-        self.live, self.live_health_ms = version, None
-        if self.state_name in self.rest_states and version != self.running:
-            self.running = version
-        if version == self.rebuild:
-            self.rebuild = None  # its image exists again: the controller started it
+        self.data.live, self.data.live_health_ms = version, None
+        if self.state_name in self.rest_states and version != self.data.running:
+            self.data.running = version
+        if version == self.data.rebuild:
+            self.data.rebuild = None  # its image exists again: the controller started it
         self.mark_dirty()
 
     def before_controller_exited(self) -> None:
-        self.live, self.live_health_ms = None, None
+        self.data.live, self.data.live_health_ms = None, None
         self.mark_dirty()
 
     def before_controller_health_seen(self, ev: Event) -> None:
         health_ms = ev.data.get("health_ts_ms")
-        if ev.data.get("version") != self.live or self.live is None or not isinstance(health_ms, int):
+        if ev.data.get("version") != self.data.live or self.data.live is None or not isinstance(health_ms, int):
             return
         # Not marked dirty: this is re-derived after a restart, and checkpointing every
         # health tick would cost SD-card writes for nothing.
-        self.live_health_ms = max(self.live_health_ms or 0, health_ms)
+        self.data.live_health_ms = max(self.data.live_health_ms or 0, health_ms)
         self._confirm_updated()
 
     def _confirm_updated(self) -> None:
@@ -433,80 +459,80 @@ class OtaMachine(GatewayMachine):
         Releases an UPDATED held for want of proof, and corrects a FAILED once the
         controller machine's own restarts got the version running and healthy.
         """
-        if self.state_name not in self.rest_states or self.desired not in (None, self.running):
+        if self.state_name not in self.rest_states or self.data.desired not in (None, self.data.running):
             return
-        if self.desired is not None and version_error(self.desired):
+        if self.data.desired is not None and version_error(self.data.desired):
             return  # a refused assignment stays FAILED, even when it names what runs
-        said = self.last_report or {}
-        if self.held_updated is None and said.get("sw_state") == "UPDATED" and said.get(
-                "current_sw_version") == self.running:
+        said = self.data.last_report or {}
+        if self.data.held_updated is None and said.get("sw_state") == "UPDATED" and said.get(
+                "current_sw_version") == self.data.running:
             return
-        if self.held_updated is not None or said:
-            self._report("UPDATED", self.held_updated or None, force=True)
+        if self.data.held_updated is not None or said:
+            self._report("UPDATED", self.data.held_updated or None, force=True)
 
     def note_missing_image(self, ev: Event) -> None:
         version = ev.data.get("version")
-        self.live, self.live_health_ms = None, None
+        self.data.live, self.data.live_health_ms = None, None
         if isinstance(version, str) and not version_error(version, assigned=False):
-            self.rebuild = version
+            self.data.rebuild = version
             self.emit(Log(level="WARNING", message=rules.image_missing(version)))
         self.mark_dirty()
 
     def before_resumed(self) -> None:
         # A new process knows nothing about the engine yet: the controller machine
         # re-inspects it and broadcasts what runs; until then nothing is UPDATED.
-        self.live, self.live_health_ms = None, None
+        self.data.live, self.data.live_health_ms = None, None
 
     def block_target(self) -> None:
-        self.blocked = self.target
+        self.data.blocked = self.data.target
         self.mark_dirty()
 
     def ask_rollback(self) -> None:
-        self.rollback_asked = True
+        self.data.rollback_asked = True
         self._block(rules.OPERATOR_ROLLBACK)
         self.mark_dirty()
 
     def note_operator_rollback(self) -> None:
-        self.reason = rules.OPERATOR_ROLLBACK
+        self.data.reason = rules.OPERATOR_ROLLBACK
 
     # -- entering states ---------------------------------------------------------
 
     def on_enter_idle(self) -> None:
         if not self.ready or self._pending_newer():
             return
-        error = version_error(self.desired) if self.desired is not None else None
+        error = version_error(self.data.desired) if self.data.desired is not None else None
         if error:
             self._report("FAILED", error)
-        elif self.desired is not None and self.desired == self.blocked:
-            self._report("FAILED", rules.cancelled_by_operator(self.target, self.running))
-        elif self.desired is not None and self.desired == self.running:
+        elif self.data.desired is not None and self.data.desired == self.data.blocked:
+            self._report("FAILED", rules.cancelled_by_operator(self.data.target, self.data.running))
+        elif self.data.desired is not None and self.data.desired == self.data.running:
             self._report("UPDATED")
 
     def on_enter_fetching(self) -> None:
         if not self.ready:
             return
-        self.target = self._next_target() or self.target
-        self.target_title = self.desired_title or self.settings.title
-        self.reason, self.transient, self.rollback_asked = "", False, False
-        self.fetch_error = None
+        self.data.target = self._next_target() or self.data.target
+        self.data.target_title = self.data.desired_title or self.settings.title
+        self.data.reason, self.data.transient, self.data.rollback_asked = "", False, False
+        self.data.fetch_error = None
         self._report("DOWNLOADING")
         self.emit(fetch_effect(self.settings))
 
     def on_enter_checking_out(self) -> None:
         if self.ready:
-            self.emit(checkout_effect(self.settings, self.target))
+            self.emit(checkout_effect(self.settings, self.data.target))
 
     def on_enter_building(self) -> None:
         if self.ready:
-            self.emit(build_effect(self.settings, self.target))
+            self.emit(build_effect(self.settings, self.data.target))
 
     def on_enter_swapping(self) -> None:
         if not self.ready:
             return
-        self.swap_started_ms = self.now_ms
-        self.health_seen = self.window_over = False
+        self.data.swap_started_ms = self.now_ms
+        self.data.health_seen = self.data.window_over = False
         self._report("UPDATING")
-        self._request_swap(self.target)
+        self._request_swap(self.data.target)
 
     def on_exit_swapping(self) -> None:
         self.emit(CancelTimer(name="swap_deadline_elapsed"))
@@ -514,7 +540,7 @@ class OtaMachine(GatewayMachine):
     def on_enter_probation(self) -> None:
         if not self.ready:
             return
-        self.window_over = False
+        self.data.window_over = False
         self.emit(StartTimer(name="probation_elapsed", seconds=self.settings.probation_s))
         self.emit(StartTimer(name="health_deadline_elapsed", seconds=self.settings.health_timeout_s))
 
@@ -525,19 +551,19 @@ class OtaMachine(GatewayMachine):
         if not self.ready:
             return
         # Persisted before the write goes out: a crash here resumes as committed-to-be.
-        self.last_good, self.running = self.target, self.target
-        self.running_title = self.target_title or self.settings.title
-        self.rebuild = None  # whatever image was missing, the target now runs
-        self.emit(record_effect(self.settings, self.target))
+        self.data.last_good, self.data.running = self.data.target, self.data.target
+        self.data.running_title = self.data.target_title or self.settings.title
+        self.data.rebuild = None  # whatever image was missing, the target now runs
+        self.emit(record_effect(self.settings, self.data.target))
 
     def on_enter_committed(self) -> None:
         if self.ready:
-            self.emit(prune_effect(self.settings, self.running, self.last_good))
+            self.emit(prune_effect(self.settings, self.data.running, self.data.last_good))
             self._pending_newer()
 
     def on_enter_rolling_back(self) -> None:
         if self.ready:
-            self._request_swap(self.last_good)
+            self._request_swap(self.data.last_good)
 
     def on_exit_rolling_back(self) -> None:
         self.emit(CancelTimer(name="swap_deadline_elapsed"))
@@ -545,14 +571,14 @@ class OtaMachine(GatewayMachine):
     def on_enter_failed(self) -> None:
         if not self.ready:
             return
-        self._report("FAILED", self.reason)
+        self._report("FAILED", self.data.reason)
         self._arm_fetch_retry()
         self._pending_newer()
 
     def _pending_newer(self) -> bool:
         """Post ``assignment_pending`` when a different version than the last target waits."""
         upcoming = self._next_target()
-        if upcoming is None or upcoming == self.target:
+        if upcoming is None or upcoming == self.data.target:
             return False
         self.emit(Notify(machine=self.machine_name, name="assignment_pending"))
         return True
@@ -562,17 +588,17 @@ class OtaMachine(GatewayMachine):
         self.emit(StartTimer(name="swap_deadline_elapsed", seconds=self.settings.swap_timeout_s))
 
     def _arm_fetch_retry(self) -> None:
-        if self.transient:
+        if self.data.transient:
             self.emit(StartTimer(name="fetch_retry_elapsed", seconds=self.settings.fetch_retry_s))
 
     # -- transition actions: outcomes and reasons ---------------------------------
 
     def note_health(self) -> None:
-        self.health_seen = True
+        self.data.health_seen = True
         self.mark_dirty()
 
     def note_window_over(self) -> None:
-        self.window_over = True
+        self.data.window_over = True
         self.mark_dirty()
 
     def report_downloaded(self) -> None:
@@ -582,31 +608,31 @@ class OtaMachine(GatewayMachine):
         self._report("VERIFIED")
 
     def note_fetch_failed(self, ev: Event) -> None:
-        self.fetch_error = rules.error_of(ev)
+        self.data.fetch_error = rules.error_of(ev)
         self.mark_dirty()
-        self.emit(Log(level="WARNING", message=rules.fetch_failed_trying_local(self.target, self.fetch_error)))
+        self.emit(Log(level="WARNING", message=rules.fetch_failed_trying_local(self.data.target, self.data.fetch_error)))
 
     def fail_transient(self, ev: Event) -> None:
         """The fetch failed and the version is not in the local refs either: retried later."""
-        self.reason = rules.fetch_failed(self.target, f"{self.fetch_error}; {rules.error_of(ev)}")
-        self.transient = True
+        self.data.reason = rules.fetch_failed(self.data.target, f"{self.data.fetch_error}; {rules.error_of(ev)}")
+        self.data.transient = True
 
     def _block(self, why: str) -> None:
         """Fail the target for ``why``; a blocked version is not retried until it is reassigned."""
-        self.reason, self.blocked = why, self.target
+        self.data.reason, self.data.blocked = why, self.data.target
 
     def fail_blocking(self, ev: Event) -> None:
-        self._block(rules.step_failed(ev.name, self.target, rules.error_of(ev)))
+        self._block(rules.step_failed(ev.name, self.data.target, rules.error_of(ev)))
 
     # Every way into rolling_back blocks the target: a rolled-back release is not retried.
     def note_reason(self, ev: Event) -> None:
-        self._block(rules.live_failed(ev.name, self.target, rules.error_of(ev)))
+        self._block(rules.live_failed(ev.name, self.data.target, rules.error_of(ev)))
 
     def note_swap_timeout(self) -> None:
-        self._block(rules.swap_timed_out(self.target, self.settings.swap_timeout_s))
+        self._block(rules.swap_timed_out(self.data.target, self.settings.swap_timeout_s))
 
     def note_no_health(self) -> None:
-        self._block(rules.no_health(self.target, self.settings.health_timeout_s))
+        self._block(rules.no_health(self.data.target, self.settings.health_timeout_s))
 
     def fail_no_health(self) -> None:
         self.note_no_health()
@@ -617,40 +643,40 @@ class OtaMachine(GatewayMachine):
             self.note_reason(ev)
         elif ev is not None and ev.name == "swap_deadline_elapsed":
             self.note_swap_timeout()
-        self._block(rules.without_rollback(self.reason, self.target == self.last_good))
+        self._block(rules.without_rollback(self.data.reason, self.data.target == self.data.last_good))
 
     def rolled_back(self) -> None:
-        self.running = self.last_good
-        self.reason = rules.rolled_back(self.last_good, self.reason)
+        self.data.running = self.data.last_good
+        self.data.reason = rules.rolled_back(self.data.last_good, self.data.reason)
 
     def rollback_failed(self, ev: Event) -> None:
-        self.running = None
-        self.reason = rules.rollback_failed(self.last_good, rules.error_of(ev), self.reason)
+        self.data.running = None
+        self.data.reason = rules.rollback_failed(self.data.last_good, rules.error_of(ev), self.data.reason)
 
     def note_crash_loop(self, ev: Event) -> None:
-        self._block(rules.crash_loop(ev.data.get("from_state", ""), self.target))
+        self._block(rules.crash_loop(ev.data.get("from_state", ""), self.data.target))
 
     def settle_crash_loop(self, ev: Event) -> None:
         """A resume in ``failed``: re-arm the retry timer, or report a crash loop we gave up on."""
         if not ev.data.get("crash_loop"):
             self._arm_fetch_retry()
             return
-        self._block(rules.gave_up(ev.data.get("from_state", ""), self.target))
+        self._block(rules.gave_up(ev.data.get("from_state", ""), self.data.target))
         if ev.data.get("from_state") == "rolling_back":
-            self.running = None
-        self._report("FAILED", self.reason)
+            self.data.running = None
+        self._report("FAILED", self.data.reason)
 
     def rewrite_version_file(self) -> None:
         # reply=None: heals a write lost to a crash; the checkpoint is the truth.
-        if self.last_good:
-            self.emit(WriteControllerVersion(path=self.settings.version_file, version=self.last_good))
+        if self.data.last_good:
+            self.emit(WriteControllerVersion(path=self.settings.version_file, version=self.data.last_good))
 
     def report_updated(self) -> None:
-        self.reason = ""
+        self.data.reason = ""
         self._report("UPDATED")
 
     def report_record_failed(self, ev: Event) -> None:
-        error = rules.record_failed(self.running, self.settings.version_file, rules.error_of(ev))
+        error = rules.record_failed(self.data.running, self.settings.version_file, rules.error_of(ev))
         self.emit(Log(level="ERROR", message=error))
         self._report("UPDATED", error)
 
@@ -665,16 +691,16 @@ class OtaMachine(GatewayMachine):
         any other report replaces it.
         """
         if state is None:
-            payload = dict(self.last_report or {})
+            payload = dict(self.data.last_report or {})
         else:
-            payload = sw_state_payload(self.running, state, error)
+            payload = sw_state_payload(self.data.running, state, error)
         if payload.get("sw_state") == "UPDATED" and not self.verified(payload.get("current_sw_version")):
-            self.held_updated = str(payload.get("sw_error") or "")
+            self.data.held_updated = str(payload.get("sw_error") or "")
             self.mark_dirty()
             return
-        self.held_updated = None
-        if not payload or (payload == self.last_report and not force):
+        self.data.held_updated = None
+        if not payload or (payload == self.data.last_report and not force):
             return
-        self.last_report = payload
+        self.data.last_report = payload
         self.mark_dirty()
         self.emit(Publish(topic=TELEMETRY_TOPIC, payload=json.dumps(payload)))

@@ -314,8 +314,25 @@ def test_actions_list_the_effects_they_emit_through_helpers() -> None:
     assert re.search(r"^\| `\w+` \| [^|]*Notify\(controller\.swap_requested\)", ota, re.MULTILINE)
 
 
-def test_guard_that_is_a_flag_attribute_names_who_sets_it() -> None:
-    from teg_fsm.machines.ota import OtaMachine
+class FlaggedMachine(GatewayMachine):
+    """A guard that is a plain data attribute, set by an action and by setup()."""
 
-    flag = diagram_model.describe(OtaMachine, "transient")
-    assert "`fail_transient`" in flag.meaning and flag.location.startswith("machines/ota")
+    machine_name = "flagged_example"
+
+    waiting = State(initial=True)
+    retrying = State(final=True)
+
+    retry_elapsed = waiting.to(retrying, cond="transient")
+    fetch_failed = waiting.to.itself(internal=True, on="note_transient")
+
+    def setup(self) -> None:
+        self.transient = False
+
+    def note_transient(self) -> None:
+        self.transient = True
+
+
+def test_guard_that_is_a_flag_attribute_names_who_sets_it() -> None:
+    flag = diagram_model.describe(FlaggedMachine, "transient")
+    assert flag.meaning == "flag attribute, assigned by `setup`, `note_transient`"
+    assert flag.location.startswith("tests/engine/test_diagrams.py:")
