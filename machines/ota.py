@@ -107,8 +107,6 @@ class OtaData:
 # Checkpoints and journals hold OtaData unstructured: plain JSON values.
 _data_converter = cattrs.Converter()
 
-_LIVE = ("swapping", "probation")
-
 
 def _assignment_transitions(fetching: State, rest: tuple[State, ...], busy: tuple[State, ...]) -> TransitionList:
     """From a rest state an assignment may start the pipeline; anywhere else it is only recorded."""
@@ -154,8 +152,13 @@ class OtaMachine(GatewayMachine):
     fetching = State()
     checking_out = State()
     building = State()
+    # Before the swap the old controller keeps running whatever happens: a step
+    # that fails here ends in ``failed`` (one arrow, declared on the phase).
+    preparing = State(states=[fetching, checking_out, building])
     swapping = State()
     probation = State()
+    # The new version is live: a failure here rolls back to the last good one.
+    on_trial = State(states=[swapping, probation])
     committing = State()
     committed = State()
     rolling_back = State()
@@ -199,17 +202,18 @@ class OtaMachine(GatewayMachine):
     checkout_succeeded = (
         checking_out.to(idle, cond="is_superseded") | checking_out.to(building, on="report_downloaded")
     )
+    # The library tries the active step's own transitions first, then the phase's.
     checkout_failed = (
         checking_out.to(idle, cond="is_superseded")
         | checking_out.to(failed, cond="fetch_had_failed", on="fail_transient")
-        | checking_out.to(failed, on="fail_blocking")
+        | preparing.to(failed, on="fail_blocking")
     )
-    checkout_timed_out = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
-    checkout_cancelled = checking_out.to(idle, cond="is_superseded") | checking_out.to(failed, on="fail_blocking")
+    checkout_timed_out = checking_out.to(idle, cond="is_superseded") | preparing.to(failed, on="fail_blocking")
+    checkout_cancelled = checking_out.to(idle, cond="is_superseded") | preparing.to(failed, on="fail_blocking")
     build_succeeded = building.to(idle, cond="is_superseded") | building.to(swapping, on="report_verified")
-    build_failed = building.to(idle, cond="is_superseded") | building.to(failed, on="fail_blocking")
-    build_timed_out = building.to(idle, cond="is_superseded") | building.to(failed, on="fail_blocking")
-    build_cancelled = building.to(idle, cond="is_superseded") | building.to(failed, on="fail_blocking")
+    build_failed = building.to(idle, cond="is_superseded") | preparing.to(failed, on="fail_blocking")
+    build_timed_out = building.to(idle, cond="is_superseded") | preparing.to(failed, on="fail_blocking")
+    build_cancelled = building.to(idle, cond="is_superseded") | preparing.to(failed, on="fail_blocking")
 
     # Swap and probation: failures roll back. The controller answers by Notify,
     # which has no timed_out/cancelled outcome: the swap deadline timer stands in.
@@ -218,18 +222,23 @@ class OtaMachine(GatewayMachine):
         | swapping.to(probation, cond="is_for_target")
         | rolling_back.to(failed, cond="is_for_last_good", on="rolled_back")
     )
+    # The controller answers each swap request once (never swap_failed after
+    # swap_succeeded) and the timers are cancelled when their step ends, so these
+    # outcomes only ever reach the step they belong to.
     swap_failed = (
-        swapping.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
-        | swapping.to(failed, cond="is_for_target", on="fail_without_rollback")
+        on_trial.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
+        | on_trial.to(failed, cond="is_for_target", on="fail_without_rollback")
         | rolling_back.to(failed, cond="is_for_last_good", on="rollback_failed")
     )
     swap_deadline_elapsed = (
-        swapping.to(rolling_back, cond="has_last_good", on="note_swap_timeout")
-        | swapping.to(failed, on="fail_without_rollback")
+        on_trial.to(rolling_back, cond="has_last_good", on="note_swap_timeout")
+        | on_trial.to(failed, on="fail_without_rollback")
         | rolling_back.to(failed, on="rollback_failed")
     )
     # What really runs (``live``) is tracked from the controller's broadcasts in every
     # state (the ``before_controller_*`` actions); UPDATED is only ever sent for it.
+    # Only in probation is an exit a failure: during the swap the old controller
+    # stops on purpose.
     controller_exited = (
         probation.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
         | probation.to(failed, cond="is_for_target", on="fail_without_rollback")
@@ -247,8 +256,8 @@ class OtaMachine(GatewayMachine):
         probation.to(committing, cond="health_seen") | probation.to.itself(internal=True, on="note_window_over")
     )
     health_deadline_elapsed = (
-        probation.to(rolling_back, unless="health_seen", cond="has_last_good", on="note_no_health")
-        | probation.to(failed, unless="health_seen", on="fail_no_health")
+        on_trial.to(rolling_back, unless="health_seen", cond="has_last_good", on="note_no_health")
+        | on_trial.to(failed, unless="health_seen", on="fail_no_health")
     )
     controller_started = _everywhere(
         (idle, fetching, checking_out, building, swapping, probation, committing, committed, rolling_back, failed)
@@ -389,7 +398,8 @@ class OtaMachine(GatewayMachine):
 
     def crashed_live(self, ev: Event) -> bool:
         """Resumed after a crash loop while a new version was live (swapping or probation)."""
-        return bool(ev.data.get("crash_loop")) and ev.data.get("from_state") in _LIVE
+        from_state = self.states_map.get(ev.data.get("from_state"))
+        return bool(ev.data.get("crash_loop")) and from_state is not None and from_state.parent is self.states_map["on_trial"]
 
     def crashed_committing(self, ev: Event) -> bool:
         """Resumed after a crash loop while committing a version."""

@@ -20,7 +20,7 @@ one; the engine journals the failure and carries on with the next event.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSet
 from typing import Any, ClassVar
 
 import cattrs
@@ -34,6 +34,28 @@ _settings_converter = cattrs.Converter(forbid_extra_keys=True)
 
 class NoSettings:
     """Settings type of a machine that needs none."""
+
+
+class _TransitionRecorder:
+    """Listener that logs each transition the library takes into the machine's transition log.
+
+    ``after_transition`` runs for every transition, internal self-transitions
+    included, once the machine is in the target, so the entry names the
+    active atomic states before and after (a compound machine's nested states,
+    not the compound state a transition may be declared on).
+    """
+
+    def __init__(self, machine: GatewayMachine) -> None:
+        self._machine = machine
+        self._source = ""
+
+    def start(self, source: str) -> None:
+        self._source = source
+
+    def after_transition(self, event: str) -> None:
+        target = self._machine.state_name
+        self._machine.transition_log.append((self._source, target, str(event)))
+        self._source = target
 
 
 class GatewayMachine(StateChart):
@@ -61,7 +83,9 @@ class GatewayMachine(StateChart):
         self.now_ms = 0
         self.dirty = False
         self.setup()
-        super().__init__(start_value=start_value)
+        # Flat machines log their own microstep; the others log what ``send`` takes.
+        self._recorder = None if self._is_flat() else _TransitionRecorder(self)
+        super().__init__(start_value=start_value, listeners=[self._recorder] if self._recorder else [])
 
     @classmethod
     def structure_settings(cls, settings: Mapping[str, Any] | None) -> Any:
@@ -93,11 +117,9 @@ class GatewayMachine(StateChart):
         self.now_ms = ev.ts_ms
         if self._flat:
             self._microstep(ev)
-        else:
-            before = self.state_name
+        elif self._recorder is not None:
+            self._recorder.start(self.state_name)
             self.send(ev.name, ev=ev)
-            if self.state_name != before:
-                self.transition_log.append((before, self.state_name, ev.name))
         return self.take_transitions(), self.take_effects()
 
     # -- the flat-machine microstep ---------------------------------------
@@ -199,7 +221,18 @@ class GatewayMachine(StateChart):
 
     @property
     def state_name(self) -> str:
-        return str(self.current_state_value)
+        """The active atomic state's value: what checkpoints store and transitions name."""
+        return str(self._leaf_value())
+
+    def _leaf_value(self) -> Any:
+        value = self.current_state_value
+        if not isinstance(value, MutableSet):
+            return value
+        # A compound machine's configuration holds the nested state and its ancestors.
+        leaves = [state.value for state in self.configuration if state.is_atomic]
+        if len(leaves) != 1:
+            raise ValueError(f"{type(self).__name__}: parallel states are not supported ({leaves})")
+        return leaves[0]
 
     def snapshot(self) -> dict[str, Any]:
         """The data needed to resume; JSON-able."""

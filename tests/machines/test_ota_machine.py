@@ -23,10 +23,13 @@ SWAP_STATES = {"swapping": ("swap_succeeded", "swap_failed", "swap_deadline_elap
 
 
 def _leaving(state: str) -> set[str]:
+    """Events that leave ``state``: its own transitions and those of its phase (compound state)."""
     found = set()
-    for transition in getattr(OtaMachine, state).transitions:
-        if transition.target is not transition.source:
-            found.update(transition.event.split())
+    nested = OtaMachine.states_map[state]
+    for holder in (nested, *nested.ancestors()):
+        for transition in holder.transitions:
+            if transition.target is not transition.source:
+                found.update(transition.event.split())
     return found
 
 
@@ -42,7 +45,7 @@ def test_swap_and_probation_states_leave_on_success_failure_and_deadline(state: 
 
 
 def test_resume_table_covers_every_state_and_crash_loop_lands_at_rest() -> None:
-    assert set(OtaMachine.resume_table) == {s.id for s in OtaMachine.states}
+    assert set(OtaMachine.resume_table) == {s.id for s in OtaMachine.states_map.values() if s.is_atomic}
     assert OtaMachine.crash_loop_state in OtaMachine.rest_states
 
 
