@@ -35,6 +35,14 @@ and re-issues it (a swap is re-requested, probation restarts its window).
 A crash loop lands in ``failed``: before the swap that gives up on the target
 (the old controller never stopped); in swap or probation it rolls back.
 
+Where it rests: ``committed`` (the target runs), ``rolled_back`` (the target
+failed live and the last good version runs again; ``blocked`` and ``reason``
+say which and why), ``failed`` (the target never went live, or there was
+nothing to roll back to, or the rollback itself failed) or ``idle``.
+ThingsBoard hears FAILED with ``sw_error`` after a rollback as after a failure.
+A checkpoint written before ``rolled_back`` existed stores ``failed`` after a
+rollback; its ``resumed`` moves it to ``rolled_back``.
+
 Concurrency: one step runs at a time. An assignment arriving mid-update is
 recorded; when the running step ends, a newer target restarts the pipeline
 from ``fetching`` (via ``idle``) and the latest assignment wins.
@@ -142,9 +150,9 @@ class OtaMachine(GatewayMachine):
     resume_table: ClassVar[dict[str, str]] = {
         "idle": "idle", "fetching": "fetching", "checking_out": "checking_out", "building": "building",
         "swapping": "swapping", "probation": "probation", "committing": "committing",
-        "committed": "committed", "rolling_back": "rolling_back", "failed": "failed",
+        "committed": "committed", "rolling_back": "rolling_back", "rolled_back": "rolled_back", "failed": "failed",
     }
-    rest_states = frozenset({"idle", "committed", "failed"})
+    rest_states = frozenset({"idle", "committed", "rolled_back", "failed"})
     crash_loop_state = "failed"
     max_resumes = 3
 
@@ -162,33 +170,34 @@ class OtaMachine(GatewayMachine):
     committing = State()
     committed = State()
     rolling_back = State()
+    rolled_back = State()
     failed = State()
 
     # Assignments: start from a rest state; otherwise just recorded (see _note_assignment).
     shared_attributes_updated = _assignment_transitions(
-        fetching, rest=(idle, committed, failed),
+        fetching, rest=(idle, committed, rolled_back, failed),
         busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
     )
     shared_attributes_received = _assignment_transitions(
-        fetching, rest=(idle, committed, failed),
+        fetching, rest=(idle, committed, rolled_back, failed),
         busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
     )
     # The controller could not start the version it runs (first start, image pruned,
     # new engine): that version goes through the pipeline too (fetch, check out,
     # build, swap, probation), as the existing gateway builds a missing image.
     controller_image_missing = _missing_image_transitions(
-        fetching, rest=(idle, committed, failed),
+        fetching, rest=(idle, committed, rolled_back, failed),
         busy=(fetching, checking_out, building, swapping, probation, committing, rolling_back),
     )
     # A rest state entered with a newer target pending posts this to itself.
     assignment_pending = (
         idle.to(fetching, cond="should_start") | committed.to(fetching, cond="should_start")
-        | failed.to(fetching, cond="should_start")
+        | rolled_back.to(fetching, cond="should_start") | failed.to(fetching, cond="should_start")
     )
     fetch_retry_elapsed = failed.to(fetching, cond=["should_start", "transient"])
     ota_retry_requested = (
         idle.to(fetching, cond="retry_starts") | committed.to(fetching, cond="retry_starts")
-        | failed.to(fetching, cond="retry_starts")
+        | rolled_back.to(fetching, cond="retry_starts") | failed.to(fetching, cond="retry_starts")
     )
 
     # Before the swap: the old controller keeps running whatever happens.
@@ -220,7 +229,7 @@ class OtaMachine(GatewayMachine):
     swap_succeeded = (
         swapping.to(rolling_back, cond=["is_for_target", "rollback_asked", "has_last_good"])
         | swapping.to(probation, cond="is_for_target")
-        | rolling_back.to(failed, cond="is_for_last_good", on="rolled_back")
+        | rolling_back.to(rolled_back, cond="is_for_last_good", on="note_rolled_back")
     )
     # The controller answers each swap request once (never swap_failed after
     # swap_succeeded) and the timers are cancelled when their step ends, so these
@@ -243,14 +252,14 @@ class OtaMachine(GatewayMachine):
         probation.to(rolling_back, cond=["is_for_target", "has_last_good"], on="note_reason")
         | probation.to(failed, cond="is_for_target", on="fail_without_rollback")
         | _everywhere((idle, fetching, checking_out, building, swapping, probation, committing, committed,
-                       rolling_back, failed))
+                       rolling_back, rolled_back, failed))
     )
     controller_health_seen = (
         probation.to(committing, cond=["is_fresh_target_health", "window_over"])
         | swapping.to.itself(internal=True, cond="is_fresh_target_health", on="note_health")
         | probation.to.itself(internal=True, cond="is_fresh_target_health", on="note_health")
         | _everywhere((idle, fetching, checking_out, building, swapping, probation, committing, committed,
-                       rolling_back, failed))
+                       rolling_back, rolled_back, failed))
     )
     probation_elapsed = (
         probation.to(committing, cond="health_seen") | probation.to.itself(internal=True, on="note_window_over")
@@ -260,12 +269,14 @@ class OtaMachine(GatewayMachine):
         | on_trial.to(failed, unless="health_seen", on="fail_no_health")
     )
     controller_started = _everywhere(
-        (idle, fetching, checking_out, building, swapping, probation, committing, committed, rolling_back, failed)
+        (idle, fetching, checking_out, building, swapping, probation, committing, committed, rolling_back,
+         rolled_back, failed)
     )
     ota_rollback_requested = (
         probation.to(rolling_back, cond="has_last_good", on="ask_rollback")
         | idle.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
         | committed.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
+        | rolled_back.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
         | failed.to(rolling_back, cond="runs_other_than_last_good", on="note_operator_rollback")
         | fetching.to.itself(internal=True, on="block_target") | checking_out.to.itself(internal=True, on="block_target")
         | building.to.itself(internal=True, on="block_target") | swapping.to.itself(internal=True, on="ask_rollback")
@@ -282,8 +293,10 @@ class OtaMachine(GatewayMachine):
         | probation.to.itself() | committing.to.itself() | rolling_back.to.itself()
         | failed.to(rolling_back, cond=["crashed_live", "has_last_good"], on="note_crash_loop")
         | failed.to(committed, cond="crashed_committing", on="report_updated")
+        | failed.to(rolled_back, cond="stored_after_rollback")
         | failed.to.itself(internal=True, on="settle_crash_loop")
         | idle.to.itself(internal=True) | committed.to.itself(internal=True, on="rewrite_version_file")
+        | rolled_back.to.itself(internal=True)
     )
 
     # -- data --------------------------------------------------------------
@@ -400,6 +413,10 @@ class OtaMachine(GatewayMachine):
         """Resumed after a crash loop while a new version was live (swapping or probation)."""
         from_state = self.states_map.get(ev.data.get("from_state"))
         return bool(ev.data.get("crash_loop")) and from_state is not None and from_state.parent is self.states_map["on_trial"]
+
+    def stored_after_rollback(self, ev: Event) -> bool:
+        """An old checkpoint: ``failed`` stored after a rollback, from before ``rolled_back`` existed."""
+        return not ev.data.get("crash_loop") and rules.is_rollback_reason(self.data.reason)
 
     def crashed_committing(self, ev: Event) -> bool:
         """Resumed after a crash loop while committing a version."""
@@ -578,6 +595,12 @@ class OtaMachine(GatewayMachine):
     def on_exit_rolling_back(self) -> None:
         self.emit(CancelTimer(name="swap_deadline_elapsed"))
 
+    def on_enter_rolled_back(self) -> None:
+        if not self.ready:
+            return
+        self._report("FAILED", self.data.reason)  # ThingsBoard knows no rolled-back state
+        self._pending_newer()
+
     def on_enter_failed(self) -> None:
         if not self.ready:
             return
@@ -655,7 +678,7 @@ class OtaMachine(GatewayMachine):
             self.note_swap_timeout()
         self._block(rules.without_rollback(self.data.reason, self.data.target == self.data.last_good))
 
-    def rolled_back(self) -> None:
+    def note_rolled_back(self) -> None:
         self.data.running = self.data.last_good
         self.data.reason = rules.rolled_back(self.data.last_good, self.data.reason)
 

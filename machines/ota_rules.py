@@ -218,8 +218,16 @@ def without_rollback(reason: str, target_is_last_good: bool = False) -> str:
     return f"{reason}; no last good version to roll back to"
 
 
+ROLLED_BACK_PREFIX = "rolled back to "
+
+
 def rolled_back(last_good: str | None, reason: str) -> str:
-    return f"rolled back to {last_good}: {reason}"
+    return f"{ROLLED_BACK_PREFIX}{last_good}: {reason}"
+
+
+def is_rollback_reason(reason: str) -> bool:
+    """``reason`` is the text written after a completed rollback (``rolled_back``)."""
+    return reason.startswith(ROLLED_BACK_PREFIX)
 
 
 def rollback_failed(last_good: str | None, error: str, reason: str) -> str:
