@@ -26,10 +26,15 @@ Effects it emits: FetchControllerRepo, CheckoutControllerVersion,
 BuildControllerImage, WriteControllerVersion, PruneControllerImages, Publish
 of ``sw_state`` telemetry, Notify ``swap_requested`` to the controller, timers.
 
-Persisted: desired/target/running/last good versions, the blocked (rolled
-back) version, the failure reason, probation progress, the last report, the
-version to rebuild and a held UPDATED (``live`` too, for replays from a
-snapshot, but ``resumed`` resets it).
+Phases (compound states): ``preparing`` (fetching, checking_out, building):
+the old controller keeps running, a failure ends in ``failed``; ``on_trial``
+(swapping, probation): the new version is live, a failure rolls back.
+Checkpoints store the nested state (a phase is never stored).
+
+Persisted (``OtaData``): desired/target/running/last good versions, the
+blocked (rolled back) version, the failure reason, probation progress, the
+last report, the version to rebuild and a held UPDATED (``live`` too, for
+replays from a snapshot, but ``resumed`` resets it).
 Resume: every step's work is idempotent, so each busy state re-enters itself
 and re-issues it (a swap is re-requested, probation restarts its window).
 A crash loop lands in ``failed``: before the swap that gives up on the target
