@@ -5,7 +5,7 @@
 Run through ``bash tools/demo.sh`` (it installs and starts what this needs,
 including a private Docker engine of its own unless DOCKER_HOST names one).
 Shows self-provisioning, telemetry flowing, an RPC, a file pushed, an OTA
-update and an automatic rollback, then prints where to look.
+update and an automatic rollback (the OTA machine rests in rolled_back), then prints where to look.
 
 The demo never touches a container or image it did not create: it refuses
 to run on an engine that already has a ``teg_controller`` container or
@@ -194,6 +194,14 @@ def show(work: Path, tb: StandIn) -> None:
     print(f"sw_error = {tb.latest(DEVICE).get('sw_error')!r}")
     wait("v3.0.0 running again", lambda: tb.latest(DEVICE).get("current_sw_version") == "v3.0.0", 60)
     print(f"current_sw_version = {tb.latest(DEVICE).get('current_sw_version')}")
+    # ThingsBoard knows no rolled-back state: it sees FAILED with sw_error; the OTA
+    # machine itself rests in rolled_back, holding the blocked version and the reason.
+    def ota_rolled_back() -> dict[str, Any] | None:
+        ota = tb.rpc(DEVICE, "fsm_state", {}, timeout=10).get("ota") or {}
+        return ota if ota.get("state") == "rolled_back" else None
+
+    ota = wait("the OTA machine to rest in rolled_back", ota_rolled_back, 30)
+    print(f"OTA machine: {ota['state']} since {ota['since']} (v2.0.0 stays blocked until it is assigned again)")
 
     step("8. The machines now (teg status, read from the checkpoints)")
     subprocess.run([sys.executable, "-m", "teg_fsm.cli", "status", "--data", str(work / "data")], cwd=REPO, check=False)

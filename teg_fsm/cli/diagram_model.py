@@ -105,8 +105,11 @@ def _transition_rows(cls: type[GatewayMachine], state: Any, transition: Any) -> 
     guards = tuple(str(spec) for spec in transition.cond)
     for event in transition.events:
         actions = tuple(_action_names(cls, transition, event.id))
-        target = transition.target.id if transition.target is not None else state.id
-        yield Row(state.id, event.id, guards, target, bool(transition.internal), actions)
+        # A targetless transition (``s.to(None)``) runs its actions in the active
+        # state with no exit or entry: for a reader it is an internal transition.
+        targetless = transition.target is None
+        target = state.id if targetless else transition.target.id
+        yield Row(state.id, event.id, guards, target, targetless or bool(transition.internal), actions)
 
 
 def _action_names(cls: type[GatewayMachine], transition: Any, event_id: str) -> Iterator[str]:

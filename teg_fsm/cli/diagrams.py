@@ -48,7 +48,9 @@ MIN_SCALE = MIN_TEXT_PT / FONT_PT
 BUDGET_PX = (round(PAGE_PX[0] / MIN_SCALE), round(PAGE_PX[1] / MIN_SCALE))
 # Candidate layouts (rank direction, extra graph attributes), in order of preference.
 # nslimit=5 stops dot's x-placement early, which often packs a dense machine narrower.
-LAYOUTS = (("TB", ""), ("LR", ""), ("TB", "nslimit=5"), ("LR", "nslimit=5"))
+# newrank=true ranks a cluster's states with the rest of the graph instead of as one
+# block, which keeps the OTA machine's phases (clusters) from spreading it sideways.
+LAYOUTS = (("TB", ""), ("LR", ""), ("TB", "nslimit=5"), ("LR", "nslimit=5"), ("TB", "newrank=true, nslimit=1"))
 
 
 @attrs.frozen

@@ -299,7 +299,7 @@ def test_assigning_the_first_start_version_says_updated_only_once_it_runs_and_re
 
     # The controller dies: nothing claims UPDATED, and a retry is accepted again.
     docker_client.containers.get(gateway.container).kill()
-    wait_for(lambda: gateway.ota().live is None, 30, "OTA to see the exit", 0.05)
+    wait_for(lambda: gateway.ota().data.live is None, 30, "OTA to see the exit", 0.05)
     mark = len(gateway.reports)
     retried = gateway.handled(gateway.post("ota_retry_requested", source=Source.RPC))
     assert [t.target for t in retried.transitions if t.machine == "ota"] == ["fetching"]

@@ -245,14 +245,14 @@ class Driver:
         ota = gateway.ota
         resting = ota.state_name in ota.rest_states
         # Checked when OTA knows the assignment (a crash can lose a queued one) and it is installable.
-        known = self.assigned in VERSIONS[:4] and ota.desired == self.assigned
+        known = self.assigned in VERSIONS[:4] and ota.data.desired == self.assigned
         mark = len(gateway.moves)
         gateway.post("ota_retry_requested", source=Source.RPC)
         gateway.run(1)
         moved = [t for d in gateway.moves[mark:] for t in d.transitions if t.machine == "ota"]
         if resting and known and not self.world.verified(self.assigned):
             runs = self.world.runs()
-            assert moved, f"ota_retry refused in {ota.state_name} while {runs} runs, {ota.desired} assigned"
+            assert moved, f"ota_retry refused in {ota.state_name} while {runs} runs, {ota.data.desired} assigned"
 
 
 @settings(max_examples=int(os.environ.get("TEG_PROPERTY_EXAMPLES", "100")), deadline=None, database=None,

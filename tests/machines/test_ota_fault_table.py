@@ -213,3 +213,18 @@ def test_gateway_dying_in_each_first_start_state_resumes_and_brings_the_version_
     assert world.sw_states()[-1] == "UPDATED"
     assert all(r.truth for r in world.reports if r.payload["sw_state"] == "UPDATED")
     restarted.kill()
+
+
+@pytest.mark.parametrize("name", sorted(FAIL_CASES))
+def test_the_machine_rests_in_rolled_back_only_after_a_rollback(name: str, tmp_path: Path) -> None:
+    case = FAIL_CASES[name]
+    gateway = FakeGateway(_world(case), tmp_path / "journal.db", FakeClock())
+    gateway.assign("v2")
+    assert gateway.run_until_state(case.state), f"never reached {case.state}"
+    gateway.settle(300)
+    rolled_back = case.error.startswith("rolled back to")
+    expected = "committed" if case.states == UPDATED else "rolled_back" if rolled_back else "failed"
+    assert gateway.ota.state_name == expected
+    if rolled_back:
+        assert gateway.ota.data.blocked == "v2" and gateway.ota.data.reason.startswith("rolled back to v1: ")
+    gateway.kill()

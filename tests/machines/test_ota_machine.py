@@ -9,7 +9,7 @@ import pytest
 
 from teg_fsm.machines.ota import OtaMachine, version_error
 from teg_fsm.engine.clock import FakeClock
-from teg_fsm.engine.events import Outcome
+from teg_fsm.engine.events import Event, Outcome
 from tests.machines.ota_fakes import FakeGateway, FakeWorld
 
 # state -> reply prefix of the effect it starts; every outcome must leave the state.
@@ -23,10 +23,13 @@ SWAP_STATES = {"swapping": ("swap_succeeded", "swap_failed", "swap_deadline_elap
 
 
 def _leaving(state: str) -> set[str]:
+    """Events that leave ``state``: its own transitions and those of its phase (compound state)."""
     found = set()
-    for transition in getattr(OtaMachine, state).transitions:
-        if transition.target is not transition.source:
-            found.update(transition.event.split())
+    nested = OtaMachine.states_map[state]
+    for holder in (nested, *nested.ancestors()):
+        for transition in holder.transitions:
+            if transition.target is not transition.source:
+                found.update(transition.event.split())
     return found
 
 
@@ -42,7 +45,7 @@ def test_swap_and_probation_states_leave_on_success_failure_and_deadline(state: 
 
 
 def test_resume_table_covers_every_state_and_crash_loop_lands_at_rest() -> None:
-    assert set(OtaMachine.resume_table) == {s.id for s in OtaMachine.states}
+    assert set(OtaMachine.resume_table) == {s.id for s in OtaMachine.states_map.values() if s.is_atomic}
     assert OtaMachine.crash_loop_state in OtaMachine.rest_states
 
 
@@ -219,3 +222,32 @@ def test_without_a_last_good_version_a_failed_probation_reports_it(tmp_path: Pat
     gateway.settle()
     assert world.reports[-1]["sw_state"] == "FAILED"
     assert "no last good version to roll back to" in world.reports[-1]["sw_error"]
+
+
+def _resumed(crash_loop: bool = False, from_state: str = "failed") -> Event:
+    return Event(1, 1_700_000_000_000, "system", "resumed", {"crash_loop": crash_loop, "from_state": from_state})
+
+
+def test_an_old_checkpoint_that_stored_failed_after_a_rollback_resumes_in_rolled_back() -> None:
+    """Before ``rolled_back`` existed a rollback rested in ``failed``; such a checkpoint must still resume."""
+    said = {"current_sw_title": "v1", "current_sw_version": "v1", "sw_state": "FAILED",
+            "sw_error": "rolled back to v1: probation of v2 failed: exited"}
+    machine = OtaMachine({"last_good": "v1"}, start_value="failed")
+    machine.restore({"desired": "v2", "target": "v2", "running": "v1", "last_good": "v1", "blocked": "v2",
+                     "reason": said["sw_error"], "last_report": said})
+    machine.ready = True
+    moved, effects = machine.handle(_resumed())
+    assert moved == [("failed", "rolled_back", "resumed")]
+    assert effects == []  # ThingsBoard already heard this FAILED; nothing new to say
+    assert machine.state_name == "rolled_back" and machine.data.blocked == "v2"
+    moved, _ = machine.handle(Event(2, 1_700_000_001_000, "rpc", "ota_retry_requested", {}))
+    assert moved == [("rolled_back", "fetching", "ota_retry_requested")]
+
+
+def test_an_old_checkpoint_of_a_plain_failure_stays_failed() -> None:
+    machine = OtaMachine({"last_good": "v1"}, start_value="failed")
+    machine.restore({"desired": "v2", "target": "v2", "running": "v1", "last_good": "v1", "blocked": "v2",
+                     "reason": "checking out v2 failed: no such tag"})
+    machine.ready = True
+    moved, _ = machine.handle(_resumed())
+    assert [(s, t) for s, t, _ in moved if s != t] == [] and machine.state_name == "failed"

@@ -75,7 +75,7 @@ class HastyOtaMachine(OtaMachine):
     def on_enter_probation(self) -> None:
         if not self.ready:
             return
-        self.window_over = False
+        self.data.window_over = False
         self.emit(StartTimer(name="probation_elapsed", seconds=self.settings.probation_s / 2))
         self.emit(StartTimer(name="health_deadline_elapsed", seconds=self.settings.health_timeout_s))
 
