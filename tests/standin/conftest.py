@@ -1,7 +1,10 @@
 """Fixtures for the ThingsBoard stand-in tests: a running stand-in and plain paho devices.
 
-The device side is a bare paho-mqtt 2.x client speaking MQTT 3.1.1, as the
-gateway does; no gateway code is involved.
+The device side is a bare paho-mqtt 2.x client; no gateway code is involved.
+Every test that makes devices runs twice, on MQTT 3.1.1 (as the gateway
+speaks it) and on MQTT 5 (as ThingsBoard's own device clients do): the
+``mqtt_protocol`` fixture is the version, and a test expecting different
+answers reads it from ``device.v5`` or the fixture.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.standin.helpers import Device
+from tests.standin.helpers import V5, V311, Device
 from tools.tb_standin import StandIn
 from tools.tb_standin.certs import generate
 
@@ -52,12 +55,19 @@ def tls_standin(standin_certs: dict[str, str]) -> Iterator[StandIn]:
         yield running
 
 
+@pytest.fixture(params=[V311, V5], ids=["mqtt311", "mqtt5"])
+def mqtt_protocol(request: pytest.FixtureRequest) -> int:
+    """The protocol level the test's devices speak: 4 (MQTT 3.1.1) or 5."""
+    return int(request.param)
+
+
 @pytest.fixture
-def devices() -> Iterator[Callable[..., Device]]:
-    """Factory for paho devices; every one is disconnected after the test."""
+def devices(mqtt_protocol: int) -> Iterator[Callable[..., Device]]:
+    """Factory for paho devices speaking ``mqtt_protocol``; every one is disconnected after the test."""
     made: list[Device] = []
 
     def make(port: int, username: str | None = None, **kwargs: Any) -> Device:
+        kwargs.setdefault("protocol", mqtt_protocol)
         device = Device(port, username, **kwargs)
         made.append(device)
         return device

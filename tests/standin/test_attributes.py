@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.standin.helpers import Device, acked
+from tests.standin.helpers import Device
 from tools.tb_standin import StandIn
 
 ATTRIBUTES = "v1/devices/me/attributes"
@@ -24,10 +24,9 @@ def test_client_attributes_are_stored_typed(with_attributes: Device, standin: St
 
 
 def test_array_on_attributes_topic_is_invalid(connected: Device, standin: StandIn) -> None:
+    """MTH:668-676: closed without PUBACK on 3.1.1, PUBACK 0x99 on MQTT 5."""
     info = connected.publish(ATTRIBUTES, [{"a": 1}])
-    connected.wait_closed()
-    assert not acked(info)
-    assert standin.disconnect_reasons("dev1") == ["invalid_payload"]
+    connected.expect_invalid_payload_answer(info, standin)
 
 
 def test_request_with_comma_separated_keys(with_attributes: Device) -> None:
@@ -76,12 +75,11 @@ def test_negative_request_id_gets_no_response(with_attributes: Device) -> None:
 @pytest.mark.parametrize("topic,payload", [
     (REQUEST + "abc", b"{}"), (REQUEST + "1", b""), (REQUEST + "1", b'{"sharedKeys":["a","b"]}'),
 ], ids=["non-integer-id", "empty-payload", "multi-element-array"])
-def test_invalid_attribute_request_closes_the_session(with_attributes: Device, standin: StandIn,
-                                                      topic: str, payload: bytes) -> None:
+def test_invalid_attribute_request_is_an_invalid_payload(with_attributes: Device, standin: StandIn,
+                                                         topic: str, payload: bytes) -> None:
+    """MTH:668-676: closed without PUBACK on 3.1.1, PUBACK 0x99 on MQTT 5."""
     info = with_attributes.publish(topic, payload)
-    with_attributes.wait_closed()
-    assert not acked(info)
-    assert standin.disconnect_reasons("dev1") == ["invalid_payload"]
+    with_attributes.expect_invalid_payload_answer(info, standin)
 
 
 def test_shared_updates_are_pushed_flat_and_deletions_as_deleted(connected: Device, standin: StandIn) -> None:
@@ -113,6 +111,15 @@ def test_updates_stop_after_unsubscribe(connected: Device, standin: StandIn) -> 
 def test_unknown_filters_fail_in_suback_and_the_connection_stays(connected: Device, standin: StandIn) -> None:
     codes = connected.subscribe(ATTRIBUTES, "v2/fw/response/+", "v1/devices/me/#", "v1/devices/me/rpc/request/+",
                                 "v2/sw/response/+/chunk/+", qos=2)
-    assert codes == [1, 0x80, 0x80, 1, 1]  # QoS 2 is granted as 1
+    failed = connected.code(0x80, 0x8F)  # ReturnCodeResolver.java:45-63: TOPIC_FILTER_INVALID on MQTT 5
+    assert codes == [1, failed, failed, 1, 1]  # QoS 2 is granted as 1
     connected.publish_acked("v1/devices/me/telemetry", {"still": "here"})
     assert standin.is_connected("dev1")
+
+
+def test_unsuback_reason_codes_on_mqtt5(connected: Device) -> None:
+    """MTH:982-1050: SUCCESS for a filter the session had, NO_SUBSCRIPTION_EXISTED (0x11) otherwise; the
+    reason codes are written on MQTT 5 only (createUnSubAckMessage, MTH:1053-1060)."""
+    connected.subscribe(ATTRIBUTES)
+    codes = connected.unsubscribe(ATTRIBUTES, "v1/devices/me/rpc/request/+")
+    assert codes == ([0x00, 0x11] if connected.v5 else [])

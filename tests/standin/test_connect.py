@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.standin.helpers import Device
+import pytest
+
+from tests.standin.helpers import V5, V311, Device
 from tools.tb_standin import StandIn
 
 
@@ -21,26 +23,45 @@ def test_generated_token_works(standin: StandIn, devices: Callable[..., Device])
     devices(standin.port, token).connect()
 
 
-def test_wrong_token_is_refused_with_not_authorized(standin: StandIn, devices: Callable[..., Device]) -> None:
+def test_wrong_token_is_refused_with_bad_credentials(standin: StandIn, devices: Callable[..., Device]) -> None:
+    """MTH:1354-1356: username without password is BAD_USERNAME_OR_PASSWORD, 0x86 on MQTT 5; on 3.1.1
+    ReturnCodeResolver.java:30-32 makes it 0x05. MQTT 5 then gets DISCONNECT with the same code (MTH:1361-1362)."""
     standin.add_device("dev1", "token1")
     device = devices(standin.port, "wrong")
-    assert device.connect(expect=None) == 0x05
+    assert device.connect(expect=None) == device.code(0x05, 0x86)
     device.wait_closed()
 
 
-def test_token_with_a_password_is_treated_as_basic_credentials_and_refused(
-        standin: StandIn, devices: Callable[..., Device]) -> None:
+@pytest.mark.parametrize("password", ["", "secret"], ids=["empty-password", "any-password"])
+def test_token_login_ignores_the_password(standin: StandIn, devices: Callable[..., Device], password: str) -> None:
+    """DefaultTransportApiService.java:287-292: a username found as ACCESS_TOKEN credentials is accepted
+    whatever the password (after no MQTT_BASIC credentials matched, DTAS:240-255). The gateway logs in
+    with the token and an empty password."""
     standin.add_device("dev1", "token1")
-    assert devices(standin.port, "token1", password="secret").connect(expect=None) == 0x05
+    device = devices(standin.port, "token1", password=password)
+    assert device.connect() == 0
+    device.publish_acked("v1/devices/me/telemetry", {"in": True})
+    assert standin.latest("dev1") == {"in": True}
+
+
+def test_wrong_token_with_a_password_is_bad_credentials(standin: StandIn, devices: Callable[..., Device]) -> None:
+    """MTH:1354: username, password and clientId all present and no match: 0x86 (MQTT 5) / 0x05 (3.1.1)."""
+    standin.add_device("dev1", "token1")
+    device = devices(standin.port, "wrong", password="")
+    assert device.connect(expect=None) == device.code(0x05, 0x86)
 
 
 def test_no_credentials_at_all_is_not_authorized(standin: StandIn, devices: Callable[..., Device]) -> None:
-    assert devices(standin.port).connect(expect=None) == 0x05
+    """MTH:1349 default NOT_AUTHORIZED: 0x87 on MQTT 5, 0x05 on 3.1.1 (ReturnCodeResolver.java:31-32)."""
+    device = devices(standin.port)
+    assert device.connect(expect=None) == device.code(0x05, 0x87)
 
 
 def test_unknown_client_id_without_credentials_is_identifier_rejected(
         standin: StandIn, devices: Callable[..., Device]) -> None:
-    assert devices(standin.port, client_id="some-client").connect(expect=None) == 0x02
+    """MTH:1357-1358 CLIENT_IDENTIFIER_NOT_VALID: 0x85 on MQTT 5, 0x02 on 3.1.1 (ReturnCodeResolver.java:33-34)."""
+    device = devices(standin.port, client_id="some-client")
+    assert device.connect(expect=None) == device.code(0x02, 0x85)
 
 
 def test_provision_username_or_client_id_always_gets_connack_0(standin: StandIn,
@@ -77,7 +98,7 @@ def test_new_connection_of_same_device_closes_the_older_one(standin: StandIn, de
     older.connect()
     newer = devices(standin.port, "token1")
     newer.connect()
-    older.wait_closed()
+    older.expect_server_disconnect(0x8E)  # MAX_CONCURRENT_SESSIONS_LIMIT_REACHED -> SESSION_TAKEN_OVER, MTH:1455
     assert standin.disconnect_reasons("dev1") == ["session_taken_over"]
     newer.publish_acked("v1/devices/me/telemetry", {"alive": True})
     assert standin.is_connected("dev1")
@@ -92,6 +113,8 @@ def test_keep_alive_is_not_enforced_and_idle_sessions_close_after_inactivity_tim
     device.connect()
     device.wait_closed(timeout=5)
     assert standin.disconnect_reasons("dev1") == ["inactivity_timeout"]
+    if device.v5:
+        assert device.disconnect_reasons == [0xA0]  # SESSION_TIMEOUT -> MAXIMUM_CONNECT_TIME, MTH:1456
 
 
 def test_connect_over_tls_with_generated_ca(tls_standin: StandIn, standin_certs: dict[str, str],
@@ -115,29 +138,26 @@ def test_tls_standin_generates_its_own_certificates_when_none_given(devices: Cal
 
 def test_server_disconnect_is_logged_with_reason(connected: Device, standin: StandIn) -> None:
     assert standin.disconnect("dev1") is True
-    connected.wait_closed()
+    connected.expect_server_disconnect(0x98)  # stand-in operation; closed like TB's administrative closes
     assert standin.disconnect_reasons("dev1") == ["admin_disconnect"]
     assert standin.disconnect("dev1") is False
 
 
-def test_mqtt5_client_is_refused_with_unsupported_protocol_version(
-        standin: StandIn, devices: Callable[..., Device]) -> None:
-    # The stand-in speaks MQTT 3.1.1 only (amqtt 0.12.1 has no MQTT 5); see the README.
-    import paho.mqtt.client as mqtt
-
-    standin.add_device("dev1", "token1")
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, reconnect_on_failure=False)
-    client.username_pw_set("token1")
-    refused: list[str] = []
-    client.on_connect = lambda c, u, f, reason, p: refused.append(reason.getName())
-    client.connect("127.0.0.1", standin.port)
-    client.loop_start()
+def test_both_protocol_versions_share_one_port(standin: StandIn) -> None:
+    """MTH:1062-1066, 1208-1217: the version is read from each CONNECT and kept per session."""
+    standin.add_device("old", "token-old")
+    standin.add_device("new", "token-new")
+    old = Device(standin.port, "token-old", protocol=V311)
+    new = Device(standin.port, "token-new", protocol=V5)
     try:
-        standin.wait_for(lambda: refused)
-        assert refused[0] == "Unsupported protocol version"
-        assert standin.events("dev1", "connect_refused") or standin.events(kind="connect_refused")
+        old.connect()
+        new.connect()
+        assert old.publish_acked("v1/devices/me/nonsense", {}) == 0  # no reason codes on 3.1.1
+        assert new.publish_acked("v1/devices/me/nonsense", {}) == 0x90
+        assert old.subscribe("nope") == [0x80] and new.subscribe("nope") == [0x8F]
     finally:
-        client.loop_stop()
+        old.close()
+        new.close()
 
 
 def test_mqtt_basic_credentials_connect(standin: StandIn, devices: Callable[..., Device]) -> None:
@@ -149,21 +169,32 @@ def test_mqtt_basic_credentials_connect(standin: StandIn, devices: Callable[...,
                                                "clientId": "cid1", "username": "user1", "password": "pw1"})
     assert provisioner.expect_json("/provision/response")["status"] == "SUCCESS"
     assert devices(standin.port, "user1", client_id="cid1", password="pw1").connect() == 0
-    assert devices(standin.port, "user1", client_id="cid1", password="bad").connect(expect=None) == 0x05
+    refused = devices(standin.port, "user1", client_id="cid1", password="bad")
+    assert refused.connect(expect=None) == refused.code(0x05, 0x86)
 
 
 def test_credentials_update_closes_the_session_and_the_old_token_stops_working(
         connected: Device, standin: StandIn, devices: Callable[..., Device]) -> None:
+    """MTH:1454: CREDENTIALS_UPDATED closes with ADMINISTRATIVE_ACTION (DISCONNECT 0x98 on MQTT 5)."""
     standin.set_token("dev1", "token2")
-    connected.wait_closed()
+    connected.expect_server_disconnect(0x98)
     assert standin.disconnect_reasons("dev1") == ["credentials_updated"]
-    assert devices(standin.port, "token1").connect(expect=None) == 0x05
+    old = devices(standin.port, "token1")
+    assert old.connect(expect=None) == old.code(0x05, 0x86)
     devices(standin.port, "token2").connect()
 
 
 def test_device_delete_closes_the_session(connected: Device, standin: StandIn,
                                           devices: Callable[..., Device]) -> None:
+    """MTH:1613-1616: onDeviceDeleted closes with ADMINISTRATIVE_ACTION (DISCONNECT 0x98 on MQTT 5)."""
     standin.delete_device("dev1")
-    connected.wait_closed()
+    connected.expect_server_disconnect(0x98)
     assert standin.disconnect_reasons("dev1") == ["device_deleted"]
-    assert devices(standin.port, "token1").connect(expect=None) == 0x05
+    old = devices(standin.port, "token1")
+    assert old.connect(expect=None) == old.code(0x05, 0x86)
+
+
+def test_connack_carries_no_properties(connected: Device) -> None:
+    """createMqttConnAckMsg (MTH:1151-1157) sets sessionPresent and the return code only: no Receive Maximum,
+    no Maximum Packet Size, no Topic Alias Maximum."""
+    assert connected.connack_properties == {}

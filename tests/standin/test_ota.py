@@ -54,7 +54,7 @@ def test_url_package_and_unassignment(connected: Device, standin: StandIn) -> No
 def test_chunked_download_until_the_empty_chunk(connected: Device, standin: StandIn, kind: str) -> None:
     standin.assign_ota("dev1", kind, "pkg", "1", PACKAGE)
     # The SDK's filter is refused by TB; chunks must arrive anyway.
-    assert connected.subscribe(f"v2/{kind}/response/+") == [0x80]
+    assert connected.subscribe(f"v2/{kind}/response/+") == [connected.code(0x80, 0x8F)]
     received, index = b"", 0
     while True:
         connected.publish(f"v2/{kind}/request/7/chunk/{index}", "4096")
@@ -93,15 +93,45 @@ def test_request_id_stays_bound_to_the_first_package(connected: Device, standin:
 ], ids=["fw-not-assigned", "sw-not-assigned", "url-package", "chunk-too-large"])
 def test_chunk_errors_go_to_fw_error_then_disconnect(connected: Device, standin: StandIn, setup: str | None,
                                                      topic: str, payload: str, error: str) -> None:
+    """sendOtaPackageError (MTH:822-828): the error on v2/fw/error, then closeCtx(IMPLEMENTATION_SPECIFIC_ERROR,
+    DISCONNECT 0x83 on MQTT 5), and no PUBACK: only sendOtaPackage acks (MTH:809-811)."""
     if setup == "url":
         standin.assign_ota("dev1", "fw", "ext", "1", url="https://example.invalid/x")
     elif setup == "data":
         standin.assign_ota("dev1", "fw", "pkg", "1", PACKAGE)
     info = connected.publish(topic, payload)
     assert connected.expect("v2/fw/error").payload.decode() == error
-    connected.wait_closed()
-    assert acked(info)  # the request itself was acknowledged before the error
+    connected.expect_server_disconnect(0x83)
+    assert not acked(info)
     assert standin.disconnect_reasons("dev1") == [f"ota_{error.lower()}"]
+
+
+def test_oversized_chunk_is_payload_too_large_even_without_a_package(connected: Device, standin: StandIn) -> None:
+    """MTH:690-693 checks the chunk size against max_payload_size before the package lookup (MTH:695-710),
+    so with nothing assigned the answer is PAYLOAD_TOO_LARGE, not NOT_FOUND."""
+    info = connected.publish("v2/sw/request/1/chunk/0", "65537")
+    assert connected.expect("v2/fw/error").payload == b"PAYLOAD_TOO_LARGE"
+    connected.expect_server_disconnect(0x83)
+    assert not acked(info)
+    assert standin.disconnect_reasons("dev1") == ["ota_payload_too_large"]
+
+
+def test_chunk_is_acked_just_before_it_is_sent(connected: Device, standin: StandIn) -> None:
+    """sendOtaPackage (MTH:809-816): PUBACK SUCCESS, then the chunk on v2/<kind>/response/<id>/chunk/<n>."""
+    standin.assign_ota("dev1", "fw", "pkg", "1", PACKAGE)
+    info = connected.publish("v2/fw/request/5/chunk/1", "100")
+    assert connected.expect("v2/fw/response/5/chunk/1").payload == PACKAGE[100:200]
+    assert connected.puback_code(info) == 0
+
+
+def test_non_numeric_chunk_size_closes_without_an_error_message(connected: Device, standin: StandIn) -> None:
+    """MTH:680 Integer.parseInt throws NumberFormatException, which nothing in processDevicePublish catches:
+    exceptionCaught closes with SERVER_SHUTTING_DOWN (0x8B on MQTT 5, MTH:1165-1189); nothing is published."""
+    standin.assign_ota("dev1", "fw", "pkg", "1", PACKAGE)
+    info = connected.publish("v2/fw/request/1/chunk/0", " 4096")
+    connected.expect_server_disconnect(0x8B)
+    assert not acked(info) and connected.messages.empty()
+    assert standin.disconnect_reasons("dev1") == ["ota_bad_chunk_size"]
 
 
 def test_device_reported_states_are_ordinary_telemetry(connected: Device, standin: StandIn) -> None:

@@ -97,21 +97,28 @@ def test_pre_provisioned_missing_or_other_profile_fails(provision: Callable[...,
                                      "provisionDeviceSecret": "secret-p"})) == FAILURE
 
 
-def test_missing_key_closes_without_a_response(standin: StandIn, devices: Callable[..., Device]) -> None:
+def test_missing_key_is_acked_with_an_error_then_closed_without_a_response(
+        standin: StandIn, devices: Callable[..., Device]) -> None:
+    """MTH:328-331: the RuntimeException gets PUBACK IMPLEMENTATION_SPECIFIC_ERROR (0x83 on MQTT 5, a plain
+    PUBACK on 3.1.1), then closeCtx with DISCONNECT 0x83; no provisioning response."""
     device = devices(standin.port, "provision")
     device.connect()
     info = device.publish("/provision/request", {"deviceName": "x", "provisionDeviceSecret": "s"})
-    device.wait_closed()
-    assert not acked(info)
+    device.expect_server_disconnect(0x83)
+    assert device.puback_code(info) == device.code(0, 0x83)
     assert device.messages.empty()
+    assert standin.events(kind="disconnected")[-1].detail == "provision_missing_key"
 
 
 def test_provision_session_accepts_only_its_topics(standin: StandIn, devices: Callable[..., Device]) -> None:
+    """Subscribe: MTH:842-848 (0x80 / 0x8F). Publish elsewhere: MTH:323-327, PUBACK TOPIC_NAME_INVALID
+    (0x90 on MQTT 5) first, then closeCtx(TOPIC_NAME_INVALID), DISCONNECT 0x90 on MQTT 5."""
     device = devices(standin.port, "provision")
     device.connect()
-    assert device.subscribe("/provision/response", "v1/devices/me/attributes") == [1, 0x80]
-    device.publish("v1/devices/me/telemetry", {"a": 1})
-    device.wait_closed()
+    assert device.subscribe("/provision/response", "v1/devices/me/attributes") == [1, device.code(0x80, 0x8F)]
+    info = device.publish("v1/devices/me/telemetry", {"a": 1})
+    device.expect_server_disconnect(0x90)
+    assert device.puback_code(info) == device.code(0, 0x90)
     assert standin.events(kind="disconnected")[-1].detail == "provision_bad_topic"
 
 

@@ -61,27 +61,29 @@ def test_puback_arrives_only_after_the_data_is_stored(connected: Device, standin
 @pytest.mark.parametrize("payload", [
     b"not json", b"", b"42", b"null", b'"text"', b'[{"a":1}, 5]', b'{"ts":1,"values":[1]}', b'{"ts":"x","values":{}}',
 ], ids=["invalid-json", "empty", "number", "null", "string", "non-object-element", "values-not-object", "bad-ts"])
-def test_invalid_payload_closes_without_puback(connected: Device, standin: StandIn, payload: bytes) -> None:
+def test_invalid_payload_is_refused(connected: Device, standin: StandIn, payload: bytes) -> None:
+    """MTH:668-676: closed without PUBACK on 3.1.1, PUBACK 0x99 on MQTT 5; nothing stored."""
     info = connected.publish(TELEMETRY, payload)
-    connected.wait_closed()
-    assert not acked(info)
+    connected.expect_invalid_payload_answer(info, standin)
     assert standin.telemetry_count("dev1") == 0
-    assert standin.disconnect_reasons("dev1") == ["invalid_payload"]
 
 
 def test_packet_over_65536_bytes_closes_without_puback(connected: Device, standin: StandIn) -> None:
-    # Remaining length = 2 + len(topic) + 2 (packet id) + payload; 27 bytes of overhead here.
-    at_limit = b'{"k":"' + b"x" * (65536 - 27 - 8) + b'"}'
+    """Netty MqttDecoder(maxPayloadSize) fails; MTH:208-212 closes with MALFORMED_PACKET (0x81 on MQTT 5)."""
+    # Remaining length = 2 + len(topic) + 2 (packet id) [+ 1, MQTT 5 property length] + payload.
+    overhead = 27 + (1 if connected.v5 else 0)
+    at_limit = b'{"k":"' + b"x" * (65536 - overhead - 8) + b'"}'
     connected.publish_acked(TELEMETRY, at_limit)
     info = connected.publish(TELEMETRY, at_limit[:-2] + b'x"}')
-    connected.wait_closed()
+    connected.expect_server_disconnect(0x81)
     assert not acked(info)
     assert standin.telemetry_count("dev1") == 1
     assert standin.disconnect_reasons("dev1") == ["packet_too_large"]
 
 
 def test_unknown_topic_gets_a_puback_and_the_session_stays(connected: Device, standin: StandIn) -> None:
-    connected.publish_acked("v1/devices/me/nonsense", {"a": 1})
+    """MTH:648-651: PUBACK TOPIC_NAME_INVALID (0x90 on MQTT 5, a plain PUBACK on 3.1.1); the session stays."""
+    assert connected.publish_acked("v1/devices/me/nonsense", {"a": 1}) == connected.code(0, 0x90)
     connected.publish_acked(TELEMETRY, {"after": 1})
     assert standin.is_connected("dev1")
     assert standin.latest("dev1") == {"after": 1}
@@ -115,3 +117,11 @@ def test_a_null_value_replaces_nothing(connected: Device, standin: StandIn) -> N
     connected.publish_acked(TELEMETRY, {"ts": 5, "values": {"a": 1}})
     connected.publish_acked(TELEMETRY, {"ts": 5, "values": {"a": None, "b": 2}})
     assert standin.latest("dev1") == {"a": 1, "b": 2}
+
+
+def test_invalid_payload_at_qos0_closes_on_both_versions(connected: Device, standin: StandIn) -> None:
+    """MTH:669: the PUBACK 0x99 needs a packet id (msgId > 0); at QoS 0 MQTT 5 closes too, with
+    DISCONNECT PAYLOAD_FORMAT_INVALID (MTH:674)."""
+    connected.publish(TELEMETRY, b"not json", qos=0)
+    connected.expect_server_disconnect(0x99)
+    assert standin.disconnect_reasons("dev1") == ["invalid_payload"]

@@ -9,10 +9,11 @@ sees ``{"deleted": [...]}``) and the new ones set in one update.
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from typing import Any
 
-from tools.tb_standin.model import MAX_PAYLOAD_SIZE, OtaPackage
+from tools.tb_standin.model import OtaPackage
 
 OTA_KEYS = ("title", "version", "ts", "state", "size", "checksum", "checksum_algorithm", "url", "tag")
 _HASHES = {"MD5": "md5", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
@@ -88,29 +89,31 @@ def unassigned_keys(kind: str) -> list[str]:
     return [f"{kind}_{name}" for name in OTA_KEYS]
 
 
-def chunk(package: OtaPackage | None, size: int, index: int) -> bytes:
-    """Bytes ``[size*index, size*index+size)``; empty past the end; size 0 = the whole file.
+def check_downloadable(package: OtaPackage | None) -> None:
+    """Raise :class:`OtaError` with the status TB's core answers for a package it cannot serve.
 
-    Raises :class:`OtaError` with TB's error code for the cases TB rejects.
+    NOT_FOUND: nothing assigned; FAILURE: an external-URL package, which has no data to chunk
+    (``OtaPackageCallback.onSuccess`` publishes the status, MTH:792-799).
     """
     if package is None:
         raise OtaError("NOT_FOUND")
     if package.url is not None:
-        raise OtaError("FAILURE")  # external packages cannot be downloaded over MQTT
-    if size > MAX_PAYLOAD_SIZE:
-        raise OtaError("PAYLOAD_TOO_LARGE")
+        raise OtaError("FAILURE")
+
+
+def chunk(package: OtaPackage, size: int, index: int) -> bytes:
+    """Bytes ``[size*index, size*index+size)``; empty past the end; size 0 = the whole file."""
     if size <= 0:
         return package.data  # the cache ignores the index when no chunk size is given
     start = size * index
     return package.data[start:start + size]
 
 
-def parse_chunk_size(payload: bytes, remembered: int | None) -> int:
-    """Chunk size from an ASCII decimal payload; empty = the size remembered for this request, or 0."""
-    text = payload.decode("ascii", "replace").strip()
+def parse_chunk_size(payload: bytes) -> int:
+    """``Integer.parseInt`` of the payload, 0 when empty (MTH:679-680); OtaError when it throws."""
+    text = payload.decode("utf-8", "replace")
     if not text:
-        return remembered or 0
-    try:
-        return int(text)
-    except ValueError:
-        raise OtaError("FAILURE") from None
+        return 0
+    if not re.fullmatch(r"[-+]?[0-9]+", text) or not -(2**31) <= int(text) < 2**31:
+        raise OtaError("NumberFormatException")
+    return int(text)

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tools.tb_standin.model import dumps
-from tools.tb_standin.transport import RPC_SUBSCRIPTION
 
 if TYPE_CHECKING:
     from tools.tb_standin.transport import TbSession
 
-RPC_REQUEST_TOPIC = "v1/devices/me/rpc/request/{}"
+RPC_REQUEST_BASE = "v1/devices/me/rpc/request/"
 
 
 class RpcTimeout(Exception):
@@ -157,7 +156,8 @@ class RpcManager:
         body = dumps({"method": rpc.method, "params": rpc.params})
         rpc.set_status("SENT")
         try:
-            waiter = await session.push(RPC_REQUEST_TOPIC.format(rpc.rpc_id), body)
+            base = session.rpc_request_base or RPC_REQUEST_BASE
+            waiter = await session.push(f"{base}{rpc.rpc_id}", body)  # the family subscribed (TopicType.java:23-26)
         except Exception:
             rpc.set_status("TIMEOUT")  # the connection broke while writing
             return
@@ -182,4 +182,4 @@ class RpcManager:
 
 
 def _rpc_subscribed(session: TbSession) -> bool:
-    return RPC_SUBSCRIPTION in session.subscriptions
+    return session.rpc_request_base is not None

@@ -17,11 +17,10 @@ from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.errors import AMQTTError
-from amqtt.mqtt.connack import ConnackPacket
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.session import Session
 
 from tools.tb_standin import ota
+from tools.tb_standin.connect import Connect, disconnect_bytes, read_connect, v311_connack_code, write_connack
 from tools.tb_standin.model import (
     MAX_INFLIGHT,
     MAX_PAYLOAD_SIZE,
@@ -34,10 +33,14 @@ from tools.tb_standin.provision import Registry
 from tools.tb_standin.ratelimit import DeviceLimits
 from tools.tb_standin.routes import DeviceTopics
 from tools.tb_standin.rpc import RpcManager
-from tools.tb_standin.transport import ATTRIBUTES, TbSession, push_if_open
+from tools.tb_standin.transport import TbSession, push_if_open
 
-# CONNACK return codes (MQTT 3.1.1) as TB's ReturnCodeResolver maps them (§0.3).
-ACCEPTED, BAD_PROTOCOL, IDENTIFIER_REJECTED, SERVER_UNAVAILABLE, NOT_AUTHORIZED = 0, 1, 2, 3, 5
+# CONNACK codes as TB chooses them, in their MQTT 5 form (MTH:1346-1397); on 3.1.1 they are
+# mapped by v311_connack_code like ReturnCodeResolver.getConnectionReturnCode.
+ACCEPTED, BAD_PROTOCOL = 0x00, 0x01
+CLIENT_ID_NOT_VALID, BAD_USER_NAME_OR_PASSWORD, NOT_AUTHORIZED = 0x85, 0x86, 0x87
+CONNECTION_RATE_EXCEEDED = 0x9F
+MESSAGE_RATE_TOO_HIGH = 0x96  # the DISCONNECT after a rate-limited CONNECT (MTH:1388)
 ClientRpcHandler = Callable[[str, Any], Any]
 
 
@@ -168,24 +171,35 @@ class TbServer:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         r, w = StreamReaderAdapter(reader), StreamWriterAdapter(writer)
         try:
-            connect = await asyncio.wait_for(ConnectPacket.from_stream(r), 10.0)
+            connect = await asyncio.wait_for(read_connect(r), 10.0)
         except Exception:
             await _close_quietly(w)
             return
+        if connect is None:
+            await _close_quietly(w)
+            return
+        v5 = connect.version == 5
         code, device = self._authenticate(connect)
+        disconnect_code = code  # closeCtx(ctx, returnCode) repeats the CONNACK code (MTH:1361-1362)
         if code == ACCEPTED and device is not None and not self.allow_message(device):
-            code = SERVER_UNAVAILABLE  # SESSION_OPEN rate-limited: 0x03 on MQTT 3.1.1
+            # SESSION_OPEN rate-limited: CONNACK CONNECTION_RATE_EXCEEDED, DISCONNECT
+            # MESSAGE_RATE_TOO_HIGH (MTH:1384-1388); 0x9F is 0x03 on 3.1.1 (ReturnCodeResolver.java:35-37).
+            code, disconnect_code = CONNECTION_RATE_EXCEEDED, MESSAGE_RATE_TOO_HIGH
         if code != ACCEPTED:
-            self.event(device.name if device else connect.username, "connect_refused", f"0x{code:02x}")
+            wire_code = code if v5 else v311_connack_code(code)
+            self.event(device.name if device else connect.username, "connect_refused", f"0x{wire_code:02x}")
             with suppress(ConnectionError, OSError):
-                await ConnackPacket.build(0, code).to_stream(w)
+                await write_connack(w, v5, False, code)
+                if v5:
+                    w.write(disconnect_bytes(disconnect_code))
+                    await w.drain()
             await _close_quietly(w)
             return
         await self._open_session(connect, device, r, w)
 
-    async def _open_session(self, connect: ConnectPacket, device: Device | None, r: StreamReaderAdapter,
+    async def _open_session(self, connect: Connect, device: Device | None, r: StreamReaderAdapter,
                             w: StreamWriterAdapter) -> None:
-        session = TbSession(self, device, self.loop)
+        session = TbSession(self, device, self.loop, v5=connect.version == 5)
         amqtt_session = Session()
         amqtt_session.client_id = connect.client_id
         amqtt_session.username = connect.username
@@ -199,29 +213,36 @@ class TbServer:
                 await older.close("session_taken_over")
         self.event(device.name if device else None, "connected", "provision" if device is None else "")
         try:
-            # sessionPresent = !cleanSession, although TB keeps no session state (§0.3).
-            await session._send_packet(ConnackPacket.build(0 if connect.clean_session_flag else 1, ACCEPTED))
+            # sessionPresent = !cleanSession, although TB keeps no session state (MTH:1151-1157).
+            async with session._write_lock:
+                await write_connack(w, session.v5, not connect.clean_session, ACCEPTED)
             await session.start()
         except (ConnectionError, OSError, AMQTTError):
             await session.close("connection_lost")  # the client went away during the handshake
 
-    def _authenticate(self, connect: ConnectPacket) -> tuple[int, Device | None]:
-        """CONNACK code and device for a CONNECT (§0.3); (0, None) is a provision-only session."""
-        if connect.proto_name not in ("MQTT", "MQIsdp") or connect.proto_level not in (3, 4):
-            return BAD_PROTOCOL, None  # MQTT 5 is not offered by this stand-in (see README)
-        username, password = connect.username, connect.password
-        client_id = None if connect.client_id_is_random else connect.client_id
+    def _authenticate(self, connect: Connect) -> tuple[int, Device | None]:
+        """CONNACK code (MQTT 5 value) and device for a CONNECT; (0, None) is a provision-only session.
+
+        Credentials as DefaultTransportApiService.validateCredentials (DTAS:231-256, 287-302):
+        no username: MQTT_BASIC by clientId; a username: MQTT_BASIC by clientId+username, else
+        the username as an access token, whose password is ignored. Failure codes as
+        onValidateDeviceResponse chooses them (MTH:1346-1362).
+        """
+        if connect.version not in (3, 4, 5):
+            return BAD_PROTOCOL, None
+        username, password, client_id = connect.username, connect.password, connect.client_id
         if username == "provision" or client_id == "provision":
-            return ACCEPTED, None
-        if username and password is None:
-            device = self.registry.by_token(username)
-            return (ACCEPTED, device) if device else (NOT_AUTHORIZED, None)
-        if username or password:
-            device = self.registry.by_basic(client_id, username, password)
-            return (ACCEPTED, device) if device else (NOT_AUTHORIZED, None)
-        if client_id:
-            device = self.registry.by_basic(client_id, None, None)
-            return (ACCEPTED, device) if device else (IDENTIFIER_REJECTED, None)
+            return ACCEPTED, None  # MTH:1067-1069
+        if not username:
+            device = self.registry.by_basic(client_id, None, password) if client_id else None
+        else:
+            device = self.registry.by_basic(client_id, username, password) or self.registry.by_token(username)
+        if device is not None:
+            return ACCEPTED, device
+        if (username is not None and password is not None) or ((username is None) != (password is None)):
+            return BAD_USER_NAME_OR_PASSWORD, None
+        if client_id.strip():
+            return CLIENT_ID_NOT_VALID, None
         return NOT_AUTHORIZED, None
 
     def on_session_closed(self, session: TbSession, reason: str) -> None:
@@ -253,8 +274,11 @@ class TbServer:
                                "telemetryMessages": self.limits.telemetry_messages,
                                "telemetryDataPoints": self.limits.telemetry_data_points}}
 
-    async def ack(self, session: TbSession, packet_id: int | None) -> str | None:
-        """PUBACK an accepted publish, unless a fault says otherwise; a string closes the session."""
+    async def ack(self, session: TbSession, packet_id: int | None, reason: int = 0) -> str | None:
+        """PUBACK a publish (``reason`` goes out on MQTT 5 only), unless a fault says otherwise.
+
+        A returned string closes the session with that reason.
+        """
         if packet_id is None:
             return None
         faults = self.faults
@@ -264,9 +288,9 @@ class TbServer:
             self.event(name, "puback_dropped", str(packet_id))
             return "fault_disconnect" if faults.disconnect_on_drop else None
         if faults.delay > 0:
-            self.loop.call_later(faults.delay, lambda: self.loop.create_task(session.send_puback(packet_id)))
+            self.loop.call_later(faults.delay, lambda: self.loop.create_task(session.send_puback(packet_id, reason)))
             return None
-        await session.send_puback(packet_id)
+        await session.send_puback(packet_id, reason)
         return None
 
     # -- control operations (called on the loop by api.StandIn) ---------------
@@ -286,8 +310,8 @@ class TbServer:
 
     async def _push_attributes(self, name: str, body: dict[str, Any]) -> None:
         session = self.sessions.get(name)
-        if session is not None and ATTRIBUTES in session.subscriptions:
-            await push_if_open(session, ATTRIBUTES, dumps(body))
+        if session is not None and session.attributes_topic is not None:
+            await push_if_open(session, session.attributes_topic, dumps(body))
 
     async def call_rpc(self, name: str, method: str, params: Any, timeout: float, oneway: bool) -> Any:
         if name not in self.registry.devices:

@@ -1,18 +1,24 @@
 """One device connection, as ThingsBoard's ``MqttTransportHandler`` handles it.
 
-Theory of operation: amqtt's ``BrokerProtocolHandler`` supplies the MQTT 3.1.1
-codec, the write lock, PINGRESP and the PUBACK waiters for our own QoS 1
-publishes. We replace its reader loop because ThingsBoard is not a broker:
+Theory of operation: two maintained codecs do all packet encoding and
+decoding. MQTT 3.1/3.1.1 connections use amqtt 0.12.1's packet classes and its
+``BrokerProtocolHandler`` (write lock, PINGRESP, the PUBACK waiters for our own
+QoS 1 publishes, packet ids). MQTT 5 connections use the ``mqtt5`` package (a
+sans-I/O MQTT 5 codec): we frame the bytes, it parses and writes the packets.
+Both feed the same handlers, so the behaviour differs only where ThingsBoard's
+does, by ``mqttVersion`` (MTH = ThingsBoard's ``MqttTransportHandler.java``,
+master dfe65d5):
 
 * the remaining length is checked *before* the body is read (Netty's
   ``MqttDecoder(maxPayloadSize)``), and a packet over 65,536 bytes closes the
-  connection;
+  connection (MTH:208-212);
 * PUBLISH packets are handled in order, inline, and the PUBACK is written only
   after the stand-in stored the data (amqtt acks on receipt);
-* an invalid payload or a rate-limit hit closes the connection without a
-  PUBACK (MQTT 3.1.1 behaviour of ``sendResponseForAdaptorErrorOrCloseContext``);
-* SUBSCRIBE accepts only ThingsBoard's exact filters, and responses are
-  written to the session whether or not it subscribed (§0.2).
+* an invalid payload closes the connection without a PUBACK on 3.1.1, and is
+  answered with PUBACK 0x99 on MQTT 5 (MTH:668-676); PUBACK reason codes and
+  DISCONNECT packets exist only on MQTT 5 (MTH:1219-1233, 245-255);
+* SUBSCRIBE accepts only ThingsBoard's exact filters (MTH:862-925), and
+  responses are written to the session whether or not it subscribed (§0.2).
 
 The server object (``server.py``) owns devices, RPCs and OTA; this module only
 turns packets into calls on it and its answers into packets.
@@ -26,6 +32,7 @@ import time
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+import mqtt5
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
@@ -57,17 +64,36 @@ RPC_REQUEST = "v1/devices/me/rpc/request/"
 RPC_RESPONSE = "v1/devices/me/rpc/response/"
 RPC_SUBSCRIPTION = "v1/devices/me/rpc/request/+"
 CLAIM = "v1/devices/me/claim"
+GATEWAY_PREFIX = "v1/gateway"  # MqttTopics.BASE_GATEWAY_API_TOPIC; MTH:417 uses startsWith
 PROVISION_REQUEST = "/provision/request"
 PROVISION_RESPONSE = "/provision/response"
-OTA_REQUEST = re.compile(r"v2/(fw|sw)/request/(\d+)/chunk/(\d+)\Z")
+OTA_REQUEST = re.compile(r"v2/(fw|sw)/request/(\d+)/chunk/(\d+)")  # MTH:587-590 use find(): unanchored, re.search
 FW_ERROR = "v2/fw/error"  # TB hard-codes the fw error topic, for sw requests too (§5.2)
 
-# MTH.processSubscribe's switch: exact strings only (§0.1); anything else gets 0x80.
+# v2 short topics (MqttTopics.java:89-115). "/j" forces JSON, "/p" protobuf; the stand-in speaks
+# JSON only, so the "/p" family is accepted in SUBSCRIBE but not routed (README).
+SHORT_TELEMETRY = ("v2/t", "v2/t/j")
+SHORT_ATTRIBUTES = ("v2/a", "v2/a/j")
+# (request prefix, response prefix), most specific first, as MTH:615-647 tests them.
+SHORT_ATTR_REQUESTS = (("v2/a/req/j/", "v2/a/res/j/"), ("v2/a/req/", "v2/a/res/"))
+SHORT_RPC_REQUESTS = (("v2/r/req/j/", "v2/r/res/j/"), ("v2/r/req/", "v2/r/res/"))
+SHORT_RPC_RESPONSES = ("v2/r/res/j/", "v2/r/res/")
+PROTO_SHORT = re.compile(r"v2/(t/p|a/p|a/req/p/.*|r/req/p/.*|r/res/p/.*)")
+
+# Subscriptions that register with the device actor (MTH:863-902), mapped to the topic (attributes)
+# or topic base (RPC) that TB then publishes on (TopicType.java:23-26).
+ATTRIBUTE_SUBSCRIPTIONS = {ATTRIBUTES: ATTRIBUTES, "v2/a": "v2/a", "v2/a/j": "v2/a/j", "v2/a/p": None}
+RPC_SUBSCRIPTIONS = {RPC_SUBSCRIPTION: RPC_REQUEST, "v2/r/req/+": "v2/r/req/", "v2/r/req/j/+": "v2/r/req/j/",
+                     "v2/r/req/p/+": None}
+
+# MTH.processSubscribe's switch: exact strings only (§0.1); anything else fails in the SUBACK.
 ACCEPTED_SUBSCRIPTIONS = frozenset({
-    ATTRIBUTES,
+    *ATTRIBUTE_SUBSCRIPTIONS,
+    *RPC_SUBSCRIPTIONS,
     "v1/devices/me/attributes/response/+",
-    RPC_SUBSCRIPTION,
     "v1/devices/me/rpc/response/+",
+    "v2/r/res/+", "v2/r/res/j/+", "v2/r/res/p/+",
+    "v2/a/res/+", "v2/a/res/j/+", "v2/a/res/p/+",
     "v2/fw/response/+/chunk/+",
     "v2/fw/error",
     "v2/sw/response/+/chunk/+",
@@ -76,7 +102,40 @@ ACCEPTED_SUBSCRIPTIONS = frozenset({
     "v1/gateway/attributes/response",
     "v1/gateway/rpc",
 })
+# ReturnCodeResolver.getSubscriptionReturnCode (ReturnCodeResolver.java:45-63): TOPIC_FILTER_INVALID
+# on MQTT 5, 0x80 (MqttQoS.FAILURE) on 3.1.1.
 SUBACK_FAILURE = 0x80
+SUBACK_TOPIC_FILTER_INVALID = 0x8F
+UNSUBACK_SUCCESS, UNSUBACK_NO_SUBSCRIPTION_EXISTED = 0x00, 0x11  # MTH:984-1045
+
+# PUBACK reason codes (Netty MqttReasonCodes.PubAck), sent on MQTT 5 only (MTH:1219-1225).
+PUBACK_SUCCESS = 0x00
+PUBACK_IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+PUBACK_TOPIC_NAME_INVALID = 0x90
+PUBACK_PAYLOAD_FORMAT_INVALID = 0x99
+
+# Close reason -> the DISCONNECT reason code TB sends first on MQTT 5 (closeCtx, MTH:235-255).
+# Reasons missing here close the TCP connection without a DISCONNECT, as TB does when the
+# server goes away or its scheduler closes the channel (provisioning, MTH:760).
+DISCONNECT_CODES = {
+    "client_disconnect": 0x00,  # NORMAL_DISCONNECT, MTH:395-396
+    "invalid_payload": 0x99,  # PAYLOAD_FORMAT_INVALID, MTH:674 (QoS 0 only on MQTT 5)
+    "packet_too_large": 0x81,  # MALFORMED_PACKET, MTH:208-212
+    "malformed_packet": 0x81,
+    "rate_limit": 0x83,  # IMPLEMENTATION_SPECIFIC_ERROR, getPubAckCallback.onError MTH:731-735
+    "session_taken_over": 0x8E,  # MAX_CONCURRENT_SESSIONS_LIMIT_REACHED, MTH:1455
+    "inactivity_timeout": 0xA0,  # SESSION_TIMEOUT -> MAXIMUM_CONNECT_TIME, MTH:1456
+    "credentials_updated": 0x98,  # ADMINISTRATIVE_ACTION, MTH:1454
+    "device_deleted": 0x98,  # onDeviceDeleted, MTH:1613-1616
+    "admin_disconnect": 0x98,  # stand-in control operation; TB's administrative closes use 0x98
+    "rpc_method_missing": 0x8B,  # uncaught RuntimeException -> exceptionCaught SERVER_SHUTTING_DOWN, MTH:1189
+    "ota_bad_chunk_size": 0x8B,  # Integer.parseInt throws (MTH:680), same path
+    "ota_not_found": 0x83,  # sendOtaPackageError, MTH:822-828
+    "ota_failure": 0x83,
+    "ota_payload_too_large": 0x83,
+    "provision_bad_topic": 0x90,  # TOPIC_NAME_INVALID, MTH:324-326
+    "provision_missing_key": 0x83,  # RuntimeException, MTH:328-331
+}
 
 
 class _NoPlugins:
@@ -110,16 +169,33 @@ def parse_request_id(topic: str, prefix: str) -> int:
     return number
 
 
+async def read_v5_packet(reader: ReaderAdapter, header: MQTTFixedHeader) -> Any:
+    """Read the body after ``header`` and decode the whole packet with the ``mqtt5`` codec."""
+    body = await reader.read(header.remaining_length) if header.remaining_length else b""
+    if len(body) != header.remaining_length:
+        raise NoDataError("connection closed inside a packet")
+    packet, _ = mqtt5.read(memoryview(header.to_bytes() + body))
+    return packet
+
+
 class TbSession(BrokerProtocolHandler):
     """The transport side of one connection: a device session or a provision-only session."""
 
-    def __init__(self, server: TbServer, device: Device | None, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: TbServer, device: Device | None, loop: asyncio.AbstractEventLoop,
+                 v5: bool = False) -> None:
         super().__init__(_NoPlugins(), loop=loop)  # type: ignore[arg-type]
         self.server = server
         self.device = device
+        self.v5 = v5  # deviceSessionCtx.getMqttVersion() == MQTT_5
         self.provision_only = device is None
         self.subscriptions: dict[str, int] = {}
-        self.ota_requests: dict[tuple[str, int], tuple[Any, int]] = {}  # (kind, requestId) -> (package, size)
+        # Where the device actor's pushes go, set by a registered SUBSCRIBE (attrSubTopicType,
+        # rpcSubTopicType); None until then, or when the registration was rate-limited.
+        self.attributes_topic: str | None = None
+        self.rpc_request_base: str | None = None
+        # Per session and keyed by the requestId string, as TB's chunkSizes / otaPackSessions (MTH:684-698).
+        self.ota_chunk_sizes: dict[str, int] = {}
+        self.ota_packages: dict[str, Any] = {}
         self.last_activity = time.monotonic()
         self.close_reason: str | None = None
         self._closed_reported = False
@@ -135,6 +211,7 @@ class TbSession(BrokerProtocolHandler):
         if self.close_reason is None:
             self.close_reason = reason
         self._report()  # before the socket closes, so whoever sees the close also finds the reason
+        await self._send_disconnect()
         await self.stop()
         await self._report_closed()
 
@@ -164,12 +241,15 @@ class TbSession(BrokerProtocolHandler):
                 if header.remaining_length > MAX_PAYLOAD_SIZE:
                     reason = "packet_too_large"  # Netty: "Message decoding failed", close
                     break
-                packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
-                reason = await self._dispatch(packet)
+                if self.v5:
+                    reason = await self._dispatch_v5(await read_v5_packet(self.reader, header))
+                else:
+                    packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
+                    reason = await self._dispatch(packet)
         except asyncio.CancelledError:
             pass  # close() cancelled us and reports the reason
-        except (MQTTError, AMQTTError, NoDataError, ValueError, UnicodeDecodeError):
-            reason = "malformed_packet"
+        except (MQTTError, AMQTTError, NoDataError, ValueError, IndexError, UnicodeDecodeError):
+            reason = "malformed_packet"  # IndexError/ValueError: the mqtt5 codec's parse errors
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             reason = "connection_lost"
         finally:
@@ -178,21 +258,23 @@ class TbSession(BrokerProtocolHandler):
             if self.close_reason is None:
                 self.close_reason = reason
             self._stop_waiters()
+            self._report()
+            await self._send_disconnect()
             await self._report_closed()
 
     async def _dispatch(self, packet: Any) -> str | None:
-        """Handle one packet; a returned string closes the session with that reason."""
+        """Handle one MQTT 3.1.1 packet; a returned string closes the session with that reason."""
         packet_type = packet.fixed_header.packet_type
         if packet_type == PUBLISH:
-            return await self._on_publish(packet)
+            packet_id = packet.packet_id if packet.qos else None
+            return await self._on_publish(packet.topic_name or "", bytes(packet.data or b""), packet_id)
         if packet_type == PUBACK:
             self._on_puback(packet.variable_header.packet_id)
         elif packet_type == SUBSCRIBE:
-            return await self._on_subscribe(packet)
+            return await self._on_subscribe(packet.variable_header.packet_id,
+                                            [(f, qos or 0) for f, qos in packet.payload.topics])
         elif packet_type == UNSUBSCRIBE:
-            for topic_filter in packet.payload.topics:
-                self.subscriptions.pop(topic_filter, None)
-            await self._send_packet(UnsubackPacket.build(packet.variable_header.packet_id))
+            await self._on_unsubscribe(packet.variable_header.packet_id, list(packet.payload.topics))
         elif packet_type == PINGREQ:
             await self.handle_pingreq(packet)  # counts as activity; keep-alive is not enforced (§0.4)
         elif packet_type == DISCONNECT:
@@ -201,7 +283,43 @@ class TbSession(BrokerProtocolHandler):
             return "protocol_violation"  # a second CONNECT, or a QoS 2 flow TB does not support
         return None
 
+    async def _dispatch_v5(self, packet: Any) -> str | None:
+        """Handle one MQTT 5 packet (decoded by ``mqtt5``), with the same handlers as 3.1.1."""
+        if isinstance(packet, mqtt5.PublishPacket):
+            packet_id = packet.packet_id if int(packet.qos) else None
+            return await self._on_publish(packet.topic, bytes(packet.payload), packet_id)
+        if isinstance(packet, mqtt5.PubAckPacket):
+            self._on_puback(packet.packet_id)
+        elif isinstance(packet, mqtt5.SubscribePacket):
+            return await self._on_subscribe(packet.packet_id,
+                                            [(f.pattern, int(f.max_qos)) for f in packet.topic_filters])
+        elif isinstance(packet, mqtt5.UnsubscribePacket):
+            await self._on_unsubscribe(packet.packet_id, list(packet.patterns))
+        elif isinstance(packet, mqtt5.PingReqPacket):
+            await self._write_v5(mqtt5.PingRespPacket())
+        elif isinstance(packet, mqtt5.DisconnectPacket):
+            return "client_disconnect"
+        else:
+            return "protocol_violation"
+        return None
+
     # -- outgoing ----------------------------------------------------------
+
+    async def _write_v5(self, packet: Any) -> None:
+        """Write an ``mqtt5`` packet under the handler's write lock (shared with amqtt's writes)."""
+        if self.writer is None:
+            return
+        async with self._write_lock:
+            self.writer.write(packet.write())
+            await self.writer.drain()
+
+    async def _send_disconnect(self) -> None:
+        """MQTT 5 only: tell the client why before closing (closeCtx, MTH:245-252)."""
+        code = DISCONNECT_CODES.get(self.close_reason or "")
+        if not self.v5 or code is None or self.writer is None:
+            return
+        with suppress(Exception):  # the peer may be gone already; closing is what matters
+            await self._write_v5(mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode(code)))
 
     def qos_for(self, topic: str) -> int:
         """QoS of a matching subscription, else 1 (``getQoSForTopic``)."""
@@ -221,7 +339,10 @@ class TbSession(BrokerProtocolHandler):
             waiter = self._loop.create_future()
             self._puback_waiters[packet_id] = waiter
         try:
-            await self._send_packet(PublishPacket.build(topic, payload, packet_id, False, qos, False))
+            if self.v5:
+                await self._write_v5(mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS(qos), packet_id=packet_id))
+            else:
+                await self._send_packet(PublishPacket.build(topic, payload, packet_id, False, qos, False))
         except Exception:
             if packet_id is not None:
                 self._puback_waiters.pop(packet_id, None)
@@ -234,47 +355,87 @@ class TbSession(BrokerProtocolHandler):
             waiter.set_result(packet_id)
         # A PUBACK for an unknown id (e.g. a late one) is harmless, as in TB.
 
-    async def send_puback(self, packet_id: int) -> None:
-        """Write a PUBACK unless the connection is already gone."""
+    async def send_puback(self, packet_id: int, reason: int = PUBACK_SUCCESS) -> None:
+        """Write a PUBACK unless the connection is already gone; the reason code goes out on MQTT 5 only."""
         if self.writer is not None and self.close_reason is None:
             with suppress(ConnectionError, AMQTTError, OSError):
-                await self._send_packet(PubackPacket.build(packet_id))
+                if self.v5:
+                    await self._write_v5(mqtt5.PubAckPacket(packet_id, reason_code=mqtt5.PubAckReasonCode(reason)))
+                else:
+                    await self._send_packet(PubackPacket.build(packet_id))
 
     # -- incoming ----------------------------------------------------------
 
-    async def _on_subscribe(self, packet: Any) -> str | None:
-        if self.device is not None and not self.server.allow_message(self.device):
-            return "rate_limit"
+    async def _on_subscribe(self, packet_id: int, topics: list[tuple[str, int]]) -> str | None:
+        """MTH.processSubscribe (MTH:830-936): never closes the session, not even over a rate limit."""
         codes: list[int] = []
-        new_filters: list[str] = []
-        for topic_filter, qos in packet.payload.topics:
+        for topic_filter, qos in topics:
             if self.provision_only:
                 accepted = topic_filter == PROVISION_RESPONSE
             else:
                 accepted = topic_filter in ACCEPTED_SUBSCRIPTIONS
             if not accepted:
-                codes.append(SUBACK_FAILURE)
+                codes.append(SUBACK_TOPIC_FILTER_INVALID if self.v5 else SUBACK_FAILURE)
                 continue
-            granted = min(qos or 0, 1)  # QoS 2 is not supported (§0.4)
+            granted = min(qos, 1)  # QoS 2 is not supported (§0.4)
             self.subscriptions[topic_filter] = granted
-            new_filters.append(topic_filter)
             codes.append(granted)
-        await self._send_packet(SubackPacket.build(packet.variable_header.packet_id, codes))
-        if self.device is not None and RPC_SUBSCRIPTION in new_filters:
-            self.server.on_rpc_subscribed(self)
+            if self.device is not None:
+                self._register_with_device_actor(topic_filter)
+        if self.v5:
+            await self._write_v5(mqtt5.SubAckPacket(packet_id, [mqtt5.SubAckReasonCode(c) for c in codes]))
+        else:
+            await self._send_packet(SubackPacket.build(packet_id, codes))
         return None
 
-    async def _on_publish(self, packet: Any) -> str | None:
-        topic: str = packet.topic_name or ""
-        payload = bytes(packet.data or b"")
-        packet_id = packet.packet_id if packet.qos else None
+    def _register_with_device_actor(self, topic_filter: str) -> None:
+        """Attribute and RPC subscriptions cost one "messages" token (DefaultTransportService.java:600-622).
+
+        Over the limit, TB's ``checkLimits`` calls no callback (MTH:939, 945 pass null): the
+        SUBACK still grants the QoS and the session stays open, but the device actor never
+        hears of the subscription, so no updates or RPCs arrive on it.
+        """
+        assert self.device is not None
+        if topic_filter in ATTRIBUTE_SUBSCRIPTIONS:
+            if self.server.allow_message(self.device):
+                self.attributes_topic = ATTRIBUTE_SUBSCRIPTIONS[topic_filter]
+            else:
+                self.server.event(self.device.name, "subscription_rate_limited", topic_filter)
+        elif topic_filter in RPC_SUBSCRIPTIONS:
+            if self.server.allow_message(self.device):
+                self.rpc_request_base = RPC_SUBSCRIPTIONS[topic_filter]
+                if self.rpc_request_base is not None:
+                    self.server.on_rpc_subscribed(self)
+            else:
+                self.server.event(self.device.name, "subscription_rate_limited", topic_filter)
+
+    async def _on_unsubscribe(self, packet_id: int, topics: list[str]) -> None:
+        codes = []
+        for topic_filter in topics:
+            existed = self.subscriptions.pop(topic_filter, None) is not None
+            codes.append(UNSUBACK_SUCCESS if existed else UNSUBACK_NO_SUBSCRIPTION_EXISTED)
+            if existed and topic_filter in ATTRIBUTE_SUBSCRIPTIONS:
+                self.attributes_topic = None
+            if existed and topic_filter in RPC_SUBSCRIPTIONS:
+                self.rpc_request_base = None
+        if self.v5:
+            await self._write_v5(mqtt5.UnsubAckPacket(packet_id, [mqtt5.UnsubAckReasonCode(c) for c in codes]))
+        else:
+            await self._send_packet(UnsubackPacket.build(packet_id))
+
+    async def _on_publish(self, topic: str, payload: bytes, packet_id: int | None) -> str | None:
         try:
             if self.provision_only:
                 return await self.server.topics.on_provision_publish(self, topic, payload, packet_id)
             assert self.device is not None
             return await self.server.topics.on_device_publish(self, self.device, topic, payload, packet_id)
         except InvalidPayload:
-            return "invalid_payload"  # MQTT 3.1.1: no PUBACK, close (§0.5)
+            # sendResponseForAdaptorErrorOrCloseContext (MTH:668-676): MQTT 5 with a packet id gets
+            # PUBACK 0x99 and stays; 3.1.1 (and QoS 0) closes without a PUBACK.
+            if self.v5 and packet_id:
+                await self.send_puback(packet_id, PUBACK_PAYLOAD_FORMAT_INVALID)
+                return None
+            return "invalid_payload"
 
 
 async def push_if_open(session: TbSession, topic: str, payload: bytes) -> None:
