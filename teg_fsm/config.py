@@ -92,6 +92,8 @@ class Config:
     reboot_command: tuple[str, ...]
     shutdown_command: tuple[str, ...]
     docker_host: str | None
+    # coalesced state reports (the uplink's) and queue-depth samples: at most one per interval
+    fsm_report_interval_s: float = 60.0
 
     @property
     def queue_db(self) -> Path:
@@ -294,6 +296,7 @@ def _read(env: _Env) -> Config:
         reboot_command=tuple((_get(env, "TEG_REBOOT_COMMAND", "reboot") or "reboot").split()),
         shutdown_command=tuple((_get(env, "TEG_SHUTDOWN_COMMAND", "shutdown now") or "shutdown now").split()),
         docker_host=_get(env, "DOCKER_HOST"),
+        fsm_report_interval_s=_float(env, "TEG_FSM_REPORT_INTERVAL_S", 60.0, minimum=0.1, maximum=86400),
     )
 
 

@@ -295,6 +295,12 @@ class QueueStore:
         row = self.conn.execute(sql, args).fetchone()
         return int(row[0] or 0) if row else 0
 
+    def depth(self) -> dict[str, int]:
+        """Rows not yet delivered (controller queue plus pending) and rows kept as dead letters."""
+        waiting = self._scalar("SELECT count(*) FROM messages") if self.msg_readable else 0
+        return {"queue_depth": waiting + self.pending_rows,
+                "queue_dead_letters": self._scalar("SELECT count(*) FROM dead_letters")}
+
     def pending_top(self) -> int:
         """The highest id pending has ever used (AUTOINCREMENT), or its max id."""
         seq = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (PENDING,)).fetchone()

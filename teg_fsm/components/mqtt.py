@@ -11,6 +11,11 @@ connect) goes through the durable outbox (``teg_fsm.adapters.outbox``, reachable
 ``gateway.components["mqtt"].outbox``): stored with strictly increasing ``ts``
 per key, sent when connected, deleted on PUBACK. Such a ``Publish`` succeeds
 once stored (``{"stored": true}``). Other topics (RPC answers) go out directly.
+
+The machines' states reach ThingsBoard from here too: a dispatcher observer
+(``teg_fsm.components.fsm_report.StateReporter``) turns every state change
+into ``fsm_<machine>_state`` telemetry and ``fsm_<machine>`` client attributes,
+through the same outbox, and says the current states again after a connect.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from teg_fsm.engine.effects.provisioning import CheckToken, MoveTokenAside, Requ
 from teg_fsm.engine.events import Source
 from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
 from teg_fsm.adapters.outbox import OUTBOX_TOPICS, Outbox
+from teg_fsm.components.fsm_report import StateReporter
 from teg_fsm.engine.runner import Completion
 from teg_fsm.adapters.sys_info import read_sys_info
 
@@ -111,6 +117,18 @@ class MqttComponent:
             rate_data_points=config.uplink_rate_data_points,
             now_ms=gateway.clock.now_ms,
         )
+        # Registered before the dispatcher boots, so ``gateway_started`` is seen; the outbox
+        # queues what it is told until its thread starts.
+        dispatcher = gateway.dispatcher
+        self.states = StateReporter(
+            self.say, lambda: {name: m.state_name for name, m in dispatcher.machines.items()},
+            interval_ms=int(config.fsm_report_interval_s * 1000))
+        dispatcher.observers.append(self.states.observe)
+        dispatcher.idle_hooks.append(lambda: self.states.flush(gateway.clock.now_ms()))
+
+    def say(self, topic: str, payload: str, now_ms: int) -> None:
+        """A report of the gateway's own (not a machine's ``Publish``): stored in the outbox, then sent."""
+        self.outbox.say(topic, payload, now_ms, _unstored_logged(topic))
 
     def _link_event(self, name: str, data: dict[str, Any]) -> None:
         """From the link's threads: post to the machines; a connect also wakes the outbox."""
@@ -241,6 +259,14 @@ class MqttComponent:
         if moved is not None:
             log.warning("access token rejected by ThingsBoard; token file kept as %s", moved)
         completion.succeed({"moved_to": str(moved) if moved else None})
+
+
+def _unstored_logged(topic: str) -> Callable[[str | None], None]:
+    def on_stored(error: str | None) -> None:
+        if error is not None:
+            log.warning("a gateway report on %s was not stored: %s", topic, error)
+
+    return on_stored
 
 
 def _log_effect(effect: Log, completion: Completion) -> None:

@@ -13,12 +13,14 @@ on this component from any thread.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.dispatcher import Dispatched, MachineSpec
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
 from teg_fsm.engine.effects import Log
 from teg_fsm.engine.effects.uplink import DiscardArchived, RepublishArchived, SendPacket, TransferRows
 from teg_fsm.engine.events import Source
@@ -50,6 +52,13 @@ class UplinkComponent:
             handler=self.handler,
             post=lambda name, data: gateway.dispatcher.post(Source.QUEUE, name, data, target="uplink"),
         )
+        # Queue depth and dead letters for ThingsBoard: sampled on the I/O thread at most once per
+        # interval, and only after the uplink had something to do (an idle gateway reads nothing).
+        self._queue_moved = True
+        self._queue_sampled_ms: int | None = None
+        self._queue_reported: dict[str, int] | None = None
+        gateway.dispatcher.observers.append(self._note_queue_activity)
+        gateway.dispatcher.idle_hooks.append(self._sample_queue)
 
     def machine_specs(self) -> list[MachineSpec]:
         from teg_fsm.machines.uplink import UplinkMachine
@@ -93,6 +102,31 @@ class UplinkComponent:
     def stop(self) -> None:
         logging.getLogger().removeHandler(self.handler)
         self.io.stop()
+
+    # -- queue depth (dispatcher thread decides, I/O thread reads) ------------------
+
+    def _note_queue_activity(self, dispatched: Dispatched) -> None:
+        event = dispatched.event
+        if event.target == "uplink" or event.name == "mqtt_connected":
+            self._queue_moved = True
+
+    def _sample_queue(self) -> None:
+        now = self.gateway.clock.now_ms()
+        interval_ms = self.config.fsm_report_interval_s * 1000
+        if not self._queue_moved or (self._queue_sampled_ms is not None and now - self._queue_sampled_ms < interval_ms):
+            return
+        self._queue_moved, self._queue_sampled_ms = False, now
+
+        def sample() -> None:
+            store, mqtt = self.io.store, self.gateway.components.get("mqtt")
+            if store is None or mqtt is None:
+                return
+            depth = store.depth()
+            if depth != self._queue_reported:
+                self._queue_reported = depth
+                mqtt.say(TELEMETRY_TOPIC, json.dumps({"ts": now, "values": depth}), now)  # type: ignore[attr-defined]
+
+        self.io.submit(sample)
 
     # -- handlers (dispatcher thread: they only enqueue) ---------------------------
 
