@@ -30,6 +30,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     journal.add_argument("--until", help="ISO time or unix ms")
     journal.add_argument("--limit", type=int, default=0, help="only the last N lines")
     journal.add_argument("--jsonl", action="store_true", help="one JSON entry per line (the replay corpus format)")
+    journal.add_argument("--brief", action="store_true",
+                         help="one line per event, without the why (guards, effect outcomes, reasons)")
     journal.set_defaults(func=_journal)
 
     status = sub.add_parser("status", help="every machine's state (from the checkpoints)")
@@ -110,9 +112,15 @@ def _journal(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"teg journal: bad time: {exc}", file=sys.stderr)
         return 2
-    render = entry_to_jsonl if args.jsonl else _journal_line
     try:
-        lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
+        entries = list(read_entries(path, machine=args.machine, since_ms=since, until_ms=until))
+        if args.jsonl or args.brief:
+            render = entry_to_jsonl if args.jsonl else _journal_line
+            lines = [render(e) for e in entries]
+        else:
+            from teg_fsm.cli.journal_why import explained
+
+            lines = explained(entries)
     except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
         print(f"teg journal: cannot read {path}: {exc}", file=sys.stderr)
         return 2
