@@ -4,7 +4,7 @@ The main journal is ``tests/fixtures/audit/full_gateway_rollback_restart.jsonl``
 recorded from ``tests/integration/test_full_gateway.py`` with the
 ``tools.record_journal`` plugin (real stand-in, dockerd, git): an OTA install,
 an RPC restart of the controller, a missing tag, and a release that crashes in
-probation and is rolled back.
+probation and is rolled back. Chromium checks are in ``test_audit_report_chromium.py``.
 """
 
 from __future__ import annotations
