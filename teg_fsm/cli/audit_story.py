@@ -17,6 +17,7 @@ are skipped and counted, never guessed at.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -179,11 +180,9 @@ class _Reader:
         while True:
             try:
                 entry = next(iterator, None)
-            except (ValueError, TypeError, KeyError, OSError) as exc:  # sqlite3.Error is an Exception too
+            except (ValueError, TypeError, KeyError, OSError, sqlite3.Error) as exc:
+                # An unreadable line or a damaged file: the page shows what was read and where it stopped.
                 self.story.stopped_reading = str(exc)
-                return
-            except Exception as exc:  # a damaged database: report, keep what was read
-                self.story.stopped_reading = f"{type(exc).__name__}: {exc}"
                 return
             if entry is None:
                 return
