@@ -1,4 +1,4 @@
-"""Audit commands: ``teg diagrams``, ``teg replay``, ``teg journal``, ``teg status``."""
+"""Audit commands: ``teg diagrams``, ``teg replay``, ``teg journal``, ``teg audit``, ``teg status``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     journal.add_argument("--until", help="ISO time or unix ms")
     journal.add_argument("--limit", type=int, default=0, help="only the last N lines")
     journal.add_argument("--jsonl", action="store_true", help="one JSON entry per line (the replay corpus format)")
+    journal.add_argument("--brief", action="store_true",
+                         help="one line per event, without the why (guards, effect outcomes, reasons)")
     journal.set_defaults(func=_journal)
+
+    audit = sub.add_parser("audit", help="write one self-contained HTML page: per machine, states over time, "
+                                         "the diagram with the transitions taken, and why each was taken")
+    audit.add_argument("--data", type=Path, default=None, help="data dir (default $TEG_DATA_PATH or ./data)")
+    audit.add_argument("--file", type=Path, default=None, help="a journal file (.db or .jsonl) instead of the data dir's")
+    audit.add_argument("--machine", help="only this machine")
+    audit.add_argument("--since", help="ISO time or unix ms (default: the journal's first event)")
+    audit.add_argument("--until", help="ISO time or unix ms (default: its last event)")
+    audit.add_argument("--html", type=Path, required=True, metavar="FILE", help="the page to write")
+    audit.set_defaults(func=_audit)
 
     status = sub.add_parser("status", help="every machine's state (from the checkpoints)")
     status.add_argument("--data", type=Path, default=None)
@@ -110,14 +122,48 @@ def _journal(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"teg journal: bad time: {exc}", file=sys.stderr)
         return 2
-    render = entry_to_jsonl if args.jsonl else _journal_line
     try:
-        lines = [render(e) for e in read_entries(path, machine=args.machine, since_ms=since, until_ms=until)]
+        entries = list(read_entries(path, machine=args.machine, since_ms=since, until_ms=until))
+        if args.jsonl or args.brief:
+            render = entry_to_jsonl if args.jsonl else _journal_line
+            lines = [render(e) for e in entries]
+        else:
+            from teg_fsm.cli.journal_why import explained
+
+            lines = explained(entries)
     except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
         print(f"teg journal: cannot read {path}: {exc}", file=sys.stderr)
         return 2
     for line in lines[-args.limit :] if args.limit else lines:
         print(line)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from teg_fsm.cli.audit_report import page
+
+    path = args.file or _data_dir(args.data) / "teg_journal.db"
+    if not path.exists():
+        print(f"teg audit: no journal at {path}", file=sys.stderr)
+        return 2
+    try:
+        since, until = _parse_time(args.since), _parse_time(args.until)
+    except ValueError as exc:
+        print(f"teg audit: bad time: {exc}", file=sys.stderr)
+        return 2
+    try:
+        html = page(path, since_ms=since, until_ms=until, machine=args.machine)
+    except sqlite3.Error as exc:
+        print(f"teg audit: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args.html.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        print(f"teg audit: cannot write {args.html}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.html} ({len(html.encode()) // 1024} KiB)")
     return 0
 
 

@@ -13,9 +13,10 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo_root"
 
 # Debian packages: brokers, engine (docker.io pulls containerd/runc/iptables/tini),
-# diagram rendering, base image bootstrap, TLS material, the venv.
+# diagram rendering, base image bootstrap, TLS material, the venv, and headless
+# Chromium for the audit report's tests (tests/unit/test_audit_report_chromium.py).
 packages=(mosquitto docker.io graphviz debootstrap openssl git ca-certificates
-          python3 python3-venv)
+          python3 python3-venv chromium)
 
 install_packages() {
     local missing=() p
