@@ -23,7 +23,7 @@ import pytest
 from teg_fsm.app import Gateway
 from teg_fsm.components.fsm_report import attribute_key, state_key
 from teg_fsm.config import load_config
-from teg_fsm.machines.rpc_methods import METHODS_BY_NAME
+from teg_fsm.machines.rpc_rules import METHODS_BY_NAME
 from tools.thingsboard import make_dashboard
 
 REPO = Path(__file__).resolve().parents[2]
