@@ -80,10 +80,12 @@ def rows(cls: type[GatewayMachine]) -> list[Row]:
 
     Within one state the library tries ``state.transitions`` in declaration
     order and takes the first whose guards hold; rows are grouped by state, then
-    by event (first appearance), keeping that order inside each group.
+    by event (first appearance), keeping that order inside each group. Inside a
+    phase (a compound state) the active inner state's rows are tried before the
+    phase's own, so a phase's rows come after those of its states.
     """
     found: list[Row] = []
-    for state in all_states(cls):
+    for state in _inner_states_first(cls):
         state_rows = [row for t in state.transitions if not t.initial for row in _transition_rows(cls, state, t)]
         first_seen = {event: i for i, event in reversed(list(enumerate(r.event for r in state_rows)))}
         found.extend(sorted(state_rows, key=lambda r: first_seen[r.event]))
@@ -97,6 +99,17 @@ def all_states(cls: type[GatewayMachine]) -> list[Any]:
         for state in states:
             yield state
             yield from walk(state.states)
+
+    return list(walk(cls.states))
+
+
+def _inner_states_first(cls: type[GatewayMachine]) -> list[Any]:
+    """Every state, each compound state after its children (the order transitions are tried)."""
+
+    def walk(states: Any) -> Iterator[Any]:
+        for state in states:
+            yield from walk(state.states)
+            yield state
 
     return list(walk(cls.states))
 

@@ -15,7 +15,8 @@ from teg_fsm.cli import diagram_model as model
 EVALUATION_NOTE = (
     "Rows are in evaluation order. When an event arrives, the rows of the current state for that "
     "event are tried from top to bottom and **the first row whose guards all hold is taken**; the "
-    "rows below it are not looked at. An event with no row that holds is ignored. *internal* rows "
+    "rows below it are not looked at. In a phase (a state that holds states) the rows of the inner "
+    "state are tried first, then the phase's rows. An event with no row that holds is ignored. *internal* rows "
     "stay in the state without running its exit and entry actions; they are left out of the picture."
 )
 

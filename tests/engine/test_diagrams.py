@@ -344,3 +344,31 @@ def test_guard_that_is_a_flag_attribute_names_who_sets_it() -> None:
     flag = diagram_model.describe(FlaggedMachine, "transient")
     assert flag.meaning == "flag attribute, assigned by `setup`, `note_transient`"
     assert flag.location.startswith("tests/engine/test_diagrams.py:")
+
+
+class FallbackPhaseMachine(GatewayMachine):
+    """An event handled both by an inner state and by its phase."""
+
+    machine_name = "fallback_phase_example"
+
+    idle = State(initial=True)
+    fetching = State()
+    given_up = State()
+    failed = State()
+    working = State(states=[fetching])
+
+    begin = idle.to(fetching)
+    # The phase says "any failure here -> failed"; fetching has its own row for it.
+    broke = fetching.to(given_up) | working.to(failed)
+    reset = given_up.to(idle) | failed.to(idle)
+    resume_table = {"idle": "idle", "fetching": "fetching", "given_up": "given_up", "failed": "failed", "working": "fetching"}
+
+
+def test_a_phase_rows_come_after_its_inner_states_rows_as_the_library_tries_them(tmp_path: Path) -> None:
+    machine = FallbackPhaseMachine()
+    machine.handle(Event(seq=1, ts_ms=1, source="test", name="begin"))
+    machine.handle(Event(seq=2, ts_ms=2, source="test", name="broke"))
+    assert machine.state_name == "given_up"  # the inner state's row won
+    diagrams.write(tmp_path, classes=[FallbackPhaseMachine])
+    broke_rows = [r[1] for r in _table_rows((tmp_path / "fallback_phase_example.md").read_text()) if r[2] == "`broke`"]
+    assert broke_rows == ["fetching", "working"]
