@@ -108,20 +108,28 @@ def format_time(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _journal_window(args: argparse.Namespace, command: str) -> tuple[Path, int | None, int | None] | int:
+    """The journal file and the --since/--until window, or the exit code after saying what is wrong."""
+    path = args.file or _data_dir(args.data) / "teg_journal.db"
+    if not path.exists():
+        print(f"teg {command}: no journal at {path}", file=sys.stderr)
+        return 2
+    try:
+        return path, _parse_time(args.since), _parse_time(args.until)
+    except ValueError as exc:
+        print(f"teg {command}: bad time: {exc}", file=sys.stderr)
+        return 2
+
+
 def _journal(args: argparse.Namespace) -> int:
     import sqlite3
 
     from teg_fsm.engine.journal import entry_to_jsonl, read_entries
 
-    path = args.file or _data_dir(args.data) / "teg_journal.db"
-    if not path.exists():
-        print(f"teg journal: no journal at {path}", file=sys.stderr)
-        return 2
-    try:
-        since, until = _parse_time(args.since), _parse_time(args.until)
-    except ValueError as exc:
-        print(f"teg journal: bad time: {exc}", file=sys.stderr)
-        return 2
+    window = _journal_window(args, "journal")
+    if isinstance(window, int):
+        return window
+    path, since, until = window
     try:
         entries = list(read_entries(path, machine=args.machine, since_ms=since, until_ms=until))
         if args.jsonl or args.brief:
@@ -144,15 +152,10 @@ def _audit(args: argparse.Namespace) -> int:
 
     from teg_fsm.cli.audit_report import page
 
-    path = args.file or _data_dir(args.data) / "teg_journal.db"
-    if not path.exists():
-        print(f"teg audit: no journal at {path}", file=sys.stderr)
-        return 2
-    try:
-        since, until = _parse_time(args.since), _parse_time(args.until)
-    except ValueError as exc:
-        print(f"teg audit: bad time: {exc}", file=sys.stderr)
-        return 2
+    window = _journal_window(args, "audit")
+    if isinstance(window, int):
+        return window
+    path, since, until = window
     try:
         html = page(path, since_ms=since, until_ms=until, machine=args.machine)
     except sqlite3.Error as exc:
