@@ -119,7 +119,8 @@ def hostile_rows(draw: st.DrawFn) -> Row:
         "too_deep": '{"ts": 1, "values": {"seq": -1, "deep": %s}}' % _nested(MAX_NESTING),
         "way_too_deep": '{"ts": 1, "values": {"seq": -1, "deep": %s}}' % _nested(draw(st.integers(1000, 50_000))),
         "ts_huge": '{"ts": %d, "values": {"seq": -1}}' % ts,
-        "ts_negative_huge": '{"values": {"seq": -1}, "ts": %d}' % -ts,
+        # -(LONG_MAX + 1) is Java's Long.MIN_VALUE, still a long: one below it is the first that is not.
+        "ts_negative_huge": '{"values": {"seq": -1}, "ts": %d}' % -(ts + 1),
         "ts_text_huge": '{"ts": "%d", "values": {"seq": -1}}' % ts,
         "nan": '{"ts": 1, "values": {"seq": -1, "v": NaN}}',
         "infinity": '{"ts": 1, "values": {"seq": -1, "v": %s}}' % draw(st.sampled_from(["Infinity", "-Infinity"])),
