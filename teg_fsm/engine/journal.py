@@ -11,11 +11,15 @@ Retention by meaning. Rows are kept by what they mean, not only by age:
   degraded modes, starts) go to the table ``journal``, which older readers
   read as before, and are kept for the age bound (``max_age_s``, 450 days);
 - traffic (the uplink's bookkeeping for rows that went out normally, see
-  ``DEFAULT_TRAFFIC`` and ``classify``) goes to ``journal_traffic`` in full
-  detail for ``detail_window_s`` only; older traffic is replaced by one
-  ``traffic_summary`` row per minute and machine in ``journal_summary``
-  (counts per event, ranges of ids, sequence numbers and times, sums of the
-  rows/bytes/points moved, rates per second);
+  ``DEFAULT_TRAFFIC`` and ``classify``) and routine repeats (a decision the
+  same as one kept in full less than ``ROUTINE_MEMORY_MS`` ago: same event,
+  same moves, same kinds of effects, e.g. the file check every 30 s that finds
+  nothing new, or the same failure retried every 10 s) go to
+  ``journal_traffic`` in full detail for ``detail_window_s`` only; older ones
+  are replaced by one ``traffic_summary`` row per minute and machine in
+  ``journal_summary`` (counts per event, the moves, ranges of sequence
+  numbers and times, sums of the rows/bytes/points moved). The first of
+  each kind of decision per hour stays in full, so the "why" is always there;
 - snapshots (``journal_snapshot`` rows in ``journal``, written by the
   dispatcher) hold every machine's state and data, so a journal trimmed at its
   head, or any window of it, replays from its oldest snapshot.
@@ -61,7 +65,10 @@ SUMMARY_INTERVAL_MS = 60_000
 SUMMARISE_BATCH = 20_000
 SNAPSHOT = "journal_snapshot"
 SUMMARY = "traffic_summary"
-DECISION, TRAFFIC = "decision", "traffic"
+DECISION, TRAFFIC, ROUTINE = "decision", "traffic", "routine"
+# A decision repeated within this long of the one kept in full is routine (counted, summarised).
+ROUTINE_MEMORY_MS = 3600 * 1000
+_ROUTINE_PATTERNS = 4096  # distinct decisions remembered (the memory is cleared when full)
 # Traffic: events of these machines that only move rows along (uplink bookkeeping
 # of a normal drain). Such a row is traffic only when it moved nothing but its own
 # machine, issued only these effects, and its result reports no dead letter or
@@ -240,6 +247,7 @@ class Journal:
         self._detail_window_ms = int(detail_window_s * 1000)
         self._traffic = traffic
         self._next_id = 1
+        self._patterns: dict[tuple[Any, ...], int] = {}  # decision pattern -> ts_ms of the one kept in full
         self._flush_interval_s = flush_interval_s
         self.reserve_bytes = reserve_bytes
         self._monotonic = monotonic
@@ -291,9 +299,11 @@ class Journal:
         transitions: list[Transition],
         effects: list[dict[str, Any]],
     ) -> str:
-        """Queue the row for the next commit; returns its kind (``DECISION`` or ``TRAFFIC``)."""
+        """Queue the row for the next commit; returns its kind (``DECISION``, ``TRAFFIC`` or ``ROUTINE``)."""
         kind = classify(event, transitions, effects, self._traffic)
-        if self.condition == DISK_FULL and (kind == TRAFFIC or not transitions and not effects) and event.source != _SYSTEM:
+        if kind == DECISION and transitions and event.source != _SYSTEM:
+            kind = self._repeat_or_decision(event, transitions, effects)
+        if self.condition == DISK_FULL and (kind != DECISION or not transitions and not effects) and event.source != _SYSTEM:
             self.dropped_rows += 1  # detail: the first thing to give up while the disk is full
             return kind
         encode = self._encode
@@ -313,6 +323,27 @@ class Journal:
         if len(self._rows) >= 2000 or self._monotonic() - self._last_flush >= self._flush_interval_s:
             self.flush()
         return kind
+
+    def _repeat_or_decision(self, event: Event, transitions: list[Transition], effects: list[dict[str, Any]]) -> str:
+        """``ROUTINE`` when the same decision was kept in full less than ``ROUTINE_MEMORY_MS`` ago.
+
+        "The same" is the event's source, name and target, the moves (with any
+        error) and the kinds of effects; data (times, counters, texts) is left
+        out, so a check that found nothing new or a failure retried the same way
+        is routine, while anything that moves a machine differently is not.
+        """
+        pattern = (
+            event.source, event.name, event.target,
+            tuple((t.machine, t.source, t.target, t.error) for t in transitions),
+            tuple((e.get("type"), e.get("reply"), e.get("machine"), e.get("name")) for e in effects),
+        )
+        kept_at = self._patterns.get(pattern)
+        if kept_at is not None and 0 <= event.ts_ms - kept_at < ROUTINE_MEMORY_MS:
+            return ROUTINE
+        if len(self._patterns) >= _ROUTINE_PATTERNS:
+            self._patterns.clear()
+        self._patterns[pattern] = event.ts_ms
+        return DECISION
 
     def record_snapshot(self, seq: int, ts_ms: int, data: dict[str, Any]) -> None:
         """A ``journal_snapshot`` row (every machine's state and data) after event ``seq``; it takes no seq."""
@@ -366,7 +397,7 @@ class Journal:
         decisions: list[tuple[Any, ...]] = []
         traffic: list[tuple[Any, ...]] = []
         for offset, row in enumerate(self._rows):
-            (traffic if row[0] == TRAFFIC else decisions).append((first + offset, *row[1:]))
+            (decisions if row[0] == DECISION else traffic).append((first + offset, *row[1:]))
         columns = "(id, seq, ts_ms, source, name, target, data, transitions, effects) VALUES (?,?,?,?,?,?,?,?,?)"
         if decisions:
             db.executemany("INSERT INTO journal" + columns, decisions)
@@ -435,7 +466,7 @@ class Journal:
         if excess <= 0:
             return
         detail = [i for i, row in enumerate(self._rows)
-                  if row[0] == TRAFFIC or row[7] == "[]" and row[8] == "[]" and row[3] != _SYSTEM][:excess]
+                  if row[0] != DECISION or row[7] == "[]" and row[8] == "[]" and row[3] != _SYSTEM][:excess]
         dropped = set(detail)
         kept = [row for i, row in enumerate(self._rows) if i not in dropped]
         excess -= len(dropped)
@@ -477,7 +508,7 @@ class Journal:
                 " coalesce((SELECT MAX(ts_ms) FROM journal_traffic), 0))"
             ).fetchone()[0] or 0
         removed = self.summarise(now_ms - self._detail_window_ms)
-        for table in ("journal", "journal_summary"):
+        for table in ("journal", "journal_traffic", "journal_summary"):
             removed += db.execute(f"DELETE FROM {table} WHERE ts_ms < ?", (now_ms - self._max_age_ms,)).rowcount
         while self._used_bytes() > self._max_bytes:
             trimmed = self._trim_oldest()
@@ -597,18 +628,33 @@ def _group_by_interval(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]
     """Traffic rows (in id order) grouped by (interval, machine), groups ordered by their first id."""
     groups: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}
     for row in rows:
-        groups.setdefault((row[2] // SUMMARY_INTERVAL_MS, row[4]), []).append(row)
+        groups.setdefault((row[2] // SUMMARY_INTERVAL_MS, _machine_of(row)), []).append(row)
     return sorted(groups.values(), key=lambda group: group[0][0])
 
 
+def _machine_of(row: tuple[Any, ...]) -> str | None:
+    """The machine a traffic row is about: its target, else the first machine it moved."""
+    if row[4] is not None:
+        return str(row[4])
+    if row[6] != "[]":
+        return str(json.loads(row[6])[0]["machine"])
+    return None
+
+
 def _summary_row(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """The ``traffic_summary`` row of one interval's traffic of one machine (id of its first row)."""
+    """The ``traffic_summary`` row of one interval's traffic of one machine (id of its first row).
+
+    ``machines`` names every machine the summarised rows moved: replay cannot
+    follow those through the summary (``teg_fsm.engine.replay``).
+    """
     events: dict[str, int] = {}
     totals: dict[str, dict[str, int]] = {}
     moves: dict[str, int] = {}
-    pending_max: int | None = None
-    for _, _, _, name, _, data, transitions in group:
+    machines: set[str] = set()
+    for _, _, _, name, target, data, transitions in group:
         events[name] = events.get(name, 0) + 1
+        if target is not None:
+            machines.add(str(target))
         result = json.loads(data).get("result") if data != "{}" else None
         if isinstance(result, dict):
             sums = totals.setdefault(name, {})
@@ -616,31 +662,29 @@ def _summary_row(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
                 value = result.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     sums[key] = sums.get(key, 0) + value
-            if isinstance(result.get("pending_rows"), int):
-                pending_max = max(pending_max or 0, result["pending_rows"])
         if transitions != "[]":
             for move in json.loads(transitions):
+                machines.add(move["machine"])
                 if move["source"] != move["target"]:
-                    key = f"{move['source']}->{move['target']}"
+                    key = f"{move['machine']}: {move['source']}->{move['target']}"
                     moves[key] = moves.get(key, 0) + 1
     first, last = group[0], group[-1]
-    seconds = SUMMARY_INTERVAL_MS / 1000
     data = {
-        "interval_s": seconds,
+        "interval_s": SUMMARY_INTERVAL_MS // 1000,
         "from_ms": min(r[2] for r in group),
         "to_ms": max(r[2] for r in group),
         "first_seq": first[1],
         "last_seq": last[1],
-        "first_id": first[0],
         "last_id": last[0],
+        "machines": sorted(machines),
         "events": events,
-        "per_s": {name: round(count / seconds, 3) for name, count in events.items()},
-        "totals": {name: sums for name, sums in totals.items() if sums},
-        "moves": moves,
     }
-    if pending_max is not None:
-        data["pending_rows_max"] = pending_max
-    return (first[0], first[1], data["from_ms"], "journal", SUMMARY, first[4], json.dumps(data, separators=(",", ":")))
+    if any(totals.values()):
+        data["totals"] = {name: sums for name, sums in totals.items() if sums}
+    if moves:
+        data["moves"] = moves
+    return (first[0], first[1], data["from_ms"], "journal", SUMMARY, _machine_of(first),
+            json.dumps(data, separators=(",", ":")))
 
 
 def _next_id(db: sqlite3.Connection) -> int:
@@ -711,8 +755,9 @@ def read_journal(
     since_ms: int | None = None,
     until_ms: int | None = None,
     from_id: int | None = None,
+    snapshots: bool = False,
 ) -> Iterator[JournalEntry]:
-    """Entries in order; ``machine`` keeps those that targeted or moved it.
+    """Entries in order; ``machine`` keeps those that targeted or moved it; ``snapshots`` adds snapshot rows.
 
     Decisions, snapshots, traffic detail and traffic summaries are merged by
     id. A summary is shown only where its detail is gone (its rows are older
@@ -743,6 +788,8 @@ def read_journal(
             entry = JournalEntry(
                 seq, ts, source, name, target, json.loads(data), json.loads(transitions), json.loads(effects)
             )
+            if name == SNAPSHOT and source == _SYSTEM and not snapshots:
+                continue
             if name == SUMMARY and source == "journal" and oldest_detail is not None:
                 if int(entry.data.get("last_id", 0)) >= oldest_detail:
                     continue  # its detail is still here
@@ -774,12 +821,15 @@ def read_entries(
     machine: str | None = None,
     since_ms: int | None = None,
     until_ms: int | None = None,
+    snapshots: bool = False,
 ) -> Iterator[JournalEntry]:
     """Entries of a journal database or of a ``.jsonl`` export, with the same filters."""
     if Path(path).suffix != ".jsonl":
-        yield from read_journal(path, machine=machine, since_ms=since_ms, until_ms=until_ms)
+        yield from read_journal(path, machine=machine, since_ms=since_ms, until_ms=until_ms, snapshots=snapshots)
         return
     for entry in read_jsonl(path):
+        if not snapshots and entry.name == SNAPSHOT and entry.source == _SYSTEM:
+            continue
         if since_ms is not None and entry.ts_ms < since_ms or until_ms is not None and entry.ts_ms > until_ms:
             continue
         if machine is None or _concerns(entry, machine):

@@ -13,8 +13,8 @@ was trimmed away) are skipped. ``since_ms``/``until_ms`` pick a window: replay
 starts at the last start or snapshot at or before ``since_ms``.
 
 Summarised traffic: a ``traffic_summary`` row stands for events that are no
-longer there, so the machine it summarises (the uplink) cannot be followed
-through it. From there until the next snapshot re-syncs it (or the next start),
+longer there (uplink traffic, routine repeats), so the machines it names
+cannot be followed through it. From there until the next snapshot re-syncs it (or the next start),
 that machine is *not vouched for*: events addressed to it are skipped, and its
 transitions and effects are left out of the comparison. Every other machine is
 compared as usual; a snapshot whose state differs from the replayed one is a
@@ -122,9 +122,9 @@ def replay_entries(
                 return ReplayResult(count, _unreplayable(entry.seq, entry.name, f"cannot take the snapshot back: {exc!r}"), trace)
             continue
         if entry.name == SUMMARY and entry.source == "journal":
-            if entry.target:
-                last_seq = entry.data.get("last_seq", entry.seq)
-                unvouched[entry.target] = max(unvouched.get(entry.target, -1), int(last_seq))
+            last_seq = int(entry.data.get("last_seq", entry.seq))
+            for machine in entry.data.get("machines") or ([entry.target] if entry.target else []):
+                unvouched[machine] = max(unvouched.get(machine, -1), last_seq)
             continue
         if entry.name == STARTED and entry.source == Source.SYSTEM.value:
             try:
@@ -200,14 +200,12 @@ def replay_journal(
 
 def window_entries(path: Path, since_ms: int | None, until_ms: int | None) -> Iterable[JournalEntry]:
     """Entries from the last start or snapshot at or before ``since_ms`` up to ``until_ms``."""
-    if since_ms is None and until_ms is None:
-        return read_entries(path)
     if since_ms is None:
-        return read_entries(path, until_ms=until_ms)
+        return read_entries(path, until_ms=until_ms, snapshots=True)
     if Path(path).suffix != ".jsonl":
         start = replay_start_id(path, since_ms) if since_ms is not None else None
-        return read_journal(path, until_ms=until_ms, from_id=start)
-    return _jsonl_window(read_entries(path, until_ms=until_ms), since_ms)
+        return read_journal(path, until_ms=until_ms, from_id=start, snapshots=True)
+    return _jsonl_window(read_entries(path, until_ms=until_ms, snapshots=True), since_ms)
 
 
 def _jsonl_window(entries: Iterable[JournalEntry], since_ms: int) -> list[JournalEntry]:
