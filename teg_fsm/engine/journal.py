@@ -12,14 +12,15 @@ Retention by meaning. Rows are kept by what they mean, not only by age:
   read as before, and are kept for the age bound (``max_age_s``, 450 days);
 - traffic (the uplink's bookkeeping for rows that went out normally, see
   ``DEFAULT_TRAFFIC`` and ``classify``) and routine repeats (a decision the
-  same as one kept in full less than ``ROUTINE_MEMORY_MS`` ago: same event,
+  same as one kept in full less than ``ROUTINE_MEMORY_MS`` (a day) ago: same event,
   same moves, same kinds of effects, e.g. the file check every 30 s that finds
   nothing new, or the same failure retried every 10 s) go to
   ``journal_traffic`` in full detail for ``detail_window_s`` only; older ones
   are replaced by one ``traffic_summary`` row per minute and machine in
   ``journal_summary`` (counts per event, the moves, ranges of sequence
-  numbers and times, sums of the rows/bytes/points moved). The first of
-  each kind of decision per hour stays in full, so the "why" is always there;
+  numbers and times, sums of the rows/bytes/points moved), merged into one
+  per hour once a day old. The first of
+  each kind of decision per day stays in full, so the "why" is always there;
 - snapshots (``journal_snapshot`` rows in ``journal``, written by the
   dispatcher) hold every machine's state and data, so a journal trimmed at its
   head, or any window of it, replays from its oldest snapshot.
@@ -62,12 +63,17 @@ DEFAULT_MAX_AGE_S = 450 * 24 * 3600
 # Traffic in full detail: long enough to debug the drain going on now.
 DEFAULT_DETAIL_WINDOW_S = 600
 SUMMARY_INTERVAL_MS = 60_000
+# Minute summaries older than a day are merged into one per hour and machine.
+ROLLUP_AFTER_MS = 24 * 3600 * 1000
+ROLLUP_INTERVAL_MS = 3600 * 1000
 SUMMARISE_BATCH = 20_000
 SNAPSHOT = "journal_snapshot"
 SUMMARY = "traffic_summary"
 DECISION, TRAFFIC, ROUTINE = "decision", "traffic", "routine"
+# A repeat kept in full again once its day is over: stored as a decision, but no news (no snapshot is due).
+KEPT_AGAIN = "kept_again"
 # A decision repeated within this long of the one kept in full is routine (counted, summarised).
-ROUTINE_MEMORY_MS = 3600 * 1000
+ROUTINE_MEMORY_MS = 24 * 3600 * 1000
 _ROUTINE_PATTERNS = 4096  # distinct decisions remembered (the memory is cleared when full)
 # Traffic: events of these machines that only move rows along (uplink bookkeeping
 # of a normal drain). Such a row is traffic only when it moved nothing but its own
@@ -205,6 +211,17 @@ def classify(
     return TRAFFIC
 
 
+def decision_pattern(
+    event: Event, transitions: list[Transition], effects: list[dict[str, Any]]
+) -> tuple[Any, ...]:
+    """What makes two decisions "the same" for routine repeats: event, moves (with errors), kinds of effects."""
+    return (
+        event.source, event.name, event.target,
+        tuple((t.machine, t.source, t.target, t.error) for t in transitions),
+        tuple((e.get("type"), e.get("reply"), e.get("machine"), e.get("name")) for e in effects),
+    )
+
+
 def _transitions_json(transitions: list[Transition]) -> str:
     if any(t.error is not None for t in transitions):
         return json.dumps([transition_record(t) for t in transitions], separators=(",", ":"))
@@ -332,18 +349,14 @@ class Journal:
         out, so a check that found nothing new or a failure retried the same way
         is routine, while anything that moves a machine differently is not.
         """
-        pattern = (
-            event.source, event.name, event.target,
-            tuple((t.machine, t.source, t.target, t.error) for t in transitions),
-            tuple((e.get("type"), e.get("reply"), e.get("machine"), e.get("name")) for e in effects),
-        )
+        pattern = decision_pattern(event, transitions, effects)
         kept_at = self._patterns.get(pattern)
         if kept_at is not None and 0 <= event.ts_ms - kept_at < ROUTINE_MEMORY_MS:
             return ROUTINE
         if len(self._patterns) >= _ROUTINE_PATTERNS:
             self._patterns.clear()
         self._patterns[pattern] = event.ts_ms
-        return DECISION
+        return DECISION if kept_at is None else KEPT_AGAIN
 
     def record_snapshot(self, seq: int, ts_ms: int, data: dict[str, Any]) -> None:
         """A ``journal_snapshot`` row (every machine's state and data) after event ``seq``; it takes no seq."""
@@ -397,7 +410,7 @@ class Journal:
         decisions: list[tuple[Any, ...]] = []
         traffic: list[tuple[Any, ...]] = []
         for offset, row in enumerate(self._rows):
-            (decisions if row[0] == DECISION else traffic).append((first + offset, *row[1:]))
+            (traffic if row[0] in (TRAFFIC, ROUTINE) else decisions).append((first + offset, *row[1:]))
         columns = "(id, seq, ts_ms, source, name, target, data, transitions, effects) VALUES (?,?,?,?,?,?,?,?,?)"
         if decisions:
             db.executemany("INSERT INTO journal" + columns, decisions)
@@ -466,7 +479,7 @@ class Journal:
         if excess <= 0:
             return
         detail = [i for i, row in enumerate(self._rows)
-                  if row[0] != DECISION or row[7] == "[]" and row[8] == "[]" and row[3] != _SYSTEM][:excess]
+                  if row[0] in (TRAFFIC, ROUTINE) or row[7] == "[]" and row[8] == "[]" and row[3] != _SYSTEM][:excess]
         dropped = set(detail)
         kept = [row for i, row in enumerate(self._rows) if i not in dropped]
         excess -= len(dropped)
@@ -508,6 +521,7 @@ class Journal:
                 " coalesce((SELECT MAX(ts_ms) FROM journal_traffic), 0))"
             ).fetchone()[0] or 0
         removed = self.summarise(now_ms - self._detail_window_ms)
+        removed += self.roll_up(now_ms - ROLLUP_AFTER_MS)
         for table in ("journal", "journal_traffic", "journal_summary"):
             removed += db.execute(f"DELETE FROM {table} WHERE ts_ms < ?", (now_ms - self._max_age_ms,)).rowcount
         while self._used_bytes() > self._max_bytes:
@@ -540,6 +554,37 @@ class Journal:
                     (max(1, count // 10),),
                 ).rowcount
         return 0
+
+    def roll_up(self, before_ms: int) -> int:
+        """Merge minute summaries of whole hours older than ``before_ms`` into hourly ones; returns rows removed."""
+        db = self._db
+        assert db is not None
+        cutoff = before_ms // ROLLUP_INTERVAL_MS * ROLLUP_INTERVAL_MS
+        rows = db.execute(
+            "SELECT id, seq, ts_ms, target, data FROM journal_summary WHERE ts_ms < ?"
+            " AND json_extract(data, '$.interval_s') = ? ORDER BY id LIMIT ?",
+            (cutoff, SUMMARY_INTERVAL_MS // 1000, SUMMARISE_BATCH),
+        ).fetchall()
+        groups: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}
+        for row in rows:
+            groups.setdefault((row[2] // ROLLUP_INTERVAL_MS, row[3]), []).append(row)
+        merged = [_merged_summary(group) for group in groups.values() if len(group) > 1]
+        if not merged:
+            return 0
+        gone = [(row[0],) for group in groups.values() if len(group) > 1 for row in group]
+        db.execute("BEGIN")
+        try:
+            db.executemany("DELETE FROM journal_summary WHERE id = ?", gone)
+            db.executemany(
+                "INSERT INTO journal_summary(id, seq, ts_ms, source, name, target, data, transitions, effects)"
+                " VALUES (?,?,?,?,?,?,?,'[]','[]')",
+                merged,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return len(gone) - len(merged)
 
     def summarise(self, before_ms: int) -> int:
         """Replace traffic rows of whole intervals older than ``before_ms`` by summary rows; returns rows removed.
@@ -685,6 +730,40 @@ def _summary_row(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         data["moves"] = moves
     return (first[0], first[1], data["from_ms"], "journal", SUMMARY, _machine_of(first),
             json.dumps(data, separators=(",", ":")))
+
+
+def _merged_summary(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """One hourly summary row from the minute summaries of one hour and machine (id of the first)."""
+    parts = [json.loads(row[4]) for row in group]
+    data: dict[str, Any] = {
+        "interval_s": ROLLUP_INTERVAL_MS // 1000,
+        "from_ms": min(p["from_ms"] for p in parts),
+        "to_ms": max(p["to_ms"] for p in parts),
+        "first_seq": min(p["first_seq"] for p in parts),
+        "last_seq": max(p["last_seq"] for p in parts),
+        "last_id": max(p["last_id"] for p in parts),
+        "machines": sorted({m for p in parts for m in p.get("machines", [])}),
+        "events": _added(p.get("events", {}) for p in parts),
+    }
+    totals: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, sums in part.get("totals", {}).items():
+            totals[name] = _added([totals.get(name, {}), sums])
+    if totals:
+        data["totals"] = totals
+    moves = _added(p.get("moves", {}) for p in parts)
+    if moves:
+        data["moves"] = moves
+    first = group[0]
+    return (first[0], first[1], data["from_ms"], "journal", SUMMARY, first[3], json.dumps(data, separators=(",", ":")))
+
+
+def _added(counts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _next_id(db: sqlite3.Connection) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from teg_fsm.engine.events import Event
 from teg_fsm.engine.journal import (
-    DECISION, ROUTINE, SNAPSHOT, SUMMARY, TRAFFIC, Journal, Transition, classify, read_journal,
+    DECISION, KEPT_AGAIN, ROUTINE, SNAPSHOT, SUMMARY, TRAFFIC, Journal, Transition, classify, read_journal,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,24 +61,26 @@ def test_uplink_bookkeeping_of_a_normal_drain_is_traffic_and_everything_else_a_d
     assert classify(Event(1, T0, "mqtt", "mqtt_disconnected", {}), [], []) == DECISION
 
 
-def test_a_decision_repeated_within_the_hour_is_routine_and_summarised(tmp_path: Path) -> None:
+def test_a_decision_repeated_within_a_day_is_routine_and_summarised(tmp_path: Path) -> None:
     db = tmp_path / "j.db"
     journal = Journal(db, detail_window_s=0)
     scan = [Transition("file_sync", "in_sync", "scanning", "check_due")]
     kinds = [journal.record(Event(i, T0 + i * 30_000, "timer", "check_due", {"generation": i}, "file_sync"), scan,
                             [{"type": "ScanFiles", "id": f"file_sync:{i}:0", "reply": "scan"}]) for i in range(1, 200)]
-    assert kinds[0] == DECISION and set(kinds[1:120]) == {ROUTINE}, "the first in full, repeats within the hour counted"
-    assert kinds[120] == DECISION, "an hour later one is kept in full again"
+    assert kinds[0] == DECISION and set(kinds[1:]) == {ROUTINE}, "the first in full, repeats within the day counted"
     moved = [Transition("file_sync", "in_sync", "fetching", "check_due")]
     assert journal.record(Event(300, T0 + 300 * 30_000, "timer", "check_due", {}, "file_sync"), moved, []) == DECISION
+    day_later = Event(301, T0 + 24 * 3600_000 + 60_000, "timer", "check_due", {}, "file_sync")
+    scan_effect = [{"type": "ScanFiles", "id": "file_sync:301:0", "reply": "scan"}]
+    assert journal.record(day_later, scan, scan_effect) == KEPT_AGAIN, "a day later one is kept in full again"
     journal.flush()
-    journal.prune(T0 + 400 * 30_000)
+    journal.prune(T0 + 24 * 3600_000 + 180_000)
     entries = list(read_journal(db))
     summaries = [e for e in entries if e.name == SUMMARY]
     assert summaries and summaries[0].data["machines"] == ["file_sync"]
     assert summaries[0].data["moves"] == {"file_sync: in_sync->scanning": 2}
-    assert sum(s.data["events"]["check_due"] for s in summaries) == 197
-    assert [e.seq for e in entries if e.name == "check_due"] == [1, 121, 300]
+    assert sum(s.data["events"]["check_due"] for s in summaries) == 198
+    assert [e.seq for e in entries if e.name == "check_due"] == [1, 300, 301]
     journal.close()
 
 
@@ -103,6 +105,24 @@ def test_traffic_older_than_the_detail_window_becomes_one_summary_per_minute(tmp
     detail = [e for e in entries if e.name == "rows_waiting"]
     assert len(detail) == 90, "minutes 2 to 4 in full detail"
     assert [e.seq for e in entries] == sorted(e.seq for e in entries), "summaries sit where their traffic was"
+    journal.close()
+
+
+def test_minute_summaries_a_day_old_are_merged_into_one_per_hour(tmp_path: Path) -> None:
+    db = tmp_path / "j.db"
+    journal = Journal(db, detail_window_s=0)
+    _write_drain(journal, minutes=90)  # T0 is on an hour: minutes 0-59 and 60-89
+    journal.prune(T0 + 3 * 3600_000)
+    minutes = [e for e in read_journal(db) if e.name == SUMMARY]
+    assert len(minutes) == 90
+    journal.prune(T0 + 26 * 3600_000)
+    hours = [e for e in read_journal(db) if e.name == SUMMARY]
+    assert [h.data["interval_s"] for h in hours] == [3600, 3600]
+    assert hours[0].data["events"]["data_packet_succeeded"] == 60 * 30
+    assert hours[0].data["totals"]["data_packet_succeeded"]["bytes"] == 60 * 30 * 90
+    assert hours[1].data["first_seq"] == minutes[60].data["first_seq"]
+    assert hours[1].data["last_seq"] == minutes[-1].data["last_seq"]
+    assert len([e for e in read_journal(db) if e.name == "container_exited"]) == 90
     journal.close()
 
 
