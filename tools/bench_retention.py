@@ -96,7 +96,9 @@ class Gateway:
         else:
             env["PYTHONPATH"] = str(self.repo)
             log = open(self.tmp / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
-            self.proc = subprocess.Popen([sys.executable, "-m", "teg_fsm.cli", "run"], env=env, cwd=self.repo,
+            own = self.repo / ".venv" / "bin" / "python"  # that checkout's own install, if it has one
+            python = str(own) if own.exists() else sys.executable
+            self.proc = subprocess.Popen([python, "-m", "teg_fsm.cli", "run"], env=env, cwd=self.repo,
                                          stdout=log, stderr=subprocess.STDOUT)
             log.close()
         rig.wait_for(lambda: self.tb.is_connected(DEVICE), 30, "gateway connected")
