@@ -45,7 +45,7 @@ if not __package__:  # run as `python tools/bench_retention.py`: the repository 
 from teg_fsm.engine import dispatcher as policy  # noqa: E402
 from teg_fsm.engine.events import Event  # noqa: E402
 from teg_fsm.engine.journal import (  # noqa: E402
-    DECISION, DEFAULT_DETAIL_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_MAX_BYTES, ROUTINE_MEMORY_MS, SNAPSHOT, Journal,
+    DECISION, SNAPSHOT_THIN_AFTER_MS, DEFAULT_DETAIL_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_MAX_BYTES, ROUTINE_MEMORY_MS, SNAPSHOT, Journal,
     Transition, classify, decision_pattern,
 )
 from tests.integration import uplink_rig as rig  # noqa: E402
@@ -237,7 +237,8 @@ def _analyse(db: Path, t0: int, t1: int, rate: float, sent: int) -> dict[str, An
         "summary_machines": machines_with_traffic,
         "snapshot_B": (snapshot[0] if snapshot else 0) * factor,
         "snapshots_per_day": snapshots_per_day,
-        "snapshots_B_day": (snapshot[0] if snapshot else 0) * factor * snapshots_per_day,
+        # Kept: every snapshot of the last week, then the first of each day (journal.SNAPSHOT_THIN_AFTER_MS).
+        "snapshots_B_day": (snapshot[0] if snapshot else 0) * factor * _kept_per_day(snapshots_per_day),
         "page_factor": factor,
     }
 
@@ -247,6 +248,12 @@ def _snapshots_per_day(decisions_per_day: float) -> float:
     hourly = DAY_S * 1000 / policy.SNAPSHOT_INTERVAL_MS
     daily = DAY_S * 1000 / policy.SNAPSHOT_MAX_INTERVAL_MS
     return max(daily, min(hourly, decisions_per_day)) + decisions_per_day / policy.SNAPSHOT_EVERY_DECISIONS
+
+
+def _kept_per_day(taken_per_day: float, days: float = 400.0) -> float:
+    """Snapshots kept per day on average over ``days``: all of the last week, one a day before it."""
+    week = SNAPSHOT_THIN_AFTER_MS / 1000 / DAY_S
+    return (min(days, week) * taken_per_day + max(0.0, days - week) * min(1.0, taken_per_day)) / days
 
 
 def report(r: dict[str, Any]) -> str:
@@ -268,15 +275,34 @@ def report(r: dict[str, Any]) -> str:
         f"{r['hourly_B']:.0f} B each)",
         f"  detail window      {r['detail_window_B'] / MIB:10.2f} MiB held  ({r['detail_B_s'] / 1024:.1f} KiB/s of "
         f"traffic rows, {r['traffic_rows_per_s']:.1f} rows/s, kept {DEFAULT_DETAIL_WINDOW_S:g} s)",
-        f"  snapshots          {r['snapshots_B_day'] / 1024:10.1f} KiB/day  ({r['snapshots_per_day']:.0f}/day of "
+        f"  snapshots          {r['snapshots_B_day'] / 1024:10.1f} KiB/day  (kept over 400 days; taken "
+        f"{r['snapshots_per_day']:.0f}/day, one a day kept after a week, of "
         f"{r['snapshot_B'] / 1024:.1f} KiB)",
         f"  (full detail, as before: {r['detail_B_s'] * DAY_S / MIB:.0f} MiB/day of traffic rows)",
         f"  days of decisions kept in the default budget ({DEFAULT_MAX_BYTES // MIB} MiB): {days:.0f} "
         f"(age bound {DEFAULT_MAX_AGE_S // DAY_S} days; the size alone would keep {days_by_size:,.0f} days); "
         f"summaries kept ~{min(summary_days, DEFAULT_MAX_AGE_S / DAY_S):.0f} days",
+        f"  the budget holds 400 days of up to {_decisions_for_400_days(r):,.0f} decisions a day "
+        f"(at the measured {r['decisions_B_day'] / max(r['decision_rows_per_day'], 1):.0f} B each; summaries and "
+        "detail give way first)",
         "  routine repeats in the window: " + ", ".join(f"{n}->{t or '*'} x{c}" for n, t, c in r["top_routine"]),
     ]
     return "\n".join(lines)
+
+
+def _decisions_for_400_days(r: dict[str, Any]) -> float:
+    """How many new decisions a day the default budget keeps for 400 days (snapshots grow with them)."""
+    per_row = r["decisions_B_day"] / max(r["decision_rows_per_day"], 1)
+    room = (DEFAULT_MAX_BYTES - r["detail_window_B"]) / 400
+
+    def cost(n: float) -> float:
+        return n * per_row + r["snapshot_B"] * _kept_per_day(_snapshots_per_day(n))
+
+    low, high = 0.0, 1e7
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) <= room else (low, mid)
+    return low
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ Retention by meaning. Rows are kept by what they mean, not only by age:
   each kind of decision per day stays in full, so the "why" is always there;
 - snapshots (``journal_snapshot`` rows in ``journal``, written by the
   dispatcher) hold every machine's state and data, so a journal trimmed at its
-  head, or any window of it, replays from its oldest snapshot.
+  head, or any window of it, replays from its oldest snapshot; after a week
+  only the first snapshot of each day is kept.
 
 The three tables share one id space (ids are given here, in record order), so
 a reader merges them by id (``read_journal``). Over the size bound the oldest
@@ -66,6 +67,10 @@ SUMMARY_INTERVAL_MS = 60_000
 # Minute summaries older than a day are merged into one per hour and machine.
 ROLLUP_AFTER_MS = 24 * 3600 * 1000
 ROLLUP_INTERVAL_MS = 3600 * 1000
+# Snapshots older than this are thinned to the first of each UTC day: an old window
+# replays from the day's snapshot (a longer replay), and snapshots cost 1 a day, not 24.
+SNAPSHOT_THIN_AFTER_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
 SUMMARISE_BATCH = 20_000
 SNAPSHOT = "journal_snapshot"
 SUMMARY = "traffic_summary"
@@ -265,6 +270,7 @@ class Journal:
         self._traffic = traffic
         self._next_id = 1
         self._patterns: dict[tuple[Any, ...], int] = {}  # decision pattern -> ts_ms of the one kept in full
+        self._thinned_ms = 0  # snapshots before this day were thinned already
         self._flush_interval_s = flush_interval_s
         self.reserve_bytes = reserve_bytes
         self._monotonic = monotonic
@@ -522,6 +528,7 @@ class Journal:
             ).fetchone()[0] or 0
         removed = self.summarise(now_ms - self._detail_window_ms)
         removed += self.roll_up(now_ms - ROLLUP_AFTER_MS)
+        removed += self.thin_snapshots(now_ms - SNAPSHOT_THIN_AFTER_MS)
         for table in ("journal", "journal_traffic", "journal_summary"):
             removed += db.execute(f"DELETE FROM {table} WHERE ts_ms < ?", (now_ms - self._max_age_ms,)).rowcount
         while self._used_bytes() > self._max_bytes:
@@ -554,6 +561,22 @@ class Journal:
                     (max(1, count // 10),),
                 ).rowcount
         return 0
+
+    def thin_snapshots(self, before_ms: int) -> int:
+        """Keep only the first snapshot of each whole UTC day before ``before_ms``; returns rows removed."""
+        db = self._db
+        assert db is not None
+        cutoff = before_ms // DAY_MS * DAY_MS
+        if cutoff <= self._thinned_ms:
+            return 0
+        removed = db.execute(
+            "DELETE FROM journal WHERE source = ? AND name = ? AND ts_ms >= ? AND ts_ms < ? AND id NOT IN"
+            " (SELECT min(id) FROM journal WHERE source = ? AND name = ? AND ts_ms >= ? AND ts_ms < ?"
+            " GROUP BY ts_ms / ?)",
+            (_SYSTEM, SNAPSHOT, self._thinned_ms, cutoff, _SYSTEM, SNAPSHOT, self._thinned_ms, cutoff, DAY_MS),
+        ).rowcount
+        self._thinned_ms = cutoff
+        return removed
 
     def roll_up(self, before_ms: int) -> int:
         """Merge minute summaries of whole hours older than ``before_ms`` into hourly ones; returns rows removed."""

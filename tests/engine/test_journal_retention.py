@@ -168,6 +168,23 @@ def test_a_restart_never_reuses_a_sequence_number_of_a_traffic_row(tmp_path: Pat
     assert Journal(db).last_seq() == 2
 
 
+def test_snapshots_older_than_a_week_are_thinned_to_one_a_day(tmp_path: Path) -> None:
+    db = tmp_path / "j.db"
+    journal = Journal(db)
+    day = 24 * 3600_000
+    start = T0 // day * day
+    for hour in range(10 * 24):
+        journal.record_snapshot(hour, start + hour * 3600_000, {"format": 1, "machines": {}})
+    journal.record(Event(1, start + 10 * day, "test", "tick", {}), [], [])
+    journal.flush()
+    journal.prune()
+    kept = [e.ts_ms for e in read_journal(db, snapshots=True) if e.name == SNAPSHOT]
+    old = [ts for ts in kept if ts < start + 3 * day]
+    assert old == [start, start + day, start + 2 * day], "the first of each day older than a week"
+    assert len(kept) == 3 + 7 * 24, "the last week keeps every snapshot"
+    journal.close()
+
+
 def test_snapshot_rows_are_read_only_when_asked_for(tmp_path: Path) -> None:
     db = tmp_path / "j.db"
     journal = Journal(db)
