@@ -71,7 +71,8 @@ class Gateway:
         self.timers = Timers(self.clock)
         self.started_at = time.time()
         self.journal = Journal(
-            config.journal_db, max_bytes=config.journal_max_bytes, max_age_s=config.journal_max_age_s
+            config.journal_db, max_bytes=config.journal_max_bytes, max_age_s=config.journal_max_age_s,
+            detail_window_s=config.journal_detail_window_s,
         )
         self.status_file = StatusFile(config.data_path / STATUS_FILE_NAME)
         self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)

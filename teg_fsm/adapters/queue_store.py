@@ -140,6 +140,9 @@ class QueueStore:
         self.archive_rows = self._scalar("SELECT count(*) FROM arc.controller_archive")
         self.cursor = 0
         self._scanned = 0
+        # What the last look at ``messages`` saw (see ``has_news``): None is "not looked yet".
+        self._data_version: int | None = None
+        self._seen_top: int | None = -1
         # Pending rows above this id were validated (and ts-ordered) by our transfer;
         # rows at or below it may come from the previous gateway and are checked when sent.
         self.conn.execute("INSERT OR IGNORE INTO teg_meta (key, value) VALUES ('pending_checked_above', ?)",
@@ -306,6 +309,39 @@ class QueueStore:
         seq = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (PENDING,)).fetchone()
         return max(int(seq[0]) if seq else 0, self._scalar(f"SELECT max(id) FROM {PENDING}"))
 
+    # -- is there anything new? ------------------------------------------------------
+
+    def has_news(self) -> bool:
+        """True when the controller may have added rows since we last looked; no transaction, no write.
+
+        A controller that opens and closes the queue file (or checkpoints its WAL,
+        or writes ``health_check``) wakes the file watch without adding a row; that
+        must cost nothing. ``PRAGMA data_version`` changes only when another
+        connection committed, and the highest id in ``messages`` says whether that
+        commit added a row; only then is the uplink machine told. A replaced file
+        is always news (the transfer follows it).
+        """
+        try:
+            if _identity(self.queue_path) != self.identity:
+                return True
+        except FileNotFoundError:
+            return False
+        version = self._scalar("PRAGMA data_version")
+        if version == self._data_version:
+            return False
+        self._data_version = version
+        if not self.msg_readable:
+            return False
+        top = self._messages_top()
+        if top == self._seen_top:
+            return False
+        self._seen_top = top
+        return top is not None
+
+    def _messages_top(self) -> int | None:
+        row = self.conn.execute(f"SELECT max({self.msg_id}) FROM messages").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     # -- controller queue -> pending + archive ------------------------------------
 
     def transfer(self, max_rows: int, pending_max_rows: int) -> dict[str, Any]:
@@ -350,6 +386,10 @@ class QueueStore:
         moved, dead, archived = self._stage(rows)
         if rows:
             self.conn.execute(f"DELETE FROM messages WHERE {self.msg_id} <= ?", (rows[-1][0],))
+        # Rows left behind (batch limit, full pending) are known to the machine ("more", "full"):
+        # only a row above them is news. Never data_version here: a commit racing this
+        # transaction must still be seen by the next look.
+        self._seen_top = self._messages_top()
         return len(rows), moved, dead, archived
 
     def _stage(self, rows: Sequence[Row], *, probe: bool = False) -> tuple[int, int, int]:
@@ -393,6 +433,7 @@ class QueueStore:
         self._dead_letter([self._poison_letter(i, reason) for i, reason in sorted(poison.items())])
         if ids:
             self.conn.execute(f"DELETE FROM messages WHERE {self.msg_id} <= ?", (ids[-1],))
+        self._seen_top = self._messages_top()
         return len(ids), moved, dead + len(poison), archived
 
     def _isolate(self, ids: list[int], poison: dict[int, str]) -> None:

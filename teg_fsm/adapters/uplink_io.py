@@ -13,8 +13,11 @@ only then settles the effect. Rows are never deleted before their PUBACK.
 Idle costs nothing: the thread blocks on its job queue. Work nobody
 announced arrives two ways:
 - ``FileWatch`` (inotify on the queue's directory, stat polling where there
-  is none) sees the queue db or its -wal change and posts ``rows_waiting``,
-  at most every 50 ms;
+  is none) sees the queue db or its -wal change, at most every 50 ms, and
+  asks this thread to look (``QueueStore.has_news``: ``PRAGMA data_version``,
+  then the highest id in ``messages``); only a new row posts ``rows_waiting``.
+  A file opened and closed, a WAL checkpoint or a health-check write costs one
+  cheap read: no event, no transaction, no journal row;
 - the log handler's first record after a flush enqueues a flush job; it
   stores the records in the log buffer and posts ``logs_waiting``.
 """
@@ -74,7 +77,7 @@ class UplinkIO:
         assert self.store is not None
         queue_db = self.store.queue_path
         self._watch = FileWatch(queue_db.parent, (queue_db, Path(f"{queue_db}-wal")),
-                                lambda: self._post("rows_waiting", {}), WATCH_DEBOUNCE_S)
+                                lambda: self.submit(self._look), WATCH_DEBOUNCE_S)
         self._watch.start()
         self._thread = threading.Thread(target=self._run, name="teg-uplink-io", daemon=True)
         self._thread.start()
@@ -136,6 +139,11 @@ class UplinkIO:
             if not ok:
                 quarantine(path, "failed a quick check after a storage error")
         self.store = self._open_store()
+
+    def _look(self) -> None:
+        """The queue file changed: tell the machine only if a row was added (or the file replaced)."""
+        if self.store is not None and self.store.has_news():
+            self._post("rows_waiting", {})
 
     def _flush_logs(self) -> None:
         records = self.handler.take()

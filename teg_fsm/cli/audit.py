@@ -20,6 +20,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     replay = sub.add_parser("replay", help="re-run a recorded journal against the current machines")
     replay.add_argument("journal", type=Path, help="teg_journal.db or a .jsonl export")
+    replay.add_argument("--since", help="ISO time or unix ms: replay from the last snapshot or start at or before it")
+    replay.add_argument("--until", help="ISO time or unix ms: stop after the last event at or before it")
     replay.set_defaults(func=_replay)
 
     journal = sub.add_parser("journal", help="list the journal: time, event, transitions, effects")
@@ -82,7 +84,12 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"teg replay: no such journal: {args.journal}", file=sys.stderr)
         return 2
     try:
-        result = replay_journal(args.journal)
+        since, until = _parse_time(args.since), _parse_time(args.until)
+    except ValueError as exc:
+        print(f"teg replay: bad time: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = replay_journal(args.journal, since_ms=since, until_ms=until)
     except Exception as exc:  # last resort: a finding to print, never a traceback
         print(f"teg replay: {args.journal} cannot be replayed: {exc!r}")
         return 1
@@ -131,7 +138,8 @@ def _journal(args: argparse.Namespace) -> int:
         return window
     path, since, until = window
     try:
-        entries = list(read_entries(path, machine=args.machine, since_ms=since, until_ms=until))
+        entries = list(read_entries(path, machine=args.machine, since_ms=since, until_ms=until,
+                                    snapshots=args.machine is None))
         if args.jsonl or args.brief:
             render = entry_to_jsonl if args.jsonl else _journal_line
             lines = [render(e) for e in entries]
@@ -171,10 +179,33 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _journal_line(entry) -> str:  # type: ignore[no-untyped-def]
+    from teg_fsm.engine.journal import SNAPSHOT, SUMMARY
+
     target = f"->{entry.target}" if entry.target else ""
+    if entry.name == SUMMARY and entry.source == "journal":
+        return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name}{target} | {summary_words(entry.data)}"
+    if entry.name == SNAPSHOT and entry.source == "system":
+        states = ", ".join(f"{name}: {m.get('state')}" for name, m in sorted(entry.data.get("machines", {}).items()))
+        return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name} | {states or '-'}"
     moves = ", ".join(f"{t['machine']}: {t['source']}->{t['target']}" for t in entry.transitions) or "-"
     effects = ", ".join(f"{e.get('type')}({e.get('id')})" for e in entry.effects) or "-"
     return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name}{target} | {moves} | {effects}"
+
+
+def summary_words(data: dict) -> str:  # type: ignore[type-arg]
+    """A traffic summary in a line: the interval, events counted, what moved, and the sequence range."""
+    seconds = max(1, round((int(data.get("to_ms", 0)) - int(data.get("from_ms", 0))) / 1000))
+    events = ", ".join(f"{n} {name}" for name, n in sorted(data.get("events", {}).items()))
+    totals = data.get("totals", {})
+    moved = totals.get("transfer_succeeded", {}).get("moved", 0)
+    sent = totals.get("data_packet_succeeded", {}).get("rows", 0)
+    logs = totals.get("log_packet_succeeded", {}).get("rows", 0)
+    sent_bytes = sum(t.get("bytes", 0) for t in totals.values())
+    moves = ", ".join(f"{n}x {move}" for move, n in sorted(data.get("moves", {}).items()))
+    rate = sent / max(1, int(data.get("interval_s", 60)))
+    return (f"summary of {seconds} s: {events}; rows moved {moved}, sent {sent} ({rate:.2f}/s), log records "
+            f"{logs}, {sent_bytes} bytes" + (f"; moves: {moves}" if moves else "")
+            + f"; events #{data.get('first_seq')}..#{data.get('last_seq')}")
 
 
 def _print_mermaid(states: dict[str, str]) -> None:

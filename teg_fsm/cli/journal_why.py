@@ -14,9 +14,12 @@ from collections.abc import Sequence
 
 from teg_fsm.cli import audit_words as words
 from teg_fsm.cli.audit_story import Step, build
-from teg_fsm.engine.journal import JournalEntry
+from teg_fsm.engine.journal import SNAPSHOT, SUMMARY, JournalEntry
 
 INDENT = "    "
+
+
+_SYSTEM = "system"
 
 
 def explained(entries: Sequence[JournalEntry]) -> list[str]:
@@ -32,6 +35,9 @@ def explained(entries: Sequence[JournalEntry]) -> list[str]:
             steps.setdefault(step.seq, []).append(step)
     blocks = []
     for entry in entries:
+        if (entry.source, entry.name) in ((_SYSTEM, SNAPSHOT), ("journal", SUMMARY)):
+            blocks.append(_journal_line(entry))  # its one line already says it all in words
+            continue
         try:
             lines = [_journal_line(entry)] + [INDENT + line for line in _why(entry, steps.get(entry.seq, []), issued)]
         except (AttributeError, TypeError, KeyError):  # a row of a kind this format does not know

@@ -187,6 +187,11 @@ def contact_lines(inputs: StatusInputs) -> Iterator[str]:
     try:
         with closing(_read_only(journal)) as db:
             last = db.execute("SELECT max(ts_ms) FROM journal WHERE source = 'mqtt'").fetchone()[0]
+            try:  # routine repeats (the same message again within a day) live with the traffic
+                routine = db.execute("SELECT max(ts_ms) FROM journal_traffic WHERE source = 'mqtt'").fetchone()[0]
+                last = max(x for x in (last, routine) if x is not None) if last or routine else None
+            except sqlite3.OperationalError:
+                pass  # a journal from before traffic had its own table
     except sqlite3.Error:
         last = None
     yield f"thingsboard:   last message {_ago(inputs.now_ms, last) if last else 'never (in the journal kept)'}"

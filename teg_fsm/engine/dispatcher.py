@@ -37,6 +37,13 @@ the idle watch announces each change as ``condition_raised`` /
 that cannot be written while the disk is full do not hold effects back:
 acting without the checkpoint beats a gateway that stops answering.
 Effect hand-out, observers and idle hooks are each guarded the same way.
+
+Snapshots: right after each ``gateway_started`` and then periodically (after
+``snapshot_every_decisions`` decisions, after an hour with any decision, at
+least daily) the dispatcher journals a ``journal_snapshot`` row: every
+machine's class, settings, state and image (all its own data,
+``teg_fsm.engine.images``), taken between two events. A journal trimmed at its
+head, or a window of it, replays from its oldest snapshot (``replay``).
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ from teg_fsm.engine.clock import Clock
 from teg_fsm.engine.codec import Codec
 from teg_fsm.engine.effects import CancelEffect, CancelTimer, Effect, Notify, StartTimer
 from teg_fsm.engine.events import RESUMED, STARTED, Event, JsonDict, Outcome, Source, outcome_event_name
-from teg_fsm.engine.journal import Checkpoint, Journal, Transition
+from teg_fsm.engine.images import ImageError, machine_image, restore_image
+from teg_fsm.engine.journal import DECISION, Checkpoint, Journal, Transition
 from teg_fsm.engine.runner import EffectRunner
 from teg_fsm.engine.timers import Timers
 
@@ -68,6 +76,11 @@ STORAGE_CHECK_S = 1.0
 CONDITION_RAISED = "condition_raised"
 CONDITION_CLEARED = "condition_cleared"
 FILE_QUARANTINED = "file_quarantined"
+# Snapshot policy (see the theory above); sizes per day in tools/bench_retention.py.
+SNAPSHOT_EVERY_DECISIONS = 1000
+SNAPSHOT_INTERVAL_MS = 3600 * 1000
+SNAPSHOT_MAX_INTERVAL_MS = 24 * 3600 * 1000
+SNAPSHOT_FORMAT = 1
 
 
 @attrs.frozen
@@ -143,6 +156,11 @@ class Dispatcher:
         self.condition: str | None = None  # the storage condition last announced
         self._storage_checked = float("-inf")
         self._quarantines_reported = 0
+        self.snapshot_every_decisions = SNAPSHOT_EVERY_DECISIONS
+        self.snapshot_interval_ms = SNAPSHOT_INTERVAL_MS
+        self.snapshot_max_interval_ms = SNAPSHOT_MAX_INTERVAL_MS
+        self._snapshot_ms: int | None = None
+        self._decisions_since_snapshot = 0
 
     def attach_runner(self, runner: EffectRunner) -> None:
         """The runner needs the dispatcher as its sink, so it is attached after both exist."""
@@ -254,6 +272,7 @@ class Dispatcher:
         result = Dispatched(event, transitions, [e for _, e in issued])
         if self._journal is not None:
             self._guarded(self._record, result)
+            self._guarded(self._snapshot_if_due, event)
         if not self.replaying:  # a replay feeds recorded consequences instead of causing them
             for machine, effect in issued:
                 self._guarded(self._apply, machine.machine_name, effect)
@@ -284,9 +303,72 @@ class Dispatcher:
 
     def _record(self, result: Dispatched) -> None:
         assert self._journal is not None
-        self._journal.record(
+        kind = self._journal.record(
             result.event, result.transitions, [self._codec.effect_to_record(e) for e in result.effects]
         )
+        if kind == DECISION:
+            self._decisions_since_snapshot += 1
+
+    # -- snapshots ----------------------------------------------------------
+
+    def _snapshot_if_due(self, event: Event) -> None:
+        """Journal a snapshot after a start, then per the policy in the theory of operation."""
+        assert self._journal is not None
+        started = event.name == STARTED and event.source == Source.SYSTEM.value
+        if not started:
+            if self._snapshot_ms is None:
+                self._snapshot_ms = event.ts_ms
+            age = event.ts_ms - self._snapshot_ms
+            decisions = self._decisions_since_snapshot
+            if not (decisions >= self.snapshot_every_decisions or decisions and age >= self.snapshot_interval_ms
+                    or age >= self.snapshot_max_interval_ms):
+                return
+        self._journal.record_snapshot(event.seq, event.ts_ms, self.snapshot_record())
+        self._snapshot_ms, self._decisions_since_snapshot = event.ts_ms, 0
+
+    def snapshot_record(self) -> JsonDict:
+        """Every machine as it is now: class, settings, state, resume count and image (None if it has none)."""
+        machines: JsonDict = {}
+        for name, machine in self.machines.items():
+            entry: JsonDict = {
+                "class": class_path(type(machine)),
+                "settings": machine.unstructured_settings(),
+                "state": machine.state_name,
+                "resume_count": self._resume_counts.get(name, 0),
+            }
+            try:
+                entry["image"] = machine_image(machine)
+            except ImageError as exc:
+                entry["image"], entry["image_error"] = None, str(exc)
+            machines[name] = entry
+        return {"format": SNAPSHOT_FORMAT, "machines": machines}
+
+    def build_from_snapshot(
+        self, record: JsonDict, overrides: Mapping[str, type[GatewayMachine]] | None = None
+    ) -> list[str]:
+        """(Re)create every machine as a ``journal_snapshot`` row describes (replay); returns those without an image."""
+        self.machines, self._routes, self._saved = {}, {}, {}
+        self._pending_construction = []
+        missing = []
+        for name, entry in record["machines"].items():
+            cls = (overrides or {}).get(name) or load_class(entry["class"])
+            # Built in its initial state, not in the stored one: entering a state runs its
+            # entry actions, which may need data only the image brings; the image sets both.
+            machine = cls(entry.get("settings", {}))
+            machine.take_transitions(), machine.take_effects()
+            if not self.restore_machine(machine, entry):
+                missing.append(name)
+            self._resume_counts[name] = int(entry.get("resume_count", 0))
+            self._add_machine(machine)
+        return missing
+
+    @staticmethod
+    def restore_machine(machine: GatewayMachine, entry: JsonDict) -> bool:
+        """Put one machine where a snapshot entry says; False when the entry has no image."""
+        if not entry.get("image"):
+            return False
+        restore_image(machine, entry["image"])
+        return True
 
     @staticmethod
     def _guarded(call: Callable[..., Any], *args: Any) -> None:

@@ -4,7 +4,34 @@ The journal is append-only: one row per dispatched event with the transitions
 it caused and the effects it issued. Rows are written in the dispatcher thread
 and committed in small groups (every ``flush_interval_s`` or when the queue runs
 dry); WAL mode keeps every committed group readable after ``kill -9``.
-It is bounded by age and size: the oldest rows go first.
+
+Retention by meaning. Rows are kept by what they mean, not only by age:
+
+- decisions (every other row: transitions of every machine, effect failures,
+  degraded modes, starts) go to the table ``journal``, which older readers
+  read as before, and are kept for the age bound (``max_age_s``, 450 days);
+- traffic (the uplink's bookkeeping for rows that went out normally, see
+  ``DEFAULT_TRAFFIC`` and ``classify``) and routine repeats (a decision the
+  same as one kept in full less than ``ROUTINE_MEMORY_MS`` (a day) ago: same event,
+  same moves, same kinds of effects, e.g. the file check every 30 s that finds
+  nothing new, or the same failure retried every 10 s) go to
+  ``journal_traffic`` in full detail for ``detail_window_s`` only; older ones
+  are replaced by one ``traffic_summary`` row per minute and machine in
+  ``journal_summary`` (counts per event, the moves, ranges of sequence
+  numbers and times, sums of the rows/bytes/points moved), merged into one
+  per hour once a day old. The first of
+  each kind of decision per day stays in full, so the "why" is always there;
+- snapshots (``journal_snapshot`` rows in ``journal``, written by the
+  dispatcher) hold every machine's state and data, so a journal trimmed at its
+  head, or any window of it, replays from its oldest snapshot; after a week
+  only the first snapshot of each day is kept.
+
+The three tables share one id space (ids are given here, in record order), so
+a reader merges them by id (``read_journal``). Over the size bound the oldest
+traffic detail goes first (summarised, not lost), then the oldest summaries,
+and only then the oldest decisions. Each table is appended at its tail and
+trimmed at its head, so trimming frees whole pages. tools/bench_retention.py
+measures what each category costs per day.
 
 Checkpoints hold each machine's state and resume data. They are committed
 before the effects of the step that produced them are handed out (persist
@@ -19,7 +46,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +58,40 @@ from teg_fsm.engine.events import Event
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_AGE_S = 30 * 24 * 3600
+# Decisions are kept at least 400 days (an audit asks about last year); the size
+# bound, sized in tools/bench_retention.py, holds them with room to spare.
+DEFAULT_MAX_AGE_S = 450 * 24 * 3600
+# Traffic in full detail: long enough to debug the drain going on now.
+DEFAULT_DETAIL_WINDOW_S = 600
+SUMMARY_INTERVAL_MS = 60_000
+# Minute summaries older than a day are merged into one per hour and machine.
+ROLLUP_AFTER_MS = 24 * 3600 * 1000
+ROLLUP_INTERVAL_MS = 3600 * 1000
+# Snapshots older than this are thinned to the first of each UTC day: an old window
+# replays from the day's snapshot (a longer replay), and snapshots cost 1 a day, not 24.
+SNAPSHOT_THIN_AFTER_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
+SUMMARISE_BATCH = 20_000
+SNAPSHOT = "journal_snapshot"
+SUMMARY = "traffic_summary"
+DECISION, TRAFFIC, ROUTINE = "decision", "traffic", "routine"
+# A repeat kept in full again once its day is over: stored as a decision, but no news (no snapshot is due).
+KEPT_AGAIN = "kept_again"
+# A decision repeated within this long of the one kept in full is routine (counted, summarised).
+ROUTINE_MEMORY_MS = 24 * 3600 * 1000
+_ROUTINE_PATTERNS = 4096  # distinct decisions remembered (the memory is cleared when full)
+# Traffic: events of these machines that only move rows along (uplink bookkeeping
+# of a normal drain). Such a row is traffic only when it moved nothing but its own
+# machine, issued only these effects, and its result reports no dead letter or
+# replaced file (see ``classify``); anything else about the uplink is a decision.
+DEFAULT_TRAFFIC: dict[str, frozenset[str]] = {
+    "uplink": frozenset({
+        "rows_waiting", "logs_waiting", "transfer_succeeded", "data_packet_succeeded", "log_packet_succeeded",
+        "work_changed", "hold_elapsed",
+    }),
+}
+TRAFFIC_EFFECTS = frozenset({"TransferRows", "SendPacket", "Notify", "StartTimer", "CancelTimer"})
+_SUMMED = ("moved", "dead", "rows", "bytes", "points")
 # Below this much free space the disk counts as full: the reserve is for the controller queue.
 DEFAULT_RESERVE_BYTES = 1024 * 1024
 MAX_PENDING_ROWS = 20_000  # rows kept in memory while they cannot be written
@@ -54,6 +114,30 @@ CREATE TABLE IF NOT EXISTS journal (
     effects TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS journal_ts ON journal(ts_ms);
+CREATE TABLE IF NOT EXISTS journal_traffic (
+    id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    name TEXT NOT NULL,
+    target TEXT,
+    data TEXT NOT NULL,
+    transitions TEXT NOT NULL,
+    effects TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_traffic_ts ON journal_traffic(ts_ms);
+CREATE TABLE IF NOT EXISTS journal_summary (
+    id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    name TEXT NOT NULL,
+    target TEXT,
+    data TEXT NOT NULL,
+    transitions TEXT NOT NULL,
+    effects TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_summary_ts ON journal_summary(ts_ms);
 CREATE TABLE IF NOT EXISTS checkpoints (
     machine TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -108,6 +192,41 @@ class Checkpoint:
     resume_count: int
 
 
+def classify(
+    event: Event,
+    transitions: list[Transition],
+    effects: list[dict[str, Any]],
+    traffic: Mapping[str, frozenset[str]] = DEFAULT_TRAFFIC,
+) -> str:
+    """``TRAFFIC`` for uplink bookkeeping of rows that went out normally, else ``DECISION``."""
+    machine = event.target
+    names = traffic.get(machine) if machine is not None else None
+    if names is None or event.name not in names:
+        return DECISION
+    if any(t.machine != machine or t.error is not None for t in transitions):
+        return DECISION
+    for effect in effects:
+        if effect.get("type") not in TRAFFIC_EFFECTS:
+            return DECISION  # a log line, a disconnect, a report: something to explain later
+        if effect.get("type") == "Notify" and effect.get("machine") != machine:
+            return DECISION
+    result = event.data.get("result")
+    if isinstance(result, dict) and (result.get("dead") or result.get("reopened")):
+        return DECISION  # dead letters and a replaced queue file are findings, not traffic
+    return TRAFFIC
+
+
+def decision_pattern(
+    event: Event, transitions: list[Transition], effects: list[dict[str, Any]]
+) -> tuple[Any, ...]:
+    """What makes two decisions "the same" for routine repeats: event, moves (with errors), kinds of effects."""
+    return (
+        event.source, event.name, event.target,
+        tuple((t.machine, t.source, t.target, t.error) for t in transitions),
+        tuple((e.get("type"), e.get("reply"), e.get("machine"), e.get("name")) for e in effects),
+    )
+
+
 def _transitions_json(transitions: list[Transition]) -> str:
     if any(t.error is not None for t in transitions):
         return json.dumps([transition_record(t) for t in transitions], separators=(",", ":"))
@@ -141,10 +260,17 @@ class Journal:
         flush_interval_s: float = 0.1,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
         monotonic: Callable[[], float] = time.monotonic,
+        detail_window_s: float = DEFAULT_DETAIL_WINDOW_S,
+        traffic: Mapping[str, frozenset[str]] = DEFAULT_TRAFFIC,
     ) -> None:
         self.path = Path(path)
         self._max_bytes = max_bytes
         self._max_age_ms = int(max_age_s * 1000)
+        self._detail_window_ms = int(detail_window_s * 1000)
+        self._traffic = traffic
+        self._next_id = 1
+        self._patterns: dict[tuple[Any, ...], int] = {}  # decision pattern -> ts_ms of the one kept in full
+        self._thinned_ms = 0  # snapshots before this day were thinned already
         self._flush_interval_s = flush_interval_s
         self.reserve_bytes = reserve_bytes
         self._monotonic = monotonic
@@ -173,12 +299,16 @@ class Journal:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite_files.open_checked(self.path, _apply_schema, on_quarantine=self.quarantined.append)
+        self._next_id = _next_id(self._db)
 
     def last_seq(self) -> int:
         if self._db is None:
             return self._read_aside[0]
         try:
-            row = self._db.execute("SELECT MAX(seq) FROM journal").fetchone()
+            # Traffic rows carry sequence numbers too: a restart must never reuse one.
+            row = self._db.execute(
+                "SELECT max(coalesce((SELECT MAX(seq) FROM journal), 0), coalesce((SELECT MAX(seq) FROM journal_traffic), 0))"
+            ).fetchone()
         except sqlite3.Error as exc:
             log.error("journal: cannot read the last sequence number: %s", exc)
             return 0
@@ -191,13 +321,18 @@ class Journal:
         event: Event,
         transitions: list[Transition],
         effects: list[dict[str, Any]],
-    ) -> None:
-        if self.condition == DISK_FULL and not transitions and not effects and event.source != _SYSTEM:
+    ) -> str:
+        """Queue the row for the next commit; returns its kind (``DECISION``, ``TRAFFIC`` or ``ROUTINE``)."""
+        kind = classify(event, transitions, effects, self._traffic)
+        if kind == DECISION and transitions and event.source != _SYSTEM:
+            kind = self._repeat_or_decision(event, transitions, effects)
+        if self.condition == DISK_FULL and (kind != DECISION or not transitions and not effects) and event.source != _SYSTEM:
             self.dropped_rows += 1  # detail: the first thing to give up while the disk is full
-            return
+            return kind
         encode = self._encode
         self._rows.append(
             (
+                kind,
                 event.seq,
                 event.ts_ms,
                 event.source,
@@ -210,6 +345,28 @@ class Journal:
         )
         if len(self._rows) >= 2000 or self._monotonic() - self._last_flush >= self._flush_interval_s:
             self.flush()
+        return kind
+
+    def _repeat_or_decision(self, event: Event, transitions: list[Transition], effects: list[dict[str, Any]]) -> str:
+        """``ROUTINE`` when the same decision was kept in full less than ``ROUTINE_MEMORY_MS`` ago.
+
+        "The same" is the event's source, name and target, the moves (with any
+        error) and the kinds of effects; data (times, counters, texts) is left
+        out, so a check that found nothing new or a failure retried the same way
+        is routine, while anything that moves a machine differently is not.
+        """
+        pattern = decision_pattern(event, transitions, effects)
+        kept_at = self._patterns.get(pattern)
+        if kept_at is not None and 0 <= event.ts_ms - kept_at < ROUTINE_MEMORY_MS:
+            return ROUTINE
+        if len(self._patterns) >= _ROUTINE_PATTERNS:
+            self._patterns.clear()
+        self._patterns[pattern] = event.ts_ms
+        return DECISION if kept_at is None else KEPT_AGAIN
+
+    def record_snapshot(self, seq: int, ts_ms: int, data: dict[str, Any]) -> None:
+        """A ``journal_snapshot`` row (every machine's state and data) after event ``seq``; it takes no seq."""
+        self._rows.append((DECISION, seq, ts_ms, _SYSTEM, SNAPSHOT, None, self._encode(data), "[]", "[]"))
 
     def flush(self) -> None:
         """Write what is pending; on failure keep it (bounded) and retry later."""
@@ -237,24 +394,34 @@ class Journal:
         assert db is not None
         if self.condition == DISK_FULL and self.free_bytes() < self.reserve_bytes:
             raise sqlite3.OperationalError(f"database or disk is full (less than {self.reserve_bytes} bytes free)")
+        first = self._next_id
         db.execute("BEGIN")
         try:
             if self._rows:
-                db.executemany(
-                    "INSERT INTO journal(seq, ts_ms, source, name, target, data, transitions, effects)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    self._rows,
-                )
+                self._insert_rows(db, first)
             for machine in sorted(self._due):
                 self._upsert_checkpoint(db, *self._latest[machine])
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
+        self._next_id = first + len(self._rows)
         self._rows, self._due = [], set()
         self._flushes += 1
         if self._flushes % 200 == 1:
             self._prune_quietly()
+
+    def _insert_rows(self, db: sqlite3.Connection, first: int) -> None:
+        """Decisions and snapshots into ``journal``, traffic into ``journal_traffic``; ids in record order."""
+        decisions: list[tuple[Any, ...]] = []
+        traffic: list[tuple[Any, ...]] = []
+        for offset, row in enumerate(self._rows):
+            (traffic if row[0] in (TRAFFIC, ROUTINE) else decisions).append((first + offset, *row[1:]))
+        columns = "(id, seq, ts_ms, source, name, target, data, transitions, effects) VALUES (?,?,?,?,?,?,?,?,?)"
+        if decisions:
+            db.executemany("INSERT INTO journal" + columns, decisions)
+        if traffic:
+            db.executemany("INSERT INTO journal_traffic" + columns, traffic)
 
     def _prune_quietly(self) -> None:
         try:
@@ -317,7 +484,8 @@ class Journal:
         excess = len(self._rows) - MAX_PENDING_ROWS
         if excess <= 0:
             return
-        detail = [i for i, row in enumerate(self._rows) if row[6] == "[]" and row[7] == "[]"][:excess]
+        detail = [i for i, row in enumerate(self._rows)
+                  if row[0] in (TRAFFIC, ROUTINE) or row[7] == "[]" and row[8] == "[]" and row[3] != _SYSTEM][:excess]
         dropped = set(detail)
         kept = [row for i, row in enumerate(self._rows) if i not in dropped]
         excess -= len(dropped)
@@ -344,26 +512,140 @@ class Journal:
     # -- pruning and reading -----------------------------------------------
 
     def prune(self, now_ms: int | None = None) -> int:
-        """Drop rows older than the age bound, then oldest rows over the size bound."""
+        """Summarise traffic older than the detail window, drop rows over the age bound, then trim to size.
+
+        Over the size bound the oldest traffic detail goes first (summarised
+        before it goes), then the oldest summaries, then the oldest decisions.
+        """
         if self._db is None:
             return 0
+        db = self._db
         if now_ms is None:
             # Age is measured on the events' own clock, so a fake clock is honoured.
-            now_ms = self._db.execute("SELECT MAX(ts_ms) FROM journal").fetchone()[0] or 0
-        removed = self._db.execute(
-            "DELETE FROM journal WHERE ts_ms < ?", (now_ms - self._max_age_ms,)
-        ).rowcount
+            now_ms = db.execute(
+                "SELECT max(coalesce((SELECT MAX(ts_ms) FROM journal), 0),"
+                " coalesce((SELECT MAX(ts_ms) FROM journal_traffic), 0))"
+            ).fetchone()[0] or 0
+        removed = self.summarise(now_ms - self._detail_window_ms)
+        removed += self.roll_up(now_ms - ROLLUP_AFTER_MS)
+        removed += self.thin_snapshots(now_ms - SNAPSHOT_THIN_AFTER_MS)
+        for table in ("journal", "journal_traffic", "journal_summary"):
+            removed += db.execute(f"DELETE FROM {table} WHERE ts_ms < ?", (now_ms - self._max_age_ms,)).rowcount
         while self._used_bytes() > self._max_bytes:
-            count = self._db.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
-            if count == 0:
+            trimmed = self._trim_oldest()
+            if not trimmed:
                 break
-            batch = max(1, count // 10)
-            removed += self._db.execute(
-                "DELETE FROM journal WHERE id IN (SELECT id FROM journal ORDER BY id LIMIT ?)",
-                (batch,),
-            ).rowcount
-            self._db.execute("PRAGMA incremental_vacuum")
+            removed += trimmed
+            db.execute("PRAGMA incremental_vacuum")
         return removed
+
+    def _trim_oldest(self) -> int:
+        """One step towards the size bound: a tenth of the lowest-ranking rows there are."""
+        db = self._db
+        assert db is not None
+        count = db.execute("SELECT COUNT(*) FROM journal_traffic").fetchone()[0]
+        if count:
+            (oldest_kept,) = db.execute(
+                "SELECT ts_ms FROM journal_traffic ORDER BY id LIMIT 1 OFFSET ?", (max(1, count // 10) - 1,)
+            ).fetchone()
+            boundary = (oldest_kept // SUMMARY_INTERVAL_MS + 1) * SUMMARY_INTERVAL_MS
+            return self.summarise(boundary) or db.execute(
+                "DELETE FROM journal_traffic WHERE id IN (SELECT id FROM journal_traffic ORDER BY id LIMIT ?)",
+                (max(1, count // 10),),
+            ).rowcount
+        for table in ("journal_summary", "journal"):
+            count = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            if count:
+                return db.execute(
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?)",
+                    (max(1, count // 10),),
+                ).rowcount
+        return 0
+
+    def thin_snapshots(self, before_ms: int) -> int:
+        """Keep only the first snapshot of each whole UTC day before ``before_ms``; returns rows removed."""
+        db = self._db
+        assert db is not None
+        cutoff = before_ms // DAY_MS * DAY_MS
+        if cutoff <= self._thinned_ms:
+            return 0
+        removed = db.execute(
+            "DELETE FROM journal WHERE source = ? AND name = ? AND ts_ms >= ? AND ts_ms < ? AND id NOT IN"
+            " (SELECT min(id) FROM journal WHERE source = ? AND name = ? AND ts_ms >= ? AND ts_ms < ?"
+            " GROUP BY ts_ms / ?)",
+            (_SYSTEM, SNAPSHOT, self._thinned_ms, cutoff, _SYSTEM, SNAPSHOT, self._thinned_ms, cutoff, DAY_MS),
+        ).rowcount
+        self._thinned_ms = cutoff
+        return removed
+
+    def roll_up(self, before_ms: int) -> int:
+        """Merge minute summaries of whole hours older than ``before_ms`` into hourly ones; returns rows removed."""
+        db = self._db
+        assert db is not None
+        cutoff = before_ms // ROLLUP_INTERVAL_MS * ROLLUP_INTERVAL_MS
+        rows = db.execute(
+            "SELECT id, seq, ts_ms, target, data FROM journal_summary WHERE ts_ms < ?"
+            " AND json_extract(data, '$.interval_s') = ? ORDER BY id LIMIT ?",
+            (cutoff, SUMMARY_INTERVAL_MS // 1000, SUMMARISE_BATCH),
+        ).fetchall()
+        groups: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}
+        for row in rows:
+            groups.setdefault((row[2] // ROLLUP_INTERVAL_MS, row[3]), []).append(row)
+        merged = [_merged_summary(group) for group in groups.values() if len(group) > 1]
+        if not merged:
+            return 0
+        gone = [(row[0],) for group in groups.values() if len(group) > 1 for row in group]
+        db.execute("BEGIN")
+        try:
+            db.executemany("DELETE FROM journal_summary WHERE id = ?", gone)
+            db.executemany(
+                "INSERT INTO journal_summary(id, seq, ts_ms, source, name, target, data, transitions, effects)"
+                " VALUES (?,?,?,?,?,?,?,'[]','[]')",
+                merged,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return len(gone) - len(merged)
+
+    def summarise(self, before_ms: int) -> int:
+        """Replace traffic rows of whole intervals older than ``before_ms`` by summary rows; returns rows removed.
+
+        One summary per interval (a minute) and machine, in one transaction with
+        the deletion, so a crash leaves either the detail or its summary.
+        """
+        db = self._db
+        assert db is not None
+        cutoff = before_ms // SUMMARY_INTERVAL_MS * SUMMARY_INTERVAL_MS
+        removed = 0
+        while True:
+            rows = db.execute(
+                "SELECT id, seq, ts_ms, name, target, data, transitions FROM journal_traffic"
+                " WHERE ts_ms < ? ORDER BY id LIMIT ?",
+                (cutoff, SUMMARISE_BATCH),
+            ).fetchall()
+            if not rows:
+                return removed
+            groups = _group_by_interval(rows)
+            if len(rows) == SUMMARISE_BATCH and len(groups) > 1:
+                groups.pop()  # its interval may go on in the next batch
+            done = [row for group in groups for row in group]
+            db.execute("BEGIN")
+            try:
+                db.executemany(
+                    "INSERT INTO journal_summary(id, seq, ts_ms, source, name, target, data, transitions, effects)"
+                    " VALUES (?,?,?,?,?,?,?,'[]','[]')",
+                    [_summary_row(group) for group in groups],
+                )
+                db.executemany("DELETE FROM journal_traffic WHERE id = ?", [(row[0],) for row in done])
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+            removed += len(done)
+            if len(rows) < SUMMARISE_BATCH:
+                return removed
 
     def _used_bytes(self) -> int:
         assert self._db is not None
@@ -410,6 +692,113 @@ class Journal:
             self._db = None
 
 
+def _group_by_interval(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """Traffic rows (in id order) grouped by (interval, machine), groups ordered by their first id."""
+    groups: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        groups.setdefault((row[2] // SUMMARY_INTERVAL_MS, _machine_of(row)), []).append(row)
+    return sorted(groups.values(), key=lambda group: group[0][0])
+
+
+def _machine_of(row: tuple[Any, ...]) -> str | None:
+    """The machine a traffic row is about: its target, else the first machine it moved."""
+    if row[4] is not None:
+        return str(row[4])
+    if row[6] != "[]":
+        return str(json.loads(row[6])[0]["machine"])
+    return None
+
+
+def _summary_row(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """The ``traffic_summary`` row of one interval's traffic of one machine (id of its first row).
+
+    ``machines`` names every machine the summarised rows moved: replay cannot
+    follow those through the summary (``teg_fsm.engine.replay``).
+    """
+    events: dict[str, int] = {}
+    totals: dict[str, dict[str, int]] = {}
+    moves: dict[str, int] = {}
+    machines: set[str] = set()
+    for _, _, _, name, target, data, transitions in group:
+        events[name] = events.get(name, 0) + 1
+        if target is not None:
+            machines.add(str(target))
+        result = json.loads(data).get("result") if data != "{}" else None
+        if isinstance(result, dict):
+            sums = totals.setdefault(name, {})
+            for key in _SUMMED:
+                value = result.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    sums[key] = sums.get(key, 0) + value
+        if transitions != "[]":
+            for move in json.loads(transitions):
+                machines.add(move["machine"])
+                if move["source"] != move["target"]:
+                    key = f"{move['machine']}: {move['source']}->{move['target']}"
+                    moves[key] = moves.get(key, 0) + 1
+    first, last = group[0], group[-1]
+    data = {
+        "interval_s": SUMMARY_INTERVAL_MS // 1000,
+        "from_ms": min(r[2] for r in group),
+        "to_ms": max(r[2] for r in group),
+        "first_seq": first[1],
+        "last_seq": last[1],
+        "last_id": last[0],
+        "machines": sorted(machines),
+        "events": events,
+    }
+    if any(totals.values()):
+        data["totals"] = {name: sums for name, sums in totals.items() if sums}
+    if moves:
+        data["moves"] = moves
+    return (first[0], first[1], data["from_ms"], "journal", SUMMARY, _machine_of(first),
+            json.dumps(data, separators=(",", ":")))
+
+
+def _merged_summary(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """One hourly summary row from the minute summaries of one hour and machine (id of the first)."""
+    parts = [json.loads(row[4]) for row in group]
+    data: dict[str, Any] = {
+        "interval_s": ROLLUP_INTERVAL_MS // 1000,
+        "from_ms": min(p["from_ms"] for p in parts),
+        "to_ms": max(p["to_ms"] for p in parts),
+        "first_seq": min(p["first_seq"] for p in parts),
+        "last_seq": max(p["last_seq"] for p in parts),
+        "last_id": max(p["last_id"] for p in parts),
+        "machines": sorted({m for p in parts for m in p.get("machines", [])}),
+        "events": _added(p.get("events", {}) for p in parts),
+    }
+    totals: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, sums in part.get("totals", {}).items():
+            totals[name] = _added([totals.get(name, {}), sums])
+    if totals:
+        data["totals"] = totals
+    moves = _added(p.get("moves", {}) for p in parts)
+    if moves:
+        data["moves"] = moves
+    first = group[0]
+    return (first[0], first[1], data["from_ms"], "journal", SUMMARY, first[3], json.dumps(data, separators=(",", ":")))
+
+
+def _added(counts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _next_id(db: sqlite3.Connection) -> int:
+    """The next id of the shared id space of ``journal``, ``journal_traffic`` and ``journal_summary``."""
+    row = db.execute(
+        "SELECT max(coalesce((SELECT MAX(id) FROM journal), 0), coalesce((SELECT MAX(id) FROM journal_traffic), 0),"
+        " coalesce((SELECT MAX(id) FROM journal_summary), 0),"
+        " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0))"
+    ).fetchone()
+    return int(row[0] or 0) + 1
+
+
 def _apply_schema(conn: sqlite3.Connection) -> None:
     # auto_vacuum only takes effect before the first table exists.
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -433,6 +822,10 @@ def _read_without_shared_memory(path: Path) -> tuple[int, list[tuple[Any, ...]]]
         try:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             seq = conn.execute("SELECT MAX(seq) FROM journal").fetchone()[0] or 0
+            try:
+                seq = max(seq, conn.execute("SELECT MAX(seq) FROM journal_traffic").fetchone()[0] or 0)
+            except sqlite3.Error:
+                pass  # a journal from before traffic had its own table
             rows = conn.execute("SELECT machine, state, data, resume_count FROM checkpoints").fetchall()
         finally:
             conn.close()
@@ -463,11 +856,19 @@ def read_journal(
     machine: str | None = None,
     since_ms: int | None = None,
     until_ms: int | None = None,
+    from_id: int | None = None,
+    snapshots: bool = False,
 ) -> Iterator[JournalEntry]:
-    """Entries in order; ``machine`` keeps those that targeted or moved it."""
+    """Entries in order; ``machine`` keeps those that targeted or moved it; ``snapshots`` adds snapshot rows.
+
+    Decisions, snapshots, traffic detail and traffic summaries are merged by
+    id. A summary is shown only where its detail is gone (its rows are older
+    than the oldest detail row kept), so nothing is counted twice. A file
+    written before traffic had its own tables has only ``journal``.
+    """
     db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     try:
-        query = "SELECT seq, ts_ms, source, name, target, data, transitions, effects FROM journal"
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         clauses, params = [], []
         if since_ms is not None:
             clauses.append("ts_ms >= ?")
@@ -475,16 +876,43 @@ def read_journal(
         if until_ms is not None:
             clauses.append("ts_ms <= ?")
             params.append(until_ms)
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
-        for seq, ts, source, name, target, data, transitions, effects in db.execute(
-            query + " ORDER BY id", params
-        ):
+        if from_id is not None:
+            clauses.append("id >= ?")
+            params.append(from_id)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        columns = "SELECT id, seq, ts_ms, source, name, target, data, transitions, effects FROM "
+        parts = [columns + table + where for table in ("journal", "journal_traffic", "journal_summary") if table in tables]
+        oldest_detail = None
+        if "journal_traffic" in tables:
+            oldest_detail = db.execute("SELECT MIN(id) FROM journal_traffic").fetchone()[0]
+        query = "SELECT * FROM (" + " UNION ALL ".join(parts) + ") ORDER BY id"
+        for _, seq, ts, source, name, target, data, transitions, effects in db.execute(query, params * len(parts)):
             entry = JournalEntry(
                 seq, ts, source, name, target, json.loads(data), json.loads(transitions), json.loads(effects)
             )
+            if name == SNAPSHOT and source == _SYSTEM and not snapshots:
+                continue
+            if name == SUMMARY and source == "journal" and oldest_detail is not None:
+                if int(entry.data.get("last_id", 0)) >= oldest_detail:
+                    continue  # its detail is still here
             if machine is None or _concerns(entry, machine):
                 yield entry
+    finally:
+        db.close()
+
+
+def replay_start_id(path: Path, at_ms: int | None) -> int | None:
+    """Id of the last start or snapshot row at or before ``at_ms`` (the first one after it if none); None: none at all."""
+    db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        starts = f"FROM journal WHERE source = '{_SYSTEM}' AND name IN ('gateway_started', '{SNAPSHOT}')"
+        row = None
+        if at_ms is not None:
+            row = db.execute(f"SELECT MAX(id) {starts} AND ts_ms <= ?", (at_ms,)).fetchone()
+        if row is None or row[0] is None:
+            row = db.execute(f"SELECT MIN(id) {starts}" + (" AND ts_ms > ?" if at_ms is not None else ""),
+                             (at_ms,) if at_ms is not None else ()).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
     finally:
         db.close()
 
@@ -495,12 +923,15 @@ def read_entries(
     machine: str | None = None,
     since_ms: int | None = None,
     until_ms: int | None = None,
+    snapshots: bool = False,
 ) -> Iterator[JournalEntry]:
     """Entries of a journal database or of a ``.jsonl`` export, with the same filters."""
     if Path(path).suffix != ".jsonl":
-        yield from read_journal(path, machine=machine, since_ms=since_ms, until_ms=until_ms)
+        yield from read_journal(path, machine=machine, since_ms=since_ms, until_ms=until_ms, snapshots=snapshots)
         return
     for entry in read_jsonl(path):
+        if not snapshots and entry.name == SNAPSHOT and entry.source == _SYSTEM:
+            continue
         if since_ms is not None and entry.ts_ms < since_ms or until_ms is not None and entry.ts_ms > until_ms:
             continue
         if machine is None or _concerns(entry, machine):

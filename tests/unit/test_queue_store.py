@@ -189,3 +189,68 @@ def test_archived_values_are_the_rows_values_whichever_way_the_row_is_written(te
     row = json.loads(text)
     assert (ts, points) == (int(row["ts"]), len(row["values"]))
     assert json.loads(values_text) == row["values"]
+
+
+# -- has_news: a touched file is not news, a new row is ------------------------------
+
+
+def _controller_touch(path: Path, *, rows: int = 0, health: bool = False) -> None:
+    """What a controller does: open the file, maybe write, close it."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        if rows:
+            conn.executemany("INSERT INTO messages (type, message) VALUES (?, ?)",
+                             [("m", rig.record(i)) for i in range(rows)])
+        if health:
+            conn.execute("INSERT OR REPLACE INTO health_check (id, timestamp_ms) VALUES (1, 5)")
+        conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def test_opening_closing_or_checkpointing_the_queue_is_not_news(tmp_path: Path) -> None:
+    _insert(tmp_path, [])
+    store = _store(tmp_path)
+    queue = tmp_path / "communication_queue.db"
+    assert not store.has_news(), "an empty queue at start is not news"
+    for _ in range(3):
+        _controller_touch(queue)
+        assert not store.has_news()
+    _controller_touch(queue, health=True)
+    assert not store.has_news(), "a health-check write adds no row"
+
+
+def test_each_new_row_is_news_once(tmp_path: Path) -> None:
+    _insert(tmp_path, [])
+    store = _store(tmp_path)
+    queue = tmp_path / "communication_queue.db"
+    _controller_touch(queue, rows=1)
+    assert store.has_news()
+    assert not store.has_news(), "the same row is not news twice"
+    store.transfer(100, 1000)
+    _controller_touch(queue)
+    assert not store.has_news(), "a touch after the transfer is not news"
+    _controller_touch(queue, rows=2)
+    assert store.has_news()
+
+
+def test_rows_left_behind_by_a_full_pending_are_not_news_again(tmp_path: Path) -> None:
+    _insert(tmp_path, [("m", rig.record(i)) for i in range(5)])
+    store = _store(tmp_path)
+    assert store.has_news(), "rows present at start are news"
+    assert store.transfer(100, 2)["full"]
+    _controller_touch(tmp_path / "communication_queue.db")
+    assert not store.has_news()
+    _controller_touch(tmp_path / "communication_queue.db", rows=1)
+    assert store.has_news(), "a row added while pending is full is still news (one wake-up per row)"
+
+
+def test_a_replaced_queue_file_is_news(tmp_path: Path) -> None:
+    _insert(tmp_path, [])
+    store = _store(tmp_path)
+    queue = tmp_path / "communication_queue.db"
+    queue.unlink()
+    _insert(tmp_path, [])
+    assert store.has_news()
