@@ -45,7 +45,7 @@ if not __package__:  # run as `python tools/bench_retention.py`: the repository 
 from teg_fsm.engine import dispatcher as policy  # noqa: E402
 from teg_fsm.engine.events import Event  # noqa: E402
 from teg_fsm.engine.journal import (  # noqa: E402
-    DECISION, SNAPSHOT_THIN_AFTER_MS, DEFAULT_DETAIL_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_MAX_BYTES, ROUTINE_MEMORY_MS, SNAPSHOT, Journal,
+    DECISION, SNAPSHOT_THIN_AFTER_MS, DEFAULT_DETAIL_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_MAX_BYTES, MOVES_KEPT_PER_DAY, ROUTINE_MEMORY_MS, SNAPSHOT, Journal,
     Transition, classify, decision_pattern,
 )
 from tests.integration import uplink_rig as rig  # noqa: E402
@@ -189,8 +189,15 @@ def _analyse(db: Path, t0: int, t1: int, rate: float, sent: int) -> dict[str, An
     for pattern, traffic, size in decided + detail:
         if pattern in repeating:
             sizes.setdefault(pattern, []).append(size)
-    kept_per_day = DAY_S * 1000 / ROUTINE_MEMORY_MS  # each repeating kind is kept in full this often
-    repeating_B_day = sum(sum(v) / len(v) for v in sizes.values()) * kept_per_day
+    days_per_memory = DAY_S * 1000 / ROUTINE_MEMORY_MS
+
+    def kept_per_day(pattern: tuple[Any, ...], seen: int) -> float:
+        """How often a repeating kind is kept in full a day: once, or up to MOVES_KEPT_PER_DAY when it moves."""
+        if not any(source != target for _, source, target, _ in pattern[3]):
+            return days_per_memory
+        return min(seen / window_s * DAY_S, MOVES_KEPT_PER_DAY * days_per_memory)
+
+    repeating_B_day = sum(sum(v) / len(v) * kept_per_day(pattern, len(v)) for pattern, v in sizes.items())
     other_per_day = len(once) / window_s * DAY_S
     names = conn.execute(f"SELECT name, target, count(*) FROM journal_traffic {in_window} AND target IS NOT 'uplink'"
                          " GROUP BY name, target ORDER BY count(*) DESC LIMIT 6").fetchall()

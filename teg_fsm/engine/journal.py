@@ -19,8 +19,10 @@ Retention by meaning. Rows are kept by what they mean, not only by age:
   are replaced by one ``traffic_summary`` row per minute and machine in
   ``journal_summary`` (counts per event, the moves, ranges of sequence
   numbers and times, sums of the rows/bytes/points moved), merged into one
-  per hour once a day old. The first of
-  each kind of decision per day stays in full, so the "why" is always there;
+  per hour once a day old. The first of each kind of decision per day stays
+  in full, and of a kind that moves a machine to another state (a restart, a
+  reconnect) the first ``MOVES_KEPT_PER_DAY``, so the "why" and the "when"
+  are always there;
 - snapshots (``journal_snapshot`` rows in ``journal``, written by the
   dispatcher) hold every machine's state and data, so a journal trimmed at its
   head, or any window of it, replays from its oldest snapshot; after a week
@@ -79,6 +81,10 @@ DECISION, TRAFFIC, ROUTINE = "decision", "traffic", "routine"
 KEPT_AGAIN = "kept_again"
 # A decision repeated within this long of the one kept in full is routine (counted, summarised).
 ROUTINE_MEMORY_MS = 24 * 3600 * 1000
+# A repeat that moves a machine to another state (a restart, a reconnect) is what an
+# auditor asks about by its time ("why at 03:12?"): the first this many of each kind
+# per day stay in full; only a loop beyond that (a retry every 10 s) is counted.
+MOVES_KEPT_PER_DAY = 48
 _ROUTINE_PATTERNS = 4096  # distinct decisions remembered (the memory is cleared when full)
 # Traffic: events of these machines that only move rows along (uplink bookkeeping
 # of a normal drain). Such a row is traffic only when it moved nothing but its own
@@ -269,7 +275,8 @@ class Journal:
         self._detail_window_ms = int(detail_window_s * 1000)
         self._traffic = traffic
         self._next_id = 1
-        self._patterns: dict[tuple[Any, ...], int] = {}  # decision pattern -> ts_ms of the one kept in full
+        # decision pattern -> (ts_ms of the first kept in full in its day, how many kept in full since)
+        self._patterns: dict[tuple[Any, ...], tuple[int, int]] = {}
         self._thinned_ms = 0  # snapshots before this day were thinned already
         self._flush_interval_s = flush_interval_s
         self.reserve_bytes = reserve_bytes
@@ -348,7 +355,8 @@ class Journal:
         return kind
 
     def _repeat_or_decision(self, event: Event, transitions: list[Transition], effects: list[dict[str, Any]]) -> str:
-        """``ROUTINE`` when the same decision was kept in full less than ``ROUTINE_MEMORY_MS`` ago.
+        """``ROUTINE`` when the same decision was kept in full less than ``ROUTINE_MEMORY_MS`` ago
+        (for one that moves a machine: ``MOVES_KEPT_PER_DAY`` times already).
 
         "The same" is the event's source, name and target, the moves (with any
         error) and the kinds of effects; data (times, counters, texts) is left
@@ -356,13 +364,17 @@ class Journal:
         is routine, while anything that moves a machine differently is not.
         """
         pattern = decision_pattern(event, transitions, effects)
-        kept_at = self._patterns.get(pattern)
-        if kept_at is not None and 0 <= event.ts_ms - kept_at < ROUTINE_MEMORY_MS:
-            return ROUTINE
+        seen = self._patterns.get(pattern)
+        if seen is not None and 0 <= event.ts_ms - seen[0] < ROUTINE_MEMORY_MS:
+            moves = any(t.source != t.target for t in transitions)
+            if not moves or seen[1] >= MOVES_KEPT_PER_DAY:
+                return ROUTINE
+            self._patterns[pattern] = (seen[0], seen[1] + 1)
+            return KEPT_AGAIN
         if len(self._patterns) >= _ROUTINE_PATTERNS:
             self._patterns.clear()
-        self._patterns[pattern] = event.ts_ms
-        return DECISION if kept_at is None else KEPT_AGAIN
+        self._patterns[pattern] = (event.ts_ms, 1)
+        return DECISION if seen is None else KEPT_AGAIN
 
     def record_snapshot(self, seq: int, ts_ms: int, data: dict[str, Any]) -> None:
         """A ``journal_snapshot`` row (every machine's state and data) after event ``seq``; it takes no seq."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from teg_fsm.engine.events import Event
 from teg_fsm.engine.journal import (
-    DECISION, KEPT_AGAIN, ROUTINE, SNAPSHOT, SUMMARY, TRAFFIC, Journal, Transition, classify, read_journal,
+    DECISION, KEPT_AGAIN, MOVES_KEPT_PER_DAY, ROUTINE, SNAPSHOT, SUMMARY, TRAFFIC, Journal, Transition, classify, read_journal,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +67,9 @@ def test_a_decision_repeated_within_a_day_is_routine_and_summarised(tmp_path: Pa
     scan = [Transition("file_sync", "in_sync", "scanning", "check_due")]
     kinds = [journal.record(Event(i, T0 + i * 30_000, "timer", "check_due", {"generation": i}, "file_sync"), scan,
                             [{"type": "ScanFiles", "id": f"file_sync:{i}:0", "reply": "scan"}]) for i in range(1, 200)]
-    assert kinds[0] == DECISION and set(kinds[1:]) == {ROUTINE}, "the first in full, repeats within the day counted"
+    # It moves the machine (in_sync -> scanning): the first MOVES_KEPT_PER_DAY of the day in full, then counted.
+    assert kinds[0] == DECISION and set(kinds[1:MOVES_KEPT_PER_DAY]) == {KEPT_AGAIN}
+    assert set(kinds[MOVES_KEPT_PER_DAY:]) == {ROUTINE}, "a loop beyond that is counted, not kept"
     moved = [Transition("file_sync", "in_sync", "fetching", "check_due")]
     assert journal.record(Event(300, T0 + 300 * 30_000, "timer", "check_due", {}, "file_sync"), moved, []) == DECISION
     day_later = Event(301, T0 + 24 * 3600_000 + 60_000, "timer", "check_due", {}, "file_sync")
@@ -78,9 +80,9 @@ def test_a_decision_repeated_within_a_day_is_routine_and_summarised(tmp_path: Pa
     entries = list(read_journal(db))
     summaries = [e for e in entries if e.name == SUMMARY]
     assert summaries and summaries[0].data["machines"] == ["file_sync"]
-    assert summaries[0].data["moves"] == {"file_sync: in_sync->scanning": 2}
-    assert sum(s.data["events"]["check_due"] for s in summaries) == 198
-    assert [e.seq for e in entries if e.name == "check_due"] == [1, 300, 301]
+    assert set(summaries[0].data["moves"]) == {"file_sync: in_sync->scanning"}
+    assert sum(s.data["events"]["check_due"] for s in summaries) == 199 - MOVES_KEPT_PER_DAY
+    assert [e.seq for e in entries if e.name == "check_due"] == [*range(1, MOVES_KEPT_PER_DAY + 1), 300, 301]
     journal.close()
 
 
@@ -221,3 +223,23 @@ def test_teg_journal_prints_summaries_in_words(tmp_path: Path) -> None:
     as_json = subprocess.run([sys.executable, "-m", "teg_fsm.cli", "journal", "--file", str(db), "--jsonl"],
                              cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert json.loads(as_json.splitlines()[0])["name"] == SUMMARY
+
+
+def test_a_repeat_that_moves_no_machine_is_routine_at_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db", detail_window_s=0)
+    stay = [Transition("rpc", "serving", "serving", "rpc_requested")]
+    kinds = [journal.record(Event(i, T0 + i * 1000, "mqtt", "rpc_requested", {"n": i}, "rpc"), stay, [])
+             for i in range(1, 5)]
+    assert kinds == [DECISION, ROUTINE, ROUTINE, ROUTINE]
+
+
+def test_the_time_of_every_restart_is_kept_when_a_machine_moves_a_few_times_a_day(tmp_path: Path) -> None:
+    # "Why was the controller restarted at 03:12?": a handful of identical restarts a day stay in full.
+    db = tmp_path / "j.db"
+    journal = Journal(db, detail_window_s=0)
+    restart = [Transition("controller", "running", "restarting", "health_stale")]
+    kinds = [journal.record(Event(i, T0 + i * 3 * 3600_000, "timer", "health_stale", {}, "controller"), restart, [])
+             for i in range(1, 8)]
+    assert ROUTINE not in kinds
+    journal.flush()
+    assert [e.seq for e in read_journal(db) if e.name == "health_stale"] == list(range(1, 8))
