@@ -11,9 +11,11 @@ of W seconds, stops the gateway and reads its journal:
 
 - decisions: rows of ``journal`` except snapshots (kept for the age bound).
   A decision that repeats (the file check every 30 s, a retry every 10 s) is
-  kept in full once a day and counted in summaries otherwise, so a short
+  kept in full once a day, or up to MOVES_KEPT_PER_DAY times when it moves a
+  machine to another state, and counted in summaries otherwise, so a short
   window cannot be scaled up linearly: each repeating kind (seen as a routine
-  repeat in the window) is counted once per day, the other decisions linearly;
+  repeat in the window) is counted that many times a day (or as often as it
+  occurs, if less), the other decisions linearly;
 - traffic summaries: the window's traffic summarised as the gateway does
   after the detail window (``Journal.prune`` on a copy), per day;
 - detail window: traffic in full detail, the bytes it holds at any time
