@@ -231,7 +231,7 @@ def _analyse(db: Path, t0: int, t1: int, rate: float, sent: int) -> dict[str, An
         "rate": rate,
         "window_s": window_s,
         "rows_sent": sent,
-        "decision_rows_per_day": other_per_day + len(sizes) * kept_per_day,
+        "decision_rows_per_day": other_per_day + sum(kept_per_day(pattern, len(v)) for pattern, v in sizes.items()),
         "repeating_kinds": len(sizes),
         "top_routine": names,
         "decisions_B_day": (sum(once) / window_s * DAY_S + repeating_B_day) * factor,
