@@ -560,6 +560,22 @@ class QueueStore:
                                     (row_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
+    def refused(self, after_id: int, last_id: int, reason: str) -> int:
+        """Move the rows of a packet ThingsBoard refused (MQTT 5 PUBACK >= 0x80) to ``dead_letters``."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(f"SELECT id, type, message FROM {PENDING} WHERE id > ? AND id <= ? ORDER BY id",
+                                (after_id, last_id)).fetchall()
+            self._dead_letter([(PENDING, row_id, kind, text, reason[:_REASON_CHARS]) for row_id, kind, text in rows])
+            conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.pending_rows = max(0, self.pending_rows - len(rows))
+        return len(rows)
+
     def ack(self, after_id: int, last_id: int) -> int:
         """Delete the rows of an acknowledged packet."""
         deleted = self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id)).rowcount
