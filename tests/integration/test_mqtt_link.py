@@ -14,6 +14,7 @@ import pytest
 from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
+from tests.rig.protocol import mqtt_protocol
 
 pytestmark = pytest.mark.integration
 TOKEN = "link-test-token"
@@ -55,7 +56,8 @@ def make_link(tmp_path: Path, tls_material: Any) -> Iterator[Callable[..., tuple
         token_file.write_text(token + "\n")
         events: list[tuple[str, dict[str, Any]]] = []
         link = MqttLink(host="localhost", port=port, tls=True, ca_cert=ca or tls_material.ca_cert,
-                        token_path=token_file, post=lambda name, data: events.append((name, data)))
+                        token_path=token_file, post=lambda name, data: events.append((name, data)),
+                        protocol=mqtt_protocol())
         links.append(link)
         return link, events
 
