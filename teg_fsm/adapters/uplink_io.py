@@ -214,10 +214,9 @@ class UplinkIO:
             completion.fail(str(error), {"refused": error.reason, "result": result})
             return
         if isinstance(source, QueueStore):
-            source.refused(packet.after_id, packet.last_id, f"refused by ThingsBoard: {error.reason} (0x{error.code:02X})")
-        else:  # the gateway's own log records: no dead letters for those, a log line says what went
+            source.refused(packet.after_id, packet.last_id, str(error))
+        else:  # the gateway's own log records have no dead letters; the machine logs the drop
             source.ack(packet.after_id, packet.last_id)
-            log.warning("a packet of %d gateway log records was %s: dropped", packet.rows, error)
         completion.fail(str(error), {"refused": error.reason, "result": result})
 
 
