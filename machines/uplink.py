@@ -27,7 +27,7 @@ the state no longer matches the work the machine notifies itself
 ``work_changed``, whose guarded transitions pick the state (one extra event
 per change of state, not per packet).
 
-Events taken: ``mqtt_connected``, ``mqtt_disconnected``, ``session_limits_received``,
+Events taken: ``mqtt_connected`` {session, receive_maximum?}, ``mqtt_disconnected``, ``session_limits_received``,
 ``rows_waiting`` (adapter: the controller queue changed), ``logs_waiting``
 {top}, ``pending_refilled`` {top} (archive republish), outcomes of
 ``transfer`` / ``data_packet`` / ``log_packet``, timers ``hold_elapsed`` and
@@ -45,6 +45,12 @@ such drop (up to ``stall_timeout_max_s``), so a server that is merely slow is
 not reconnected to in a loop, and returns to its setting after 100 packets
 acknowledged in time. The drop is logged and, once reconnected, reported as
 gateway telemetry (``uplink_stuck_sessions``, ``uplink_puback_wait_s``).
+
+A packet ThingsBoard refuses (MQTT 5 PUBACK >= 0x80: its outcome is a failure
+carrying ``refused``) is not lost: the adapter has moved its rows to the dead
+letters, so the machine logs ThingsBoard's reason and goes on draining, as
+after an acknowledgement. A ``receive_maximum`` in ``mqtt_connected`` (MQTT 5
+CONNACK) caps the in-flight window for that session.
 
 A transfer result with ``reopened`` (the controller replaced the queue file)
 starts the data stream afresh: pending ids now name other rows.
@@ -143,6 +149,7 @@ class UplinkMachine(GatewayMachine):
         self.rows_per_packet = 0
         self.max_payload_size = s.max_payload_size
         self.session_inflight: int | None = None
+        self.receive_maximum: int | None = None  # MQTT 5: the server's bound on publishes in flight
         self.stopping = False
         self.data_epoch_seq = 0  # data packets issued before it belong to a replaced queue file
         self.stall_timeout_s = s.packet_timeout_s
@@ -174,6 +181,8 @@ class UplinkMachine(GatewayMachine):
 
     def on_mqtt_connected(self, ev: Event) -> None:
         self.connected = True
+        maximum = ev.data.get("receive_maximum")
+        self.receive_maximum = int(maximum) if maximum else None
         self._new_session(ev)
         if self.stall_report is not None:
             values, self.stall_report = self.stall_report, None
@@ -310,6 +319,9 @@ class UplinkMachine(GatewayMachine):
     def _packet_lost(self, stream: Stream, ev: Event, how: str | None) -> None:
         if self._stale(ev, stream):
             return
+        if ev.data.get("refused") is not None:
+            self._packet_refused(stream, ev)
+            return
         stream.in_flight -= 1
         if how is None:  # cancelled: the gateway is stopping
             return
@@ -319,6 +331,14 @@ class UplinkMachine(GatewayMachine):
         self.emit(Log(level="WARNING", message=f"telemetry packet {how}: {ev.data.get('error')}; sending again"))
         self._hold(self.settings.retry_s)
         self._plan()
+
+    def _packet_refused(self, stream: Stream, ev: Event) -> None:
+        """ThingsBoard turned the packet down: its rows are dead letters now, the drain goes on."""
+        what = "telemetry packet" if stream is self.data else "gateway log packet"
+        rows = (ev.data.get("result") or {}).get("rows")
+        where = "moved to dead_letters" if stream is self.data else "dropped"
+        self.emit(Log(level="WARNING", message=f"{what} {ev.data.get('error')}: its {rows} rows {where}"))
+        self._packet_acked(stream, ev)
 
     def _packet_stuck(self, stream: Stream, ev: Event) -> None:
         """No PUBACK within the bound while the session is up: drop the session, not just the packet."""
@@ -418,9 +438,8 @@ class UplinkMachine(GatewayMachine):
         return self.data.in_flight + self.logs.in_flight
 
     def _window(self) -> int:
-        if self.session_inflight is None:
-            return self.settings.max_inflight
-        return max(1, min(self.settings.max_inflight, self.session_inflight))
+        bounds = [b for b in (self.session_inflight, self.receive_maximum) if b is not None]
+        return max(1, min([self.settings.max_inflight, *bounds]))
 
     def _hold(self, seconds: float) -> None:
         if not self.holding:

@@ -47,6 +47,7 @@ class Config:
     tb_port: int
     tb_tls: bool
     ca_cert: Path | None
+    mqtt_protocol: str  # "3.1.1" or "5" (MQTT_PROTOCOLS)
     device_name: str
     provision_key: str | None = attrs.field(repr=False)
     provision_secret: str | None = attrs.field(repr=False)
@@ -120,6 +121,8 @@ class Config:
 # The existing gateway's read-only tool mounts (Raspberry Pi); missing host paths are skipped.
 _EXTRA_MOUNTS = "/bin/vcgencmd:/bin/vcgencmd:ro,/bin/uptime:/bin/uptime:ro,/bin/pigs:/bin/pigs:ro"
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# 3.1.1 stays the default until MQTT 5 has run in the field (issue 17).
+MQTT_PROTOCOLS = ("3.1.1", "5")
 _RESTART_POLICY = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]+)?)$")
 _MOUNT = re.compile(r"^/[^:]*:/[^:]*(:(ro|rw))?$")
 
@@ -252,6 +255,7 @@ def _read(env: _Env) -> Config:
         tb_port=_int(env, "TB_PORT", 8883, minimum=1, maximum=65535),
         tb_tls=_bool(env, "TEG_TLS", True),
         ca_cert=Path(ca) if ca else None,
+        mqtt_protocol=(_get(env, "TEG_MQTT_PROTOCOL", "3.1.1") or "3.1.1").strip(),
         device_name=_get(env, "THINGSBOARD_DEVICE_NAME", socket.gethostname()) or socket.gethostname(),
         provision_key=_get(env, "THINGSBOARD_PROVISION_DEVICE_KEY"),
         provision_secret=_get(env, "THINGSBOARD_PROVISION_DEVICE_SECRET"),
@@ -318,6 +322,8 @@ def _check(env: _Env, config: Config) -> None:
     if bool(config.provision_key) != bool(config.provision_secret):
         missing = "THINGSBOARD_PROVISION_DEVICE_SECRET" if config.provision_key else "THINGSBOARD_PROVISION_DEVICE_KEY"
         env.problems.append(f"{missing} is required when the other provisioning credential is set")
+    if config.mqtt_protocol not in MQTT_PROTOCOLS:
+        env.reject("TEG_MQTT_PROTOCOL", "must be 3.1.1 or 5")
     if config.log_level not in _LOG_LEVELS:
         env.reject("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}")
     if not _RESTART_POLICY.match(config.controller_restart_policy):

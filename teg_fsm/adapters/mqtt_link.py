@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The connection machine decides when to connect; this adapter only carries
 out one ``connect`` at a time. Each connect builds a fresh paho 2.x client
-(``CallbackAPIVersion.VERSION2``, MQTT 3.1.1, ``reconnect_on_failure=False``)
+(``CallbackAPIVersion.VERSION2``, MQTT 3.1.1 or 5 as configured,
+``reconnect_on_failure=False``)
 and a session number. TCP/TLS set-up runs on a short-lived thread; then
 paho's own network thread (``loop_start``) runs until the connection ends and
 exits, because reconnecting is switched off. A new connect first closes the
@@ -25,6 +26,21 @@ payloads into journaled effects)::
 ``False`` when the session is lost first, or at once (in the caller's thread)
 when there is no device session or paho refuses the message (queue full,
 payload too large). Keep ``on_done`` short: it runs on the network thread.
+
+MQTT 5 (``protocol="5"``) differs in three places, all turned into the same
+plain data as on 3.1.1:
+- CONNACK: the reason codes 0x86/0x87 are "not authorized" exactly as the
+  3.1.1 return codes 4/5 (paho 2 reports those as 0x86/0x87 too), every other
+  refusal is a failed connect the machine retries with backoff.
+- PUBACK with a reason code >= 0x80 (ThingsBoard: 0x99 payload format invalid,
+  0x90 topic name invalid, 0x83 ...): the packet reached ThingsBoard and was
+  turned down, so sending it again cannot help. ``on_done`` gets ``False`` and
+  a ``Refused`` error (a ``str`` carrying ``reason`` and ``code``), distinct from
+  a packet lost with its session; callers drop or dead-letter it.
+- CONNACK's Receive Maximum bounds the QoS 1 publishes in flight: paho's own
+  window is lowered to it and ``mqtt_connected`` carries ``receive_maximum`` so
+  the uplink caps its window too. A server DISCONNECT's reason is logged and
+  ends the session like any lost connection.
 
 Paho quirks handled here (see aiomqtt's client for the same ideas):
 - ``on_publish`` may run before ``publish()`` has returned the mid to us; an
@@ -62,7 +78,28 @@ Post = Callable[[str, dict[str, Any]], None]
 DEVICE = "device"
 PROVISION = "provision"
 CLOSE_GRACE_S = 3.0  # after a DISCONNECT we asked for, the socket is cut if the session has not ended
-_NOT_AUTHORIZED = {4, 5, 134, 135}  # MQTT 3.1.1 codes 4/5 as paho 2 maps them (0x86, 0x87)
+# CONNACK codes the connection machine treats as a rejected token: MQTT 3.1.1's 4 (bad user
+# name or password) and 5 (not authorized), which paho 2 reports as MQTT 5's 0x86 and 0x87, and
+# those two on MQTT 5 (ThingsBoard: MTH:1346-1362). Others (0x85 client id, 0x9F rate, 0x88
+# unavailable, ...) are a failed connect, retried with backoff, as 3.1.1's 2 and 3 are.
+_NOT_AUTHORIZED = {4, 5, 134, 135}
+PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
+
+
+class Refused(str):
+    """The ``on_done`` error of a packet ThingsBoard refused with a reason code (MQTT 5 PUBACK >= 0x80).
+
+    A ``str`` so every existing ``on_done`` still reads it as an error message; callers
+    that must tell a refused packet from a lost one test ``isinstance(error, Refused)``.
+    """
+
+    reason: str
+    code: int
+
+    def __new__(cls, reason: str, code: int) -> Refused:
+        text = super().__new__(cls, f"refused by ThingsBoard: {reason} (0x{code:02X})")
+        text.reason, text.code = reason, code
+        return text
 
 
 class Session:
@@ -77,6 +114,7 @@ class Session:
         self.ended = threading.Event()
         self.reason = ""
         self.pending: dict[int, OnDone] = {}
+        self.receive_maximum: int | None = None  # MQTT 5 CONNACK property, when the server sent one
         self.early: dict[int, Any] = {}  # mid -> reason code, acknowledged before registration
 
 
@@ -95,8 +133,10 @@ class MqttLink:
         keepalive: int = 60,
         max_inflight: int = 100,
         max_queued: int = 1000,
+        protocol: str = "3.1.1",
     ) -> None:
         self.host, self.port, self.tls, self.ca_cert = host, port, tls, ca_cert
+        self.protocol = PROTOCOLS[protocol]
         self.token_path = token_path
         self.keepalive = keepalive
         self.max_inflight, self.max_queued = max_inflight, max_queued
@@ -145,12 +185,15 @@ class MqttLink:
         threading.Thread(target=self._open, args=(session,), name=f"teg-mqtt-connect-{session.number}", daemon=True).start()
 
     def _make_client(self, username: str) -> mqtt.Client:
+        # MQTT 5 has no clean_session (paho refuses it); its clean start is on for a
+        # client's first connect, and every session here is a new client.
+        clean = {"clean_session": True} if self.protocol != mqtt.MQTTv5 else {}
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id="",
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
+            protocol=self.protocol,
             reconnect_on_failure=False,
+            **clean,
         )
         client.username_pw_set(username)
         if self.tls:
@@ -226,14 +269,41 @@ class MqttLink:
             )
             return
         session.connected = True
+        self._take_receive_maximum(client, session, properties)
         if not session.on_connected.succeed({"session": session.number}):
             client.disconnect()  # the Connect effect already timed out or was cancelled
             return
         if session.purpose == DEVICE:
-            self._post("mqtt_connected", {"session": session.number})
+            connected: dict[str, Any] = {"session": session.number}
+            if session.receive_maximum is not None:
+                connected["receive_maximum"] = session.receive_maximum
+            self._post("mqtt_connected", connected)
         log.info("MQTT %s session %d connected to %s:%d", session.purpose, session.number, self.host, self.port)
 
+    def _take_receive_maximum(self, client: mqtt.Client, session: Session, properties: Any) -> None:
+        """MQTT 5: at most Receive Maximum QoS 1 publishes unacknowledged (absent: 65,535).
+
+        Paho 2.2 ignores the property and its ``max_inflight_messages`` setter refuses
+        once connected, so the window is set on the attribute it reads before each
+        send. Safe here: a fresh client has nothing in flight before its CONNACK.
+        """
+        maximum = getattr(properties, "ReceiveMaximum", None)
+        if not isinstance(maximum, int) or maximum <= 0:
+            return
+        session.receive_maximum = maximum
+        if maximum < self.max_inflight:
+            client._max_inflight_messages = maximum
+            log.info("ThingsBoard's Receive Maximum is %d: at most %d publishes in flight", maximum, maximum)
+
     def _on_disconnect(self, client: mqtt.Client, session: Session, flags: Any, reason: Any, properties: Any) -> None:
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            # MQTT 5: the server says why (ThingsBoard: 0x8E session taken over, 0x98 token
+            # changed, 0x99 payload, 0x83 rate limit, ...). A loss like any other, but say why.
+            code = int(getattr(reason, "value", 0) or 0)
+            log.warning("MQTT %s session %d: ThingsBoard sent DISCONNECT %s (0x%02X)",
+                        session.purpose, session.number, reason, code)
+            self._ended(session, f"DISCONNECT from ThingsBoard: {reason} (0x{code:02X})")
+            return
         self._ended(session, str(reason))
 
     def _ended(self, session: Session, reason: str) -> None:
@@ -318,8 +388,9 @@ class MqttLink:
 
 
 def _finish(on_done: OnDone, reason: Any) -> None:
+    """A PUBACK or SUBACK arrived: success, or (MQTT 5, code >= 0x80) a refusal."""
     if reason is not None and getattr(reason, "is_failure", False):
-        on_done(False, f"refused by the server: {reason}")
+        on_done(False, Refused(str(reason), int(getattr(reason, "value", 0x80))))
     else:
         on_done(True, None)
 

@@ -47,6 +47,7 @@ import attrs
 from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from teg_fsm.engine.rate_limits import LimitSpecError, TokenBuckets
 from teg_fsm.engine.sqlite_files import is_corruption, open_checked, quarantine
+from teg_fsm.adapters.mqtt_link import Refused
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,12 @@ class Outbox:
     def _done(self, batch: Batch, ok: bool, error: str | None) -> None:
         if self.in_flight is batch:
             self.in_flight = None
+        if isinstance(error, Refused):  # MQTT 5: ThingsBoard turned it down; resending cannot help
+            log.warning("outbox packet of %d rows on %s %s: dropped", len(batch.ids), batch.topic, error)
+            assert self.store is not None
+            self.store.ack(batch.ids)
+            self._send_next()
+            return
         if not ok:  # kept: sent again on the next connect (or after a pause if this session is up)
             log.debug("outbox packet of %d rows not acknowledged: %s", len(batch.ids), error)
             if self.online():

@@ -601,6 +601,27 @@ class QueueStore:
                                     (row_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
+    def refused(self, after_id: int, last_id: int, reason: str) -> int:
+        """Move the rows of a packet ThingsBoard refused (MQTT 5 PUBACK >= 0x80) to ``dead_letters``.
+
+        One statement pair in one transaction, and no line per row (a packet holds up to
+        thousands): the uplink machine logs the refusal once, with the row count.
+        """
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            moved = conn.execute(
+                "INSERT INTO dead_letters (source, source_id, type, message, reason) "
+                f"SELECT ?, id, type, message, ? FROM {PENDING} WHERE id > ? AND id <= ? ORDER BY id",
+                (PENDING, reason[:_REASON_CHARS], after_id, last_id)).rowcount
+            conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.pending_rows = max(0, self.pending_rows - moved)
+        return moved
+
     def ack(self, after_id: int, last_id: int) -> int:
         """Delete the rows of an acknowledged packet."""
         deleted = self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id)).rowcount

@@ -9,6 +9,9 @@ only enqueue jobs here. A job that publishes hands the payload to
 ``publish(topic, payload, qos, on_done)`` (the MQTT link); the PUBACK comes
 back on paho's thread as another job, which deletes the packet's rows and
 only then settles the effect. Rows are never deleted before their PUBACK.
+A packet ThingsBoard refuses (MQTT 5 PUBACK >= 0x80) is not lost: its rows
+move to ``dead_letters`` with ThingsBoard's reason (log records are dropped),
+and the effect fails with ``refused`` so the machine does not send them again.
 
 Idle costs nothing: the thread blocks on its job queue. Work nobody
 announced arrives two ways:
@@ -37,6 +40,7 @@ from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
 from teg_fsm.engine.effects.uplink import LOGS, SendPacket
 from teg_fsm.adapters.file_watch import FileWatch
 from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
+from teg_fsm.adapters.mqtt_link import Refused
 from teg_fsm.adapters.queue_store import QueueStore
 from teg_fsm.engine.runner import Completion
 from teg_fsm.engine.sqlite_files import is_corruption, quarantine
@@ -187,6 +191,8 @@ class UplinkIO:
         def on_done(ok: bool, error: str | None) -> None:
             if ok:
                 self.submit(lambda: self._acked(source, generation, packet, result, completion))
+            elif isinstance(error, Refused):
+                self.submit(lambda: self._refused(source, generation, packet, result, completion, error))
             else:
                 completion.fail(error or "publish failed")
 
@@ -206,6 +212,20 @@ class UplinkIO:
             completion.fail(f"deleting acknowledged rows failed: {exc}")
             raise
         completion.succeed(result)
+
+
+    @staticmethod
+    def _refused(source: Any, generation: int, packet: Any, result: dict[str, Any], completion: Completion,
+                 error: Refused) -> None:
+        """ThingsBoard refused the packet: sending it again gets the same answer, so it leaves pending."""
+        if getattr(source, "generation", 0) != generation:  # as in _acked: these ids name other rows now
+            completion.fail(str(error), {"refused": error.reason, "result": result})
+            return
+        if isinstance(source, QueueStore):
+            source.refused(packet.after_id, packet.last_id, str(error))
+        else:  # the gateway's own log records have no dead letters; the machine logs the drop
+            source.ack(packet.after_id, packet.last_id)
+        completion.fail(str(error), {"refused": error.reason, "result": result})
 
 
 def _schema_changed(exc: sqlite3.DatabaseError) -> bool:

@@ -109,6 +109,7 @@ class MqttComponent:
             ca_cert=config.ca_cert,
             token_path=config.token_path,
             post=self._link_event,
+            protocol=config.mqtt_protocol,
         )
         self.outbox = Outbox(
             config.logs_buffer_db,

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.faults import rig
 from tests.integration import uplink_rig
 from tests.rig.waiting import wait_for
@@ -220,5 +222,71 @@ def test_a_slow_server_is_not_reconnected_to_in_a_loop(tb: StandIn, tmp_path: Pa
         seqs = uplink_rig.seqs(tb, gateway.device)
         _figures("PUBACKs 3 s late, bound 2 s", expected, seqs, took, reconnects=reconnects)
         rig.finish(gateway, expected)
+    finally:
+        uplink_rig.stop(gateway.proc)
+
+
+def _dead_seqs(db: Path) -> tuple[list[int], set[str]]:
+    """The controller ``seq`` of every dead-lettered row, and their reasons."""
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        rows = conn.execute("SELECT message, reason FROM dead_letters ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return [json.loads(text)["values"]["seq"] for text, _ in rows], {reason for _, reason in rows}
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_packet_thingsboard_refuses_is_dead_lettered_on_mqtt5_and_sent_again_on_3_1_1(
+        tb: StandIn, tmp_path: Path, protocol: str) -> None:
+    """ThingsBoard refuses a payload it cannot parse (MTH:668-676): on MQTT 5 with PUBACK 0x99, so
+    the gateway knows the packet arrived and was turned down, and dead-letters exactly its rows; on
+    3.1.1 by closing the session, which looks like a loss, so the packet goes out again."""
+    gateway = rig.start_gateway(tb, tmp_path, TEG_MQTT_PROTOCOL=protocol)
+    try:
+        tb.refuse_pubacks(1, code=0x99, device=gateway.device, contains='"seq": 2500, ')
+        uplink_rig.fill(gateway.queue, 5_000)
+        if protocol == "5":
+            wait_for(lambda: _dead_seqs(gateway.queue)[0], 30, "the refused packet dead-lettered")
+            uplink_rig.fill(gateway.queue, 1_000, start=5_000)  # the drain goes on after a refusal
+            dead, reasons = _dead_seqs(gateway.queue)
+            assert 2500 in dead and dead == list(range(dead[0], dead[-1] + 1)) and len(dead) < 5_000
+            assert reasons == {"refused by ThingsBoard: Payload format invalid (0x99)"}
+            expected = set(range(6_000)) - set(dead)
+            assert "invalid_payload" not in tb.disconnect_reasons(gateway.device)
+            rig.finish(gateway, expected)
+            assert not set(dead) & set(uplink_rig.seqs(tb, gateway.device))  # never stored, never resent
+            assert _pending(gateway.queue) == 0
+            assert "its %d rows moved to dead_letters" % len(dead) in gateway.log_text()
+            _figures("refused packet (MQTT 5)", expected, uplink_rig.seqs(tb, gateway.device), None,
+                     dead_letters=len(dead))
+        else:
+            uplink_rig.fill(gateway.queue, 1_000, start=5_000)
+            rig.finish(gateway, range(6_000))
+            assert "invalid_payload" in tb.disconnect_reasons(gateway.device)
+            assert _dead_seqs(gateway.queue) == ([], set())
+            _figures("refused packet (3.1.1)", set(range(6_000)), uplink_rig.seqs(tb, gateway.device), None)
+        assert [e.detail for e in tb.events(gateway.device, "puback_refused")] == ["0x99"]
+    finally:
+        uplink_rig.stop(gateway.proc)
+
+
+def test_the_receive_maximum_of_an_mqtt5_server_caps_the_uplinks_packets_in_flight(
+        tb: StandIn, tmp_path: Path) -> None:
+    """A Receive Maximum in the CONNACK (TB sends none; a proxy or another server may) bounds
+    the QoS 1 publishes in flight: the stand-in would DISCONNECT 0x93 above it."""
+    tb.set_receive_maximum(3)
+    tb.delay_pubacks(0.2)  # PUBACKs late, so the window fills
+    gateway = rig.start_gateway(tb, tmp_path, TEG_MQTT_PROTOCOL="5", TEG_UPLINK_MAX_INFLIGHT="16")
+    try:
+        uplink_rig.fill(gateway.queue, 20_000)
+        took = _delivered(gateway, set(range(20_000)))
+        tb.delay_pubacks(0)
+        assert 2 <= tb.peak_unacked(gateway.device) <= 3  # the window was used, and never beyond 3
+        assert "receive_maximum_exceeded" not in tb.disconnect_reasons(gateway.device)
+        assert "ThingsBoard's Receive Maximum is 3" in gateway.log_text()
+        _figures("receive maximum 3", set(range(20_000)), uplink_rig.seqs(tb, gateway.device), took,
+                 peak_in_flight=tb.peak_unacked(gateway.device))
+        rig.finish(gateway, range(20_000))
     finally:
         uplink_rig.stop(gateway.proc)

@@ -21,6 +21,7 @@ from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import Dispatched
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
+from tests.rig.protocol import protocol_env
 
 pytestmark = pytest.mark.integration
 KEY, SECRET, DEVICE = "prov-key-1", "prov-secret-s3cr3t", "teg-test-device"
@@ -72,6 +73,7 @@ def start_gateway(tmp_path: Path, tls_material: Any) -> Iterator[Callable[..., R
             "TEG_DATA_PATH": str(tmp_path / "data"),
             "TEG_RECONNECT_MIN_S": "0.2",
             "TEG_RECONNECT_MAX_S": "1",
+            **protocol_env(),
             **env,
         })
         gateway = Gateway(config, components=lambda g: [MqttComponent(g)])

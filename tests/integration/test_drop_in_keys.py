@@ -21,6 +21,7 @@ import pytest
 
 from teg_fsm.engine.journal import read_journal
 from tests.integration import uplink_rig
+from tests.rig.protocol import protocol_env
 from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
@@ -120,6 +121,7 @@ def test_controller_keys_and_answers_with_a_running_controller(
         tb.add_provision_profile(PROFILE_KEY, PROFILE_SECRET)
         env = gateway_env(tmp_path, tb, repo_dir)
         env["DOCKER_HOST"] = os.environ.get("DOCKER_HOST", "")
+        env.update(protocol_env())
         proc = uplink_rig.start_gateway(env, tmp_path / "gateway.log")
         try:
             wait_for(lambda: tb.is_connected(DEVICE), 30, "self-provisioning", 0.2)

@@ -24,6 +24,7 @@ from teg_fsm.config import load_config
 from teg_fsm.engine.journal import read_journal
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
+from tests.rig.protocol import protocol_env
 
 pytestmark = pytest.mark.integration
 DEVICE, TOKEN = "teg-files-device", "files-token-0123456"
@@ -66,6 +67,7 @@ def gateway(standin: StandIn, tmp_path: Path, data: Path) -> Iterator[Callable[[
             "TEG_FILE_CHECK_INTERVAL_S": "0.3",
             "TEG_RECONNECT_MIN_S": "0.2",
             "TEG_RECONNECT_MAX_S": "1",
+            **protocol_env(),
         })
         gw = Gateway(config, components=lambda g: [FileSyncComponent(g), MqttComponent(g)])
         gw.start()

@@ -11,9 +11,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink
+from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink, Refused
 from tools.tb_standin import StandIn
 from tests.rig.waiting import wait_for
+from tests.rig.protocol import mqtt_protocol
 
 pytestmark = pytest.mark.integration
 TOKEN = "link-test-token"
@@ -50,12 +51,14 @@ def standin(tls_material: Any) -> Iterator[StandIn]:
 def make_link(tmp_path: Path, tls_material: Any) -> Iterator[Callable[..., tuple[MqttLink, list[tuple[str, dict[str, Any]]]]]]:
     links: list[MqttLink] = []
 
-    def make(port: int, token: str = TOKEN, ca: Path | None = None) -> tuple[MqttLink, list[tuple[str, dict[str, Any]]]]:
+    def make(port: int, token: str = TOKEN, ca: Path | None = None,
+             protocol: str | None = None) -> tuple[MqttLink, list[tuple[str, dict[str, Any]]]]:
         token_file = tmp_path / f"token-{len(links)}"
         token_file.write_text(token + "\n")
         events: list[tuple[str, dict[str, Any]]] = []
         link = MqttLink(host="localhost", port=port, tls=True, ca_cert=ca or tls_material.ca_cert,
-                        token_path=token_file, post=lambda name, data: events.append((name, data)))
+                        token_path=token_file, post=lambda name, data: events.append((name, data)),
+                        protocol=protocol or mqtt_protocol())
         links.append(link)
         return link, events
 
@@ -165,3 +168,68 @@ def test_malformed_json_is_logged_and_the_link_keeps_working(
         sender.loop_stop()
     assert [d for n, d in events if n == "shared_attributes_updated"] == [{"values": {"ok": True}, "deleted": []}]
     assert "malformed JSON" in caplog.text
+
+
+# -- MQTT 5: reason codes and properties, each against its 3.1.1 counterpart -------------------
+
+@pytest.mark.parametrize(("protocol", "code"), [("3.1.1", 0x87), ("5", 0x86)])
+def test_a_wrong_token_is_not_authorized_on_both_versions(standin: StandIn, make_link: Any, protocol: str,
+                                                          code: int) -> None:
+    """TB answers a wrong token with CONNACK 5 on 3.1.1 (paho reports it as 0x87) and 0x86 on MQTT 5
+    (MTH:1346-1362): both are the connection machine's "not authorized"."""
+    link, events = make_link(standin.tls_port, token="not-a-device", protocol=protocol)
+    outcome = connected(link).outcome
+    assert outcome is not None and outcome[0] == "failed"
+    assert outcome[2] == {"reason_code": code, "not_authorized": True}
+    assert events == []
+
+
+def test_a_puback_thingsboard_refuses_fails_the_publish_as_refused_and_the_session_stays(
+        standin: StandIn, make_link: Any) -> None:
+    link, events = make_link(standin.tls_port, protocol="5")
+    connected(link)
+    standin.refuse_pubacks(1, code=0x99)
+    results: list[tuple[bool, str | None]] = []
+    link.publish_async("v1/devices/me/telemetry", b'{"ts": 1, "values": {"n": 1}}', 1,
+                       lambda ok, error: results.append((ok, error)))
+    link.publish_async("v1/devices/me/telemetry", b'{"ts": 2, "values": {"n": 2}}', 1,
+                       lambda ok, error: results.append((ok, error)))
+    wait_for(lambda: len(results) == 2)
+    (ok, error), second = results
+    assert ok is False and isinstance(error, Refused)
+    assert (error, error.reason, error.code) == (
+        "refused by ThingsBoard: Payload format invalid (0x99)", "Payload format invalid", 0x99)
+    assert second == (True, None)
+    assert [name for name, _ in events] == ["mqtt_connected"]  # refused, not lost: no disconnect
+    assert [v for _, v in standin.telemetry("dev", "n")] == [2]
+
+
+def test_the_servers_receive_maximum_bounds_the_publishes_in_flight(standin: StandIn, make_link: Any) -> None:
+    standin.set_receive_maximum(2)
+    standin.delay_pubacks(0.2)
+    link, events = make_link(standin.tls_port, protocol="5")
+    connected(link)
+    assert events == [("mqtt_connected", {"session": 1, "receive_maximum": 2})]
+    results: list[tuple[bool, str | None]] = []
+    for i in range(8):
+        link.publish_async("v1/devices/me/telemetry", json.dumps({"ts": i, "values": {"n": i}}).encode(), 1,
+                           lambda ok, error: results.append((ok, error)))
+    wait_for(lambda: len(results) == 8, 10)
+    assert results == [(True, None)] * 8
+    assert standin.peak_unacked("dev") == 2  # the configured window is 100; the stand-in closes above 2
+    assert "receive_maximum_exceeded" not in standin.disconnect_reasons("dev")
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_server_disconnect_ends_the_session_and_its_reason_is_logged_on_mqtt5(
+        standin: StandIn, make_link: Any, protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    link, events = make_link(standin.tls_port, protocol=protocol)
+    connected(link)
+    standin.disconnect("dev")  # TB's administrative close: DISCONNECT 0x98 on MQTT 5, a bare close on 3.1.1
+    wait_for(lambda: [name for name, _ in events] == ["mqtt_connected", "mqtt_disconnected"])
+    reason = events[1][1]["reason"]
+    if protocol == "5":
+        assert reason == "DISCONNECT from ThingsBoard: Administrative action (0x98)"
+        assert "ThingsBoard sent DISCONNECT Administrative action (0x98)" in caplog.text
+    else:
+        assert "DISCONNECT from ThingsBoard" not in reason

@@ -14,6 +14,7 @@ import pytest
 
 from tests.rig.waiting import wait_for
 from tools.tb_standin import StandIn
+from tests.rig.protocol import protocol_env
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def test_status_tells_a_running_gateway_from_a_stopped_one(tmp_path: Path) -> No
         env = _clean_env(TB_HOST="127.0.0.1", TB_PORT=str(tb.port), TEG_TLS="false", TEG_DATA_PATH=str(data),
                          THINGSBOARD_ACCESS_TOKEN=str(tmp_path / "token"), THINGSBOARD_DEVICE_NAME=DEVICE,
                          THINGSBOARD_PROVISION_DEVICE_KEY="k", THINGSBOARD_PROVISION_DEVICE_SECRET="s",
-                         TEG_CONTROLLER_EXTRA_MOUNTS="", TEG_CONTROLLER_PRIVILEGED="false")
+                         TEG_CONTROLLER_EXTRA_MOUNTS="", TEG_CONTROLLER_PRIVILEGED="false", **protocol_env())
         with open(tmp_path / "gateway.log", "w") as log:
             gateway = subprocess.Popen([sys.executable, "-m", "teg_fsm.cli", "run"], cwd=REPO, env=env,
                                        stdout=log, stderr=subprocess.STDOUT)

@@ -39,6 +39,7 @@ from teg_fsm.config import load_config
 from teg_fsm.engine.effects.controller import image_name
 from tests.integration import uplink_rig as rig
 from tests.rig.docker_engine import BuildImage
+from tests.rig.protocol import protocol_env
 from tools.tb_standin import StandIn
 
 pytestmark = pytest.mark.integration
@@ -420,7 +421,7 @@ def in_process(tb: StandIn, tmp_path: Path) -> Iterator[Callable[..., InProcess]
             "TEG_DATA_PATH": str(root / "data"), "TEG_CONTROLLER_DATA_PATH": str(root / "controller"),
             "DOCKER_HOST": docker_host, "TEG_CONTROLLER_PRIVILEGED": "false", "TEG_CONTROLLER_EXTRA_MOUNTS": "",
             "TEG_CONTROLLER_RESTART_POLICY": "no", "TEG_CONTROLLER_STOP_TIMEOUT_S": "5",
-            "TEG_RECONNECT_MIN_S": "0.2", "TEG_RECONNECT_MAX_S": "1",
+            "TEG_RECONNECT_MIN_S": "0.2", "TEG_RECONNECT_MAX_S": "1", **protocol_env(),
             **({"TEG_DEFAULT_CONTROLLER_VERSION": version} if version else {}),
         })
         container = f"teg_controller_rpc{uuid.uuid4().hex[:8]}" if controller else None

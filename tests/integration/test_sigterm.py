@@ -20,6 +20,7 @@ from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.journal import read_journal
 from tests.integration import uplink_rig as rig
 from tools.tb_standin import StandIn
+from tests.rig.protocol import protocol_env
 
 pytestmark = pytest.mark.integration
 DEVICE = "sigterm-station"
@@ -111,6 +112,7 @@ def test_a_stopping_gateway_does_not_reconnect_while_its_other_components_stop(t
         "TB_HOST": "127.0.0.1", "TB_PORT": str(tb.tls_port), "TEG_TLS": "1", "THINGSBOARD_CA_CERT": str(tb.cafile),
         "THINGSBOARD_ACCESS_TOKEN": str(token), "THINGSBOARD_DEVICE_NAME": DEVICE,
         "TEG_DATA_PATH": str(tmp_path / "data"), "TEG_RECONNECT_MIN_S": "0.1", "TEG_RECONNECT_MAX_S": "0.2",
+        **protocol_env(),
     })
     gateway = Gateway(config, components=lambda g: [SlowToStop(g), MqttComponent(g)])  # MQTT stops first
     gateway.start()

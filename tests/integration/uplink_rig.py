@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from tests.rig import waiting
+from tests.rig.protocol import protocol_env
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -81,6 +82,7 @@ def gateway_env(tb: Any, data: Path, token: str, **extra: str) -> dict[str, str]
         "THINGSBOARD_CA_CERT": str(tb.cafile), "THINGSBOARD_ACCESS_TOKEN": str(token_file),
         "THINGSBOARD_DEVICE_NAME": "station-1", "TEG_DATA_PATH": str(data), "LOG_LEVEL": "INFO",
         "TEG_RECONNECT_MIN_S": "0.2", "TEG_RECONNECT_MAX_S": "1", "PYTHONPATH": str(REPO),
+        **protocol_env(),
     })
     env.update(extra)
     return env

@@ -38,6 +38,8 @@ class FakeWorld:
         self.disconnects = 0
         self.reopen_next = False  # the next transfer reports a reopened queue file
         self.published: list[Publish] = []
+        self.refuse_next = 0  # MQTT 5: ThingsBoard answers the next n data packets with PUBACK 0x99
+        self.dead: list[int] = []  # rows the adapter moved to dead_letters
 
     def write(self, n: int) -> None:
         for _ in range(n):
@@ -101,6 +103,14 @@ class FakeWorld:
             self.refused += 1
         if rows and not self.ack:
             self.held.append((effect, result))
+            return
+        if rows and self.refuse_next:
+            self.refuse_next -= 1
+            self.dead.extend(rows)  # as UplinkIO._refused does: the rows leave pending
+            self.pending = [i for i in self.pending if not after < i <= self.cursor]
+            self.d.post_outcome("uplink", effect, Outcome.FAILED, {
+                "error": "refused by ThingsBoard: Payload format invalid (0x99)",
+                "refused": "Payload format invalid", "result": result})
             return
         self.delivered.extend(rows)
         self.pending = [i for i in self.pending if not after < i <= self.cursor]
@@ -276,3 +286,36 @@ def test_every_packet_respects_the_payload_limit_thingsboard_reports(world: Fake
     world.d.post("mqtt", "mqtt_connected", {"session": 1})
     world.run()
     assert world.packets and all(p.max_payload_bytes <= 8192 - 27 for p in world.packets)
+
+
+def test_a_packet_thingsboard_refuses_is_not_sent_again_and_the_drain_goes_on(world: FakeWorld) -> None:
+    world.write(500)
+    world.refuse_next = 1
+    world.d.post("mqtt", "mqtt_connected", {"session": 1})
+    world.run()
+    assert world.dead == list(range(1, 101))  # the first packet's rows, dead-lettered once
+    assert world.delivered == list(range(101, 501))  # every other row once, none of the refused ones
+    data_packets = [p for p in world.packets if p.stream == DATA]
+    assert len(data_packets) == 5 and not any(p.restart for p in data_packets[1:])  # no resend from the oldest row
+    assert state(world) == "idle"  # no pause either: the refusal was an answer, not a loss
+    [warning] = [log for log in world.logs if log.level == "WARNING"]
+    assert warning.message == ("telemetry packet refused by ThingsBoard: Payload format invalid (0x99): "
+                               "its 100 rows moved to dead_letters")
+
+
+def test_the_receive_maximum_of_the_connack_caps_the_packets_in_flight(world: FakeWorld) -> None:
+    world.write(1_000)
+    world.ack = False
+    world.d.post("mqtt", "mqtt_connected", {"session": 1, "receive_maximum": 3})
+    world.run()
+    [(probe, result)] = world.held  # the first packet finds out how many rows a packet carries
+    world.held = []
+    world.d.post_outcome("uplink", probe, Outcome.SUCCEEDED, {"result": result})
+    world.run()
+    assert len(world.held) == 3  # not the configured 16
+    # A later session without the property is back to the configured window.
+    world.d.post("mqtt", "mqtt_disconnected", {"session": 1})
+    world.ack, world.held = False, []
+    world.d.post("mqtt", "mqtt_connected", {"session": 2})
+    world.run()
+    assert len(world.held) == 9  # the 900 rows left, 100 a packet: below the configured 16, above 3

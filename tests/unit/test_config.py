@@ -54,6 +54,8 @@ def test_a_good_configuration_has_no_problems(base: dict[str, str]) -> None:
      "TEG_RATE_LIMIT_MESSAGES=100: must be capacity:seconds[,capacity:seconds...] with positive numbers, e.g. 100:1,3000:60"),
     ({"TEG_RATE_LIMIT_DATA_POINTS": "10:0"},
      "TEG_RATE_LIMIT_DATA_POINTS=10:0: must be capacity:seconds[,capacity:seconds...] with positive numbers, e.g. 100:1,3000:60"),
+    ({"TEG_MQTT_PROTOCOL": "3"}, "TEG_MQTT_PROTOCOL=3: must be 3.1.1 or 5"),
+    ({"TEG_MQTT_PROTOCOL": "v5"}, "TEG_MQTT_PROTOCOL=v5: must be 3.1.1 or 5"),
     ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL=chatty: must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG"),
     ({"TEG_CONTROLLER_RESTART_POLICY": "sometimes"},
      "TEG_CONTROLLER_RESTART_POLICY=sometimes: must be no, always, unless-stopped or on-failure[:N]"),
@@ -68,6 +70,11 @@ def test_each_bad_setting_is_named_with_its_value_and_what_is_allowed(
     base: dict[str, str], overrides: dict[str, str], message: str
 ) -> None:
     assert problems_of({**base, **overrides}) == [message]
+
+
+def test_the_mqtt_protocol_defaults_to_3_1_1_and_takes_5(base: dict[str, str]) -> None:
+    assert load_config(base).mqtt_protocol == "3.1.1"
+    assert load_config({**base, "TEG_MQTT_PROTOCOL": "5"}).mqtt_protocol == "5"
 
 
 def test_a_missing_ca_file_is_named_at_start(base: dict[str, str], tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
 from teg_fsm.adapters.outbox import OnDone, Outbox, OutboxError, OutboxStore, stamp, telemetry_elements
+from teg_fsm.adapters.mqtt_link import Refused
 from teg_fsm.adapters.sys_info import parse_proc_stat
 from tests.rig.waiting import wait_for
 
@@ -196,6 +197,31 @@ def test_the_sender_tries_nothing_offline_deletes_only_on_puback_and_resends_aft
     finally:
         outbox.stop()
     assert len(sent) == 2
+
+
+def test_a_report_thingsboard_refuses_is_dropped_with_a_log_line_and_the_next_goes_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "gateway_logs_buffer.db"
+    outbox = Outbox(path, max_payload_bytes=65536, now_ms=lambda: T0)
+    sent: list[tuple[str, bytes, OnDone]] = []
+    outbox.publish = lambda topic, payload, qos, on_done: sent.append((topic, payload, on_done))
+    outbox.online = lambda: True
+    outbox.open()
+    outbox.start()
+    try:
+        outbox.say(TELEMETRY_TOPIC, json.dumps({"sw_state": "FAILED"}), T0, lambda error: None)
+        wait_for(lambda: len(sent) == 1, 5, "the first packet")
+        outbox.say(ATTRIBUTES_TOPIC, json.dumps({"teg_version": "1"}), T0, lambda error: None)
+        sent[0][2](False, Refused("Payload format invalid", 0x99))  # MQTT 5 PUBACK 0x99
+        wait_for(lambda: len(sent) == 2, 5, "the next report, not the refused one again")
+        assert sent[1][0] == ATTRIBUTES_TOPIC
+        sent[1][2](True, None)
+        wait_for(lambda: _pending(path) == 0, 5, "nothing left")
+    finally:
+        outbox.stop()
+    assert len(sent) == 2
+    assert ("outbox packet of 1 rows on v1/devices/me/telemetry refused by ThingsBoard: "
+            "Payload format invalid (0x99): dropped") in caplog.text
 
 
 def test_a_report_made_after_the_outbox_stopped_is_still_stored(tmp_path: Path) -> None:

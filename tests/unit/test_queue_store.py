@@ -85,6 +85,26 @@ def test_packets_stay_under_the_byte_and_point_limits_and_ack_deletes_only_their
     assert left == 1000 - first.rows
 
 
+def test_a_refused_packet_moves_exactly_its_rows_to_dead_letters_with_the_reason(tmp_path: Path) -> None:
+    _insert(tmp_path, [("m", rig.record(i)) for i in range(300)])
+    store = _store(tmp_path)
+    store.transfer(1000, 10**6)
+    store.next_packet(True, 4096, None, None)
+    refused = store.next_packet(False, 4096, None, None)
+    reason = "refused by ThingsBoard: Payload format invalid (0x99)"
+    assert store.refused(refused.after_id, refused.last_id, reason) == refused.rows > 0
+    conn = sqlite3.connect(tmp_path / "communication_queue.db")
+    letters = conn.execute("SELECT source, source_id, type, message, reason FROM dead_letters ORDER BY id").fetchall()
+    pending_ids = [i for (i,) in conn.execute("SELECT id FROM pending_mqtt_messages")]
+    conn.close()
+    assert [row[1] for row in letters] == list(range(refused.after_id + 1, refused.last_id + 1))
+    assert {(row[0], row[2], row[4]) for row in letters} == {("pending_mqtt_messages", "m", reason)}
+    assert [json.loads(row[3])["values"]["seq"] for row in letters] == [i - 1 for i in range(refused.after_id + 1,
+                                                                                            refused.last_id + 1)]
+    assert store.pending_rows == len(pending_ids) == 300 - refused.rows
+    assert not set(pending_ids) & {row[1] for row in letters}
+
+
 def test_archive_row_cap_discards_the_oldest_rows_first(tmp_path: Path) -> None:
     _insert(tmp_path, [("m", rig.record(i)) for i in range(50)])
     store = _store(tmp_path, rows=20)

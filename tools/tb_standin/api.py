@@ -298,6 +298,25 @@ class StandIn:
             faults.drop, faults.drop_device, faults.disconnect_on_drop = n, device, disconnect
         self._sync(apply)
 
+    def refuse_pubacks(self, n: int, code: int = 0x99, device: str | None = None, contains: str | None = None) -> None:
+        """Refuse the next ``n`` QoS 1 publishes (of ``device``, whose payload contains ``contains``)
+        as ThingsBoard refuses a payload it cannot parse: nothing stored, PUBACK ``code`` on MQTT 5,
+        the session closed (``invalid_payload``) on 3.1.1."""
+        def apply() -> None:
+            faults = self._server.faults
+            faults.refuse, faults.refuse_code, faults.refuse_device = n, int(code), device
+            faults.refuse_match = contains.encode() if contains is not None else None
+        self._sync(apply)
+
+    def set_receive_maximum(self, n: int | None) -> None:
+        """Send Receive Maximum ``n`` in MQTT 5 CONNACKs from the next connect on (None: omit it, as TB
+        does) and enforce it: a session with more unacknowledged QoS 1 publishes gets DISCONNECT 0x93."""
+        self._sync(lambda: setattr(self._server.faults, "receive_maximum", int(n) if n else None))
+
+    def peak_unacked(self, device: str) -> int:
+        """The most QoS 1 publishes of ``device`` awaiting their PUBACK at once, over all its sessions."""
+        return self._sync(lambda: self._server.faults.peak_unacked.get(device, 0))
+
     def delay_pubacks(self, seconds: float) -> None:
         """Send every PUBACK ``seconds`` late (0 turns it off); reading continues meanwhile."""
         self._sync(lambda: setattr(self._server.faults, "delay", float(seconds)))

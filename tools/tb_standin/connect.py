@@ -82,10 +82,15 @@ def disconnect_bytes(code: int) -> bytes:
         return bytes((0xE0, 0x01, code))
 
 
-async def write_connack(writer: WriterAdapter, v5: bool, session_present: bool, code: int) -> None:
-    """CONNACK with ``code`` (MQTT 5 value) and no properties, as TB's ``createMqttConnAckMsg`` (MTH:1151-1157)."""
+async def write_connack(writer: WriterAdapter, v5: bool, session_present: bool, code: int,
+                        receive_maximum: int | None = None) -> None:
+    """CONNACK with ``code`` (MQTT 5 value) and no properties, as TB's ``createMqttConnAckMsg`` (MTH:1151-1157).
+
+    ``receive_maximum`` (a test knob, ``StandIn.set_receive_maximum``; TB sends none) adds that property.
+    """
     if v5:
+        extra = {"receive_max": receive_maximum} if receive_maximum else {}
         await write_v5(writer, mqtt5.ConnAckPacket(session_present=session_present,
-                                                   reason_code=mqtt5.ConnAckReasonCode(code)))
+                                                   reason_code=mqtt5.ConnAckReasonCode(code), **extra))
     else:
         await ConnackPacket.build(int(session_present), v311_connack_code(code)).to_stream(writer)

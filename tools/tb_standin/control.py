@@ -27,7 +27,7 @@ OPS = frozenset({
     "rpc", "rpc_persistent", "rpc_status", "rpc_history", "client_rpcs",
     "assign_ota", "unassign_ota",
     "set_limits", "set_session_limits", "session_limits",
-    "drop_pubacks", "delay_pubacks", "restart", "down", "up", "disconnect", "is_connected", "subscriptions",
+    "drop_pubacks", "refuse_pubacks", "set_receive_maximum", "peak_unacked", "delay_pubacks", "restart", "down", "up", "disconnect", "is_connected", "subscriptions",
     "events", "disconnect_reasons", "ports",
 })
 

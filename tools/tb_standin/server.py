@@ -78,6 +78,25 @@ class Faults:
     drop_device: str | None = None
     disconnect_on_drop: bool = False
     delay: float = 0.0
+    # Refuse the next ``refuse`` QoS 1 device publishes (whose payload holds ``refuse_match``) as TB
+    # refuses a payload it cannot parse: PUBACK ``refuse_code`` on MQTT 5, a close on 3.1.1.
+    refuse: int = 0
+    refuse_code: int = 0x99
+    refuse_device: str | None = None
+    refuse_match: bytes | None = None
+    # Not TB's behaviour (its CONNACK has no properties): a Receive Maximum in the MQTT 5 CONNACK,
+    # enforced as MQTT 5 says (more unacknowledged QoS 1 publishes: DISCONNECT 0x93).
+    receive_maximum: int | None = None
+    peak_unacked: dict[str, int] = field(default_factory=dict)  # per device, over its sessions
+
+    def take_refusal(self, device: str | None, payload: bytes) -> int | None:
+        """The reason code to refuse this publish with, or None; counts the refusal down."""
+        if self.refuse <= 0 or self.refuse_device not in (None, device):
+            return None
+        if self.refuse_match is not None and self.refuse_match not in payload:
+            return None
+        self.refuse -= 1
+        return self.refuse_code
 
 
 @dataclass
@@ -215,7 +234,8 @@ class TbServer:
         try:
             # sessionPresent = !cleanSession, although TB keeps no session state (MTH:1151-1157).
             async with session._write_lock:
-                await write_connack(w, session.v5, not connect.clean_session, ACCEPTED)
+                await write_connack(w, session.v5, not connect.clean_session, ACCEPTED,
+                                    receive_maximum=self.faults.receive_maximum)
             await session.start()
         except (ConnectionError, OSError, AMQTTError):
             await session.close("connection_lost")  # the client went away during the handshake

@@ -135,6 +135,7 @@ DISCONNECT_CODES = {
     "ota_payload_too_large": 0x83,
     "provision_bad_topic": 0x90,  # TOPIC_NAME_INVALID, MTH:324-326
     "provision_missing_key": 0x83,  # RuntimeException, MTH:328-331
+    "receive_maximum_exceeded": 0x93,  # MQTT 5 §3.3.4 (only with the set_receive_maximum knob; TB sends none)
 }
 
 
@@ -199,6 +200,7 @@ class TbSession(BrokerProtocolHandler):
         self.last_activity = time.monotonic()
         self.close_reason: str | None = None
         self._closed_reported = False
+        self.unacked: set[int] = set()  # QoS 1 publishes received and not yet acknowledged
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -357,6 +359,7 @@ class TbSession(BrokerProtocolHandler):
 
     async def send_puback(self, packet_id: int, reason: int = PUBACK_SUCCESS) -> None:
         """Write a PUBACK unless the connection is already gone; the reason code goes out on MQTT 5 only."""
+        self.unacked.discard(packet_id)
         if self.writer is not None and self.close_reason is None:
             with suppress(ConnectionError, AMQTTError, OSError):
                 if self.v5:
@@ -423,7 +426,35 @@ class TbSession(BrokerProtocolHandler):
         else:
             await self._send_packet(UnsubackPacket.build(packet_id))
 
+    def _count_unacked(self, packet_id: int) -> str | None:
+        """Track QoS 1 publishes awaiting PUBACK; over the knob's Receive Maximum is a protocol error."""
+        self.unacked.add(packet_id)
+        name = self.device.name if self.device else ""
+        peaks = self.server.faults.peak_unacked
+        peaks[name] = max(peaks.get(name, 0), len(self.unacked))
+        maximum = self.server.faults.receive_maximum
+        if self.v5 and maximum and len(self.unacked) > maximum:
+            self.server.event(name or None, "receive_maximum_exceeded", str(len(self.unacked)))
+            return "receive_maximum_exceeded"
+        return None
+
+    async def _refuse(self, packet_id: int, code: int) -> str | None:
+        """An injected refusal, answered as TB answers an unparsable payload (MTH:668-676)."""
+        self.server.event(self.device.name if self.device else None, "puback_refused", f"0x{code:02X}")
+        if self.v5:
+            await self.send_puback(packet_id, code)
+            return None
+        return "invalid_payload"
+
     async def _on_publish(self, topic: str, payload: bytes, packet_id: int | None) -> str | None:
+        if packet_id is not None:
+            exceeded = self._count_unacked(packet_id)
+            if exceeded is not None:
+                return exceeded
+            code = None if self.provision_only else self.server.faults.take_refusal(
+                self.device.name if self.device else None, payload)
+            if code is not None:
+                return await self._refuse(packet_id, code)
         try:
             if self.provision_only:
                 return await self.server.topics.on_provision_publish(self, topic, payload, packet_id)
