@@ -83,8 +83,13 @@ $body
 
 
 def _e(text: object) -> str:
-    """Escape for text and attribute values alike."""
-    return escape(str(text), quote=True)
+    """Escape for text and attribute values alike; a lone surrogate (JSON can carry
+    one, UTF-8 cannot) becomes U+FFFD so the page can always be written."""
+    return escape(_storable(str(text)), quote=True)
+
+
+def _storable(text: str) -> str:
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def render(story: Story, *, source: str, diagram: Callable[[MachineStory], str | None] | None = None) -> str:
@@ -240,7 +245,7 @@ def _kind(state: str) -> str:
 def color(state: str) -> str:
     """A stable colour per state name: red for failures, amber for waiting, green for resting, blue for work."""
     palette = _PALETTES[_kind(state)]
-    return palette[int(hashlib.sha1(state.encode()).hexdigest(), 16) % len(palette)]
+    return palette[int(hashlib.sha1(state.encode("utf-8", "surrogatepass")).hexdigest(), 16) % len(palette)]
 
 
 def _timeline(rows: list[tuple[str, list[Segment]]], story: Story) -> str:
