@@ -30,6 +30,8 @@ _TAG = "__image__"
 _NOT_DATA = frozenset({
     "settings", "outbox", "transition_log", "dirty", "model", "history_values", "state_field",
     "start_configuration_values", "_callbacks", "_config", "_listeners", "_engine",
+    # the engine's own per-instance wiring (machine.py): a transition listener, an event index
+    "_recorder", "_event_names",
 })
 
 
@@ -54,7 +56,7 @@ def restore_image(machine: GatewayMachine, image: dict[str, Any]) -> None:
     fields = {name: _decode(value) for name, value in image["fields"].items()}
     for name, value in fields.items():
         setattr(machine, name, value)
-    machine.current_state_value = image["state"]
+    machine.place(image["state"])
 
 
 def _encode(value: Any, where: str) -> Any:
