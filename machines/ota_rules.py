@@ -90,7 +90,7 @@ class OtaSettings:
     image_labels: dict[str, str] = attrs.field(factory=dict)
     build_network_mode: str | None = None
     package_dir: str = ""  # where package downloads (part files) go; the component sets <data dir>/ota
-    chunk_size: int = 16384  # bytes per chunk request (ThingsBoard caps it at 65536)
+    chunk_size: int = 65536  # bytes per chunk request (ThingsBoard's cap, max_payload_size)
     download_timeout_s: float = 3600.0
 
 

@@ -69,6 +69,7 @@ def ota_settings(config: Config, overrides: Mapping[str, Any] | None = None) -> 
         "min_free_disk_mb": config.min_free_disk_mb,
         "keep_images": config.keep_images,
         "package_dir": str(config.data_path / "ota"),
+        "chunk_size": config.ota_chunk_size,
     }
     settings.update(overrides or {})
     return settings
@@ -169,14 +170,16 @@ class OtaComponent:
             source, part, kind=effect.kind, request_id=random.randint(1, 2**31 - 1), stall_s=self.stall_s,
             stopped=stopped, progress=_progress_logger(effect.version))
         seconds = round(time.monotonic() - started, 3)
+        log.info("OTA package of %s: downloaded %d bytes in %.3f s (%d chunk requests, resumed at chunk %d)",
+                 effect.version, fetched["bytes"], seconds, fetched["requests"], fetched["resumed_at"])
         ota_package.verify(part, effect.checksum, effect.checksum_algorithm)
         kind = ota_package.package_kind(part.path)
         try:
             self._install(kind, part.path, effect)
         finally:
             part.remove()  # installed (or not installable): the file itself is not kept
-        log.info("OTA package of %s: %s, %d bytes in %.1f s (resumed at chunk %d)",
-                 effect.version, kind, fetched["bytes"], seconds, fetched["resumed_at"])
+        log.info("OTA package of %s installed from a %s", effect.version,
+                 {"bundle": "git bundle", "image": "docker image archive"}.get(kind, "file that is neither"))
         return {"kind": kind, "seconds": seconds, **fetched}
 
     def _install(self, kind: str, path: Path, effect: DownloadPackage) -> None:
