@@ -161,6 +161,16 @@ class PartFile:
         for path in (self.path, self.progress):
             path.unlink(missing_ok=True)
 
+    def remove_others(self) -> list[str]:
+        """Delete the part files of other packages (superseded mid-download); returns their names."""
+        if not self.directory.is_dir():
+            return []
+        stale = [p for p in self.directory.iterdir()
+                 if p.suffix in (".part", ".chunks") and p not in (self.path, self.progress)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return [p.name for p in stale]
+
 
 def _json(line: str) -> Any:
     try:

@@ -160,6 +160,7 @@ class OtaComponent:
             raise PackageError(error)
         directory = Path(effect.data_dir or self.settings["package_dir"])
         part = PartFile(directory, effect.checksum, effect.checksum_algorithm.upper(), effect.size, effect.chunk_size)
+        part.remove_others()  # one package at a time: a superseded download's file only takes space
         ota_package.check_disk(directory, effect.size, have=part.existing_bytes())  # before anything is written
         source = self.chunks()
         if source is None:

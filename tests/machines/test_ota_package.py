@@ -2,7 +2,11 @@
 
 ThingsBoard sets ``sw_size``, ``sw_checksum_algorithm``, ``sw_checksum`` and deletes
 ``sw_url`` when the package carries a file (DefaultOtaPackageStateService, PROTOCOL.md
-section 5.1); an external package has ``sw_url`` and cannot be fetched over MQTT.
+section 5.1; DefaultOtaPackageStateService.updateAttributes, the ``else`` branch of
+``otaPackage.hasUrl()``); an external package has ``sw_url`` and cannot be fetched over
+MQTT (MqttTransportHandler.java:792-799 answers FAILURE). Reports follow the Python device
+SDK (tb_device_mqtt.py @00018ac: DOWNLOADING once in ``_on_decoded_message``, DOWNLOADED
+then VERIFIED in ``__process_firmware``).
 """
 
 from __future__ import annotations

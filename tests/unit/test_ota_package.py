@@ -3,6 +3,14 @@
 Chunks are served by the stand-in's own chunk function (tools/tb_standin/ota.py, which
 follows MqttTransportHandler.getOtaPackageCallback: bytes [size*n, size*n+size), empty
 past the end), through a fake link that can drop requests.
+
+ThingsBoard sources followed (thingsboard/thingsboard, as cited in PROTOCOL.md 5.2):
+MqttTransportHandler.java:678-711 (getOtaPackageCallback: the chunk size payload, the
+requestId bound on first use), MTH:774-828 (sendOtaPackage: bytes of the chunk, empty past
+the end; sendOtaPackageError on v2/fw/error, for sw too, then close), ChecksumAlgorithm
+(MD5, SHA256, SHA384, SHA512, CRC32, MURMUR3_32, MURMUR3_128). The device side follows
+the Python device SDK (thingsboard-python-client-sdk tb_device_mqtt.py @00018ac,
+``__get_firmware``: stop when the received length equals fw_size).
 """
 
 from __future__ import annotations
@@ -102,6 +110,14 @@ def test_another_package_does_not_reuse_a_part_file(tmp_path: Path) -> None:
     stale.progress.write_text(json.dumps({**stale.header, "size": 1}) + "\n0 00000000\n")
     served = Served(DATA)
     assert download(served, _part(tmp_path), kind="sw", request_id=8)["resumed_at"] == 0
+
+
+def test_part_files_of_other_packages_are_removed(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        download(Served(DATA, die_after=3), _part(tmp_path), kind="sw", request_id=7)
+    other = _part(tmp_path, data=DATA[:5000])
+    assert sorted(other.remove_others()) == sorted([_part(tmp_path).path.name, _part(tmp_path).progress.name])
+    assert not any((tmp_path / "ota").iterdir())
 
 
 def test_no_chunk_for_the_stall_time_is_a_transient_failure_that_keeps_the_file(tmp_path: Path) -> None:
