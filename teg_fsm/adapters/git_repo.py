@@ -79,7 +79,7 @@ class ControllerRepo:
         under ``refs/remotes/ota-bundle/`` so no local branch moves.
         """
         repo = self._repo()
-        self._git(repo, "bundle", "verify", "--quiet", str(bundle), timeout_s=timeout_s)
+        self._git(repo, "bundle", "verify", str(bundle), timeout_s=timeout_s)
         self._git(repo, "fetch", "--force", str(bundle), "+refs/tags/*:refs/tags/*",
                   "+refs/heads/*:refs/remotes/ota-bundle/*", timeout_s=timeout_s)
 
