@@ -7,7 +7,7 @@ leaves the device on its last good version, and reports each step as ``sw_state`
 
 Events it takes: ``shared_attributes_updated`` {values, deleted} (push) and
 ``shared_attributes_received`` {shared} (after every connect), the outcomes of
-its effects (``fetch_*``, ``checkout_*``, ``build_*``, ``record_*``), the
+its effects (``fetch_*``, ``download_*``, ``checkout_*``, ``build_*``, ``record_*``), the
 controller machine's ``swap_succeeded`` / ``swap_failed`` /
 ``controller_image_missing`` {version} (a start found no image: first start,
 pruned image, new engine; that version goes through the same pipeline) and
@@ -22,7 +22,13 @@ version with a health check no older than the probation window; otherwise it
 is held until proven. After a restart ``live`` is forgotten and re-learnt from
 the controller machine, which re-inspects the engine.
 
-Effects it emits: FetchControllerRepo, CheckoutControllerVersion,
+Two ways to fetch, one machine: when the assigned package carries a file
+(``sw_checksum`` without ``sw_url``), ``fetching`` emits DownloadPackage
+(ThingsBoard's chunk protocol; a git bundle is fetched into the repository, an
+image archive loaded) instead of FetchControllerRepo; its ``download_*``
+outcomes lead to the same states (an image skips the checkout).
+
+Effects it emits: FetchControllerRepo or DownloadPackage, CheckoutControllerVersion,
 BuildControllerImage, WriteControllerVersion, PruneControllerImages, Publish
 of ``sw_state`` telemetry, Notify ``swap_requested`` to the controller, timers.
 
@@ -77,8 +83,8 @@ from teg_fsm.machines import ota_rules as rules
 
 # OtaSettings and version_error are re-exported: the OTA component and tests import them from here.
 from teg_fsm.machines.ota_rules import (
-    OtaSettings, assigned, build_effect, checkout_effect, fetch_effect, next_target, prune_effect, record_effect,
-    sw_state_payload, version_error,
+    OtaSettings, assigned, build_effect, checkout_effect, download_effect, fetch_effect, next_target, package_of,
+    prune_effect, record_effect, sw_state_payload, version_error,
 )
 
 __all__ = ["OtaMachine", "OtaSettings", "version_error"]
@@ -115,6 +121,10 @@ class OtaData:
     live: str | None = None
     live_health_ms: int | None = None
     held_updated: str | None = None  # an UPDATED (with its sw_error) waiting for ``live`` to prove it
+    # The assigned package's file (checksum, algorithm, size) when ThingsBoard stores
+    # one: fetching then downloads it instead of fetching the git remote. Left out of
+    # the checkpoint while None, so journals from before packages replay unchanged.
+    package: dict[str, Any] | None = None
 
 
 # Checkpoints and journals hold OtaData unstructured: plain JSON values.
@@ -226,6 +236,26 @@ class OtaMachine(GatewayMachine):
     fetch_failed = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out, on="note_fetch_failed")
     fetch_timed_out = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out, on="note_fetch_failed")
     fetch_cancelled = fetching.to(idle, cond="is_superseded") | fetching.to(checking_out, on="note_fetch_failed")
+    # The same step with a package file (``has_package`` chose DownloadPackage on entry):
+    # a git bundle was fetched into the repository (check out and build as usual), an
+    # image archive was loaded and tagged (the build finds the image and is skipped),
+    # anything else (the dummy file operators used to upload) falls back to the git remote.
+    download_succeeded = (
+        fetching.to(idle, cond="is_superseded")
+        | fetching.to(building, cond="image_loaded", on="report_downloaded")
+        | fetching.to(checking_out, cond="bundle_fetched")
+        | _stay(fetching, on="fetch_from_remote")
+    )
+    # A checksum mismatch, a refused algorithm or too little disk blocks the release; a
+    # download that could not finish (link down too long, effect timed out) is retried
+    # later and resumes from its part file.
+    download_failed = (
+        fetching.to(idle, cond="is_superseded")
+        | fetching.to(failed, cond="download_transient", on="fail_download_transient")
+        | preparing.to(failed, on="fail_download")
+    )
+    download_timed_out = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_download_transient")
+    download_cancelled = fetching.to(idle, cond="is_superseded") | fetching.to(failed, on="fail_download_transient")
     checkout_succeeded = (
         checking_out.to(idle, cond="is_superseded") | checking_out.to(building, on="report_downloaded")
     )
@@ -331,7 +361,10 @@ class OtaMachine(GatewayMachine):
             running=self.settings.last_good, running_title=self.settings.title, last_good=self.settings.last_good)
 
     def snapshot(self) -> dict[str, Any]:
-        return _data_converter.unstructure(self.data)
+        data = _data_converter.unstructure(self.data)
+        if data.get("package") is None:
+            data.pop("package", None)
+        return data
 
     def restore(self, data: Any) -> None:
         known = {key: data[key] for key in attrs.fields_dict(OtaData) if key in data}
@@ -399,6 +432,22 @@ class OtaMachine(GatewayMachine):
         """The operator asked for a rollback while the swap ran."""
         return self.data.rollback_asked
 
+    def has_package(self) -> bool:
+        """The version being installed is the assigned one and its package carries a file."""
+        return self.data.package is not None and self.data.target == self.data.desired
+
+    def image_loaded(self, ev: Event) -> bool:
+        """The package was a docker image archive, now loaded and tagged."""
+        return (ev.data.get("result") or {}).get("kind") == "image"
+
+    def bundle_fetched(self, ev: Event) -> bool:
+        """The package was a git bundle, now fetched into the controller repository."""
+        return (ev.data.get("result") or {}).get("kind") == "bundle"
+
+    def download_transient(self, ev: Event) -> bool:
+        """The download stopped for a reason that may pass (the link); the part file is kept."""
+        return bool(ev.data.get("transient"))
+
     def fetch_had_failed(self) -> bool:
         """The last fetch failed, so the checkout tried the local refs only."""
         return self.data.fetch_error is not None
@@ -445,6 +494,7 @@ class OtaMachine(GatewayMachine):
     def _note_assignment(self, ev: Event) -> None:
         version, title = assigned(ev, (self.data.desired, self.data.desired_title))
         changed = version != self.data.desired
+        self.data.package = package_of(ev, self.data.package)
         if changed:
             self.data.blocked = None  # a new assignment lifts the block on a rolled-back release
         self.data.desired, self.data.desired_title = version, title
@@ -560,8 +610,14 @@ class OtaMachine(GatewayMachine):
         self.data.target_title = self.data.desired_title or self.settings.title
         self.data.reason, self.data.transient, self.data.rollback_asked = "", False, False
         self.data.fetch_error = None
+        # ThingsBoard's own clients report DOWNLOADING once, before the first chunk
+        # request, and DOWNLOADED when the file is complete (tb_device_mqtt.py, the
+        # Python device SDK): no per-chunk progress.
         self._report("DOWNLOADING")
-        self.emit(fetch_effect(self.settings))
+        if self.has_package():
+            self.emit(download_effect(self.settings, self.data.target, self.data.desired_title, self.data.package or {}))
+        else:
+            self.emit(fetch_effect(self.settings))
 
     def on_enter_checking_out(self) -> None:
         if self.ready:
@@ -657,6 +713,17 @@ class OtaMachine(GatewayMachine):
 
     def report_verified(self) -> None:
         self._report("VERIFIED")
+
+    def fetch_from_remote(self) -> None:
+        self.emit(Log(level="WARNING", message=rules.package_not_installable(self.data.target)))
+        self.emit(fetch_effect(self.settings))
+
+    def fail_download(self, ev: Event) -> None:
+        self._block(rules.download_failed(self.data.target, rules.error_of(ev)))
+
+    def fail_download_transient(self, ev: Event) -> None:
+        self.data.reason = rules.download_failed(self.data.target, rules.error_of(ev))
+        self.data.transient = True
 
     def note_fetch_failed(self, ev: Event) -> None:
         self.data.fetch_error = rules.error_of(ev)

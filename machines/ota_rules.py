@@ -17,6 +17,7 @@ from teg_fsm.engine.effects.controller import image_name
 from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
+    DownloadPackage,
     FetchControllerRepo,
     PruneControllerImages,
     WriteControllerVersion,
@@ -88,6 +89,9 @@ class OtaSettings:
     record_timeout_s: float = 30.0
     image_labels: dict[str, str] = attrs.field(factory=dict)
     build_network_mode: str | None = None
+    package_dir: str = ""  # where package downloads (part files) go; the component sets <data dir>/ota
+    chunk_size: int = 65536  # bytes per chunk request (ThingsBoard's cap, max_payload_size)
+    download_timeout_s: float = 3600.0
 
 
 # -- assignments ---------------------------------------------------------------
@@ -109,6 +113,35 @@ def assigned(ev: Event, current: Assignment) -> Assignment:
     return current
 
 
+def package_of(ev: Event, current: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The file of the assigned package (size, checksum, algorithm) after an attribute push or response.
+
+    ThingsBoard writes ``sw_size``, ``sw_checksum_algorithm`` and ``sw_checksum`` and
+    deletes ``sw_url`` for a package stored with a file; an external package has
+    ``sw_url`` and cannot be downloaded over MQTT (PROTOCOL.md section 5.1,
+    DefaultOtaPackageStateService). A message that assigns no version keeps ``current``.
+    ``sw_size`` is optional: the gateway's attribute request after a connect does not ask for it.
+    """
+    if ev.name == "shared_attributes_received":
+        values = ev.data.get("shared") or {}
+        if "sw_version" not in values:
+            return None  # nothing assigned, or the legacy sf_version (which never has a file)
+    else:
+        values = ev.data.get("values") or {}
+        if "sw_version" not in values:
+            deleted = ev.data.get("deleted") or []
+            reassigned = "sf_version" in values or "sw_version" in deleted or "sf_version" in deleted
+            return None if reassigned else current
+    checksum, algorithm, size = values.get("sw_checksum"), values.get("sw_checksum_algorithm"), values.get("sw_size")
+    if values.get("sw_url") or not isinstance(checksum, str) or not checksum:
+        return None
+    return {
+        "checksum": checksum,
+        "algorithm": algorithm if isinstance(algorithm, str) else "SHA256",
+        "size": size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+    }
+
+
 def next_target(desired: str | None, running: str | None, blocked: str | None) -> str | None:
     """The version to install next, or None (nothing assigned, refused, running or blocked)."""
     if desired is None or version_error(desired) or desired == running or desired == blocked:
@@ -121,6 +154,15 @@ def next_target(desired: str | None, running: str | None, blocked: str | None) -
 
 def fetch_effect(s: OtaSettings) -> FetchControllerRepo:
     return FetchControllerRepo(git_dir=s.git_dir, reply="fetch", timeout_s=s.fetch_timeout_s)
+
+
+def download_effect(s: OtaSettings, version: str | None, title: str | None,
+                    package: dict[str, Any]) -> DownloadPackage:
+    return DownloadPackage(
+        kind="sw", title=title or s.title, version=version or "", size=package.get("size"),
+        checksum=str(package.get("checksum") or ""), checksum_algorithm=str(package.get("algorithm") or ""),
+        git_dir=s.git_dir, image=image_name(version or ""), chunk_size=s.chunk_size, data_dir=s.package_dir,
+        reply="download", timeout_s=s.download_timeout_s)
 
 
 def checkout_effect(s: OtaSettings, version: str | None) -> CheckoutControllerVersion:
@@ -188,6 +230,15 @@ def fetch_failed(target: str | None, error: str) -> str:
 
 def fetch_failed_trying_local(target: str | None, error: str) -> str:
     return f"fetching the controller repository for {target} failed ({error}); trying the local refs"
+
+
+def download_failed(target: str | None, error: str) -> str:
+    return f"downloading the OTA package of {target} failed: {error}"
+
+
+def package_not_installable(target: str | None) -> str:
+    return (f"the OTA package of {target} is neither a git bundle nor a docker image archive: "
+            "fetching the controller repository instead")
 
 
 def image_missing(version: str) -> str:

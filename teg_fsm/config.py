@@ -96,6 +96,8 @@ class Config:
     docker_host: str | None
     # coalesced state reports (the uplink's) and queue-depth samples: at most one per interval
     fsm_report_interval_s: float = 60.0
+    # bytes per OTA chunk request; ThingsBoard refuses more than its max_payload_size, 65536
+    ota_chunk_size: int = 65536
 
     @property
     def queue_db(self) -> Path:
@@ -296,6 +298,7 @@ def _read(env: _Env) -> Config:
         probation_s=_float(env, "TEG_OTA_PROBATION_S", 120.0, minimum=0.1),
         min_free_disk_mb=_int(env, "TEG_OTA_MIN_FREE_DISK_MB", 1024),
         keep_images=_int(env, "TEG_OTA_KEEP_IMAGES", 2),
+        ota_chunk_size=_int(env, "TEG_OTA_CHUNK_SIZE", 65536, minimum=1, maximum=65536),
         file_check_interval_s=_float(env, "TEG_FILE_CHECK_INTERVAL_S", 30.0, minimum=0.1),
         file_allowed_roots=tuple(Path(r) for r in roots),
         run_command_enabled=_bool(env, "TEG_RUN_COMMAND_ENABLED", False),

@@ -83,6 +83,19 @@ class ControllerImages:
                 raise ImageError(f"docker build failed: {exc.explanation or exc}") from None
             return {"cached": False, "image_id": built.id}
 
+    def load(self, archive: Path, image: str) -> dict[str, object]:
+        """``docker load`` a ``docker save`` archive and tag its (first) image as ``image``."""
+        with self._build_lock, archive.open("rb") as stream:
+            try:
+                loaded = self.client.images.load(stream)
+            except docker.errors.APIError as exc:
+                raise ImageError(f"docker load failed: {exc.explanation or exc}") from None
+            if not loaded:
+                raise ImageError("docker load found no image in the package")
+            repository, _, tag = image.rpartition(":")
+            loaded[0].tag(repository, tag or "latest")
+            return {"image_id": loaded[0].id, "loaded": [t for img in loaded for t in img.tags]}
+
     def prune(self, keep: Iterable[str], keep_count: int) -> list[str]:
         """Remove controller images not in ``keep`` beyond the ``keep_count`` newest; returns removed tags."""
         keep_set = set(keep)

@@ -72,6 +72,17 @@ class ControllerRepo:
         self._git(repo, "fetch", "--tags", "--force", "--prune", remote, timeout_s=timeout_s)
         return remote
 
+    def fetch_bundle(self, bundle: str | Path, timeout_s: float | None = None) -> None:
+        """Fetch tags and branches from a ``git bundle`` file (an OTA package) instead of the remote.
+
+        Tags overwrite local ones (as ``fetch --tags --force`` does); branches land
+        under ``refs/remotes/ota-bundle/`` so no local branch moves.
+        """
+        repo = self._repo()
+        self._git(repo, "bundle", "verify", str(bundle), timeout_s=timeout_s)
+        self._git(repo, "fetch", "--force", str(bundle), "+refs/tags/*:refs/tags/*",
+                  "+refs/heads/*:refs/remotes/ota-bundle/*", timeout_s=timeout_s)
+
     def resolve(self, version: str) -> str:
         """The commit a tag or a full commit hash names."""
         repo = self._repo()

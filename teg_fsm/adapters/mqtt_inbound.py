@@ -48,6 +48,8 @@ class Inbound:
         # Shared attributes pushed while an attribute request is out: ThingsBoard may answer the
         # request from a snapshot taken before that push, and the answer must not undo it.
         self._pushed_since: dict[int, _Pushed] = {}
+        # Set by the OTA component: takes v2/<fw|sw>/response/... and v2/fw/error (True when it did).
+        self.chunk_sink: Callable[[str, bytes], bool] | None = None
 
     def expect(self, kind: str, session: int, completion: Any, shared_keys: tuple[str, ...] = ()) -> int:
         """Register a request before publishing it (the answer can beat publish())."""
@@ -73,6 +75,10 @@ class Inbound:
             completion.fail(f"session lost before the answer: {reason}")
 
     def handle(self, session: int, topic: str, payload: bytes) -> None:
+        # OTA chunks are raw bytes, not JSON: they go to the package download, if one runs.
+        sink = self.chunk_sink
+        if topic.startswith("v2/") and sink is not None and sink(topic, payload):
+            return
         body = _decode(topic, payload)
         if body is _MALFORMED:
             return

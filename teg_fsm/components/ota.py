@@ -10,7 +10,9 @@ and settles its effect exactly once with a reason a person can act on.
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +26,15 @@ from teg_fsm.adapters.docker_images import ControllerImages, ImageError
 from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
+    DownloadPackage,
     FetchControllerRepo,
     PruneControllerImages,
     WriteControllerVersion,
 )
 from teg_fsm.adapters.files import atomic_write
 from teg_fsm.adapters.git_repo import ControllerRepo, GitRepoError
+from teg_fsm.adapters import ota_package
+from teg_fsm.adapters.ota_package import MqttChunks, PackageError, PartFile
 from teg_fsm.engine.runner import Completion
 from teg_fsm.engine.sqlite_files import read_text_checked
 
@@ -63,6 +68,8 @@ def ota_settings(config: Config, overrides: Mapping[str, Any] | None = None) -> 
         "health_timeout_s": config.probation_s,
         "min_free_disk_mb": config.min_free_disk_mb,
         "keep_images": config.keep_images,
+        "package_dir": str(config.data_path / "ota"),
+        "chunk_size": config.ota_chunk_size,
     }
     settings.update(overrides or {})
     return settings
@@ -80,6 +87,9 @@ class OtaComponent:
         self._client = client
         self._client_lock = threading.Lock()
         self._images: ControllerImages | None = None
+        self._chunks: MqttChunks | None = None
+        # Give up a download (kept for the next attempt) after this long without a chunk.
+        self.stall_s = 120.0
 
     def machine_specs(self) -> list[MachineSpec]:
         return [MachineSpec(OtaMachine, self.settings)]
@@ -87,6 +97,7 @@ class OtaComponent:
     def install(self) -> None:
         register = self.gateway.runner.register
         register(FetchControllerRepo, self._fetch, blocking=True)
+        register(DownloadPackage, self._download, blocking=True)
         register(CheckoutControllerVersion, self._checkout, blocking=True)
         register(BuildControllerImage, self._build, blocking=True)
         register(WriteControllerVersion, self._write_version, blocking=True)
@@ -119,6 +130,72 @@ class OtaComponent:
             completion.fail(str(exc))
             return
         completion.succeed({"remote": remote})
+
+    def chunks(self) -> MqttChunks | None:
+        """The chunk source on the MQTT link (None without one), hooked into its inbound routing."""
+        with self._client_lock:
+            if self._chunks is None:
+                link = getattr(self.gateway.components.get("mqtt"), "link", None)
+                if link is None:
+                    return None
+                self._chunks = MqttChunks(link.publish_async)
+                link.inbound.chunk_sink = self._chunks.deliver
+            return self._chunks
+
+    def _download(self, effect: DownloadPackage, completion: Completion) -> None:
+        try:
+            result = self.download_and_install(effect, stopped=lambda: completion.settled)
+        except PackageError as exc:
+            completion.fail(str(exc), {"transient": exc.transient})
+            return
+        except OSError as exc:  # the disk filled up under the download, permissions
+            completion.fail(f"writing the OTA package failed: {exc.strerror or exc} ({exc.filename})")
+            return
+        completion.succeed(result)
+
+    def download_and_install(self, effect: DownloadPackage, stopped: Any = lambda: False) -> dict[str, Any]:
+        """Download (resuming), verify, then install by content; PackageError says why not."""
+        error = ota_package.checksum_error(effect.checksum_algorithm)
+        if error:
+            raise PackageError(error)
+        directory = Path(effect.data_dir or self.settings["package_dir"])
+        part = PartFile(directory, effect.checksum, effect.checksum_algorithm.upper(), effect.size, effect.chunk_size)
+        part.remove_others()  # one package at a time: a superseded download's file only takes space
+        ota_package.check_disk(directory, effect.size, have=part.existing_bytes())  # before anything is written
+        source = self.chunks()
+        if source is None:
+            raise PackageError("no MQTT link to download the package over", transient=True)
+        started = time.monotonic()
+        # "The requestId has to be different for each firmware update" (ThingsBoard's OTA docs).
+        fetched = ota_package.download(
+            source, part, kind=effect.kind, request_id=random.randint(1, 2**31 - 1), stall_s=self.stall_s,
+            stopped=stopped, progress=_progress_logger(effect.version))
+        seconds = round(time.monotonic() - started, 3)
+        log.info("OTA package of %s: downloaded %d bytes in %.3f s (%d chunk requests, resumed at chunk %d)",
+                 effect.version, fetched["bytes"], seconds, fetched["requests"], fetched["resumed_at"])
+        ota_package.verify(part, effect.checksum, effect.checksum_algorithm)
+        kind = ota_package.package_kind(part.path)
+        try:
+            self._install(kind, part.path, effect)
+        finally:
+            part.remove()  # installed (or not installable): the file itself is not kept
+        log.info("OTA package of %s installed from a %s", effect.version,
+                 {"bundle": "git bundle", "image": "docker image archive"}.get(kind, "file that is neither"))
+        return {"kind": kind, "seconds": seconds, **fetched}
+
+    def _install(self, kind: str, path: Path, effect: DownloadPackage) -> None:
+        if kind == "bundle":
+            try:
+                ControllerRepo(effect.git_dir).fetch_bundle(path)
+            except GitRepoError as exc:
+                raise PackageError(f"fetching from the git bundle failed: {exc}") from None
+        elif kind == "image":
+            try:
+                self.images().load(path, effect.image)
+            except ImageError as exc:
+                raise PackageError(str(exc)) from None
+            except docker.errors.DockerException as exc:
+                raise PackageError(f"Docker engine unreachable or failing: {exc}", transient=True) from None
 
     def _checkout(self, effect: CheckoutControllerVersion, completion: Completion) -> None:
         # Checked again (the effect may come from a replayed journal); the shape only:
@@ -164,3 +241,17 @@ class OtaComponent:
             completion.fail(f"pruning controller images failed: {exc}")
             return
         completion.succeed({"removed": removed})
+
+
+def _progress_logger(version: str) -> Any:
+    """Log every tenth of the download (ThingsBoard hears DOWNLOADING once, as from its own SDK)."""
+    said = [-1]
+
+    def progress(done: int, size: int | None) -> None:
+        if size:
+            tenth = done * 10 // size
+            if tenth > said[0]:
+                said[0] = tenth
+                log.info("downloading the OTA package of %s: %d of %d bytes", version, done, size)
+
+    return progress

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -142,3 +143,31 @@ def test_build_refuses_when_disk_is_short_and_reports_build_errors(
         images.build(context_dir=str(context), dockerfile="nope/Dockerfile", image=name,
                      min_free_mb=1, labels=docker_test_labels, network_mode="host")
     assert not images.exists(name)
+
+
+def test_a_git_bundle_brings_tags_without_the_remote(device_repo, tmp_path: Path) -> None:
+    """An OTA package made with ``git bundle create x.bundle --all`` replaces the fetch."""
+    repo, clone, _first = device_repo
+    second = repo.commit({"README": "two\n"}, "two")
+    repo.tag("v2")
+    bundle = tmp_path / "controller.bundle"
+    subprocess.run(["git", "-C", str(repo.path), "bundle", "create", str(bundle), "--all"], check=True,
+                   capture_output=True)
+    controller = ControllerRepo(clone / ".git")
+    controller.fetch_bundle(bundle)
+    assert controller.checkout("v2") == second
+    assert (clone / "README").read_text() == "two\n"
+
+
+def test_an_incremental_bundle_needs_its_prerequisites(device_repo, tmp_path: Path) -> None:
+    repo, _clone, _first = device_repo
+    repo.commit({"README": "two\n"}, "two")
+    repo.tag("v2")
+    repo.commit({"README": "three\n"}, "three")
+    repo.tag("v3")
+    bundle = tmp_path / "v2..v3.bundle"
+    subprocess.run(["git", "-C", str(repo.path), "bundle", "create", str(bundle), "v2..v3"], check=True,
+                   capture_output=True)
+    # The station has only v1: git refuses the bundle, with its reason.
+    with pytest.raises(GitRepoError, match="(?i)prerequisite|lacks"):
+        ControllerRepo(_clone / ".git").fetch_bundle(bundle)

@@ -155,6 +155,9 @@ class FakeWorld:
     # effect class names whose work waits until the gateway's ``release()`` (in flight)
     held: set[str] = attrs.field(factory=set)
     builds: int = 0
+    # OTA package files by checksum: what DownloadPackage finds in them (bundle | image | other)
+    packages: dict[str, str] = attrs.field(factory=dict)
+    downloads: list[Any] = attrs.field(factory=list)
 
     def sw_states(self) -> list[str]:
         return [r["sw_state"] for r in self.reports]
@@ -163,8 +166,8 @@ class FakeWorld:
         """Carry out ``effect``; None when it posts no outcome."""
         fault = self.faults.pop(type(effect).__name__, None)
         if fault is not None:
-            outcome, error = fault
-            return outcome, {"error": error}
+            outcome, error, *details = fault
+            return outcome, {**(details[0] if details else {}), "error": error}
         handler = getattr(self, f"_do_{type(effect).__name__}", None)
         if handler is None:
             raise AssertionError(f"the fake world cannot do {type(effect).__name__}")
@@ -176,6 +179,15 @@ class FakeWorld:
     def _do_FetchControllerRepo(self, e: FetchControllerRepo) -> Any:
         self.local_tags |= self.tags
         return self._ok()
+
+    def _do_DownloadPackage(self, e: Any) -> Any:
+        self.downloads.append(e)
+        kind = self.packages.get(e.checksum, "other")
+        if kind == "bundle":
+            self.local_tags.add(e.version)  # fetched from the bundle: no remote needed
+        elif kind == "image":
+            self.images.add(e.image)
+        return self._ok({"kind": kind, "bytes": e.size or 0})
 
     def _do_CheckoutControllerVersion(self, e: CheckoutControllerVersion) -> Any:
         if e.version not in self.local_tags:
@@ -269,9 +281,11 @@ class FakeGateway:
     def ota(self) -> OtaMachine:
         return self.dispatcher.machines["ota"]  # type: ignore[return-value]
 
-    def assign(self, version: str, *, push: bool = False) -> None:
+    def assign(self, version: str, *, push: bool = False, package: dict[str, Any] | None = None) -> None:
+        """``package``: the sw_size / sw_checksum / sw_checksum_algorithm ThingsBoard sets for a file."""
         if push:
-            data = {"values": {"sw_title": "controller", "sw_version": version}, "deleted": []}
+            data = {"values": {"sw_title": "controller", "sw_version": version, **(package or {})},
+                    "deleted": ["sw_url"] if package else []}
             self.dispatcher.post(Source.MQTT, "shared_attributes_updated", data)
         else:
             self.dispatcher.post(Source.SYSTEM, "shared_attributes_received",

@@ -190,6 +190,8 @@ class DeviceTopics:
         acknowledged, just before it.
         """
         kind, request_id, index = match.group(1), match.group(2), int(match.group(3))
+        # Logged so tests can see which chunks a device asked for (a resume must not start over).
+        self.server.event(device.name, "ota_chunk_request", f"{kind} {request_id} {index}")
         try:
             size = ota.parse_chunk_size(payload)
         except ota.OtaError:

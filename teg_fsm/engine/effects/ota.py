@@ -60,3 +60,29 @@ class PruneControllerImages(Effect):
 
     keep: tuple[str, ...]
     keep_count: int
+
+
+@attrs.frozen(kw_only=True)
+class DownloadPackage(Effect):
+    """Download the assigned OTA package file through ThingsBoard's chunk protocol and install it.
+
+    The file goes to ``<data_dir>/ota/<checksum>.part`` (progress beside it, so a
+    download cut by a disconnect or a restart resumes); ``checksum`` is verified
+    with ``checksum_algorithm`` (ThingsBoard's names: MD5, SHA256, ...). Then, by
+    content: a ``git bundle`` is fetched into the controller repository
+    (``git_dir``), a ``docker save`` archive is loaded and tagged ``image``.
+    Succeeds with ``{"kind": "bundle" | "image" | "other", "bytes": n, ...}``
+    ("other": not installable, the git remote is used as before); fails with a
+    reason before writing anything when ``size`` exceeds the free disk.
+    """
+
+    kind: str  # "sw" (or "fw"): the chunk topics v2/<kind>/request|response
+    title: str
+    version: str
+    size: int | None  # sw_size; None when ThingsBoard did not say
+    checksum: str
+    checksum_algorithm: str
+    git_dir: str
+    image: str
+    chunk_size: int
+    data_dir: str
