@@ -45,6 +45,7 @@ def test_a_good_configuration_has_no_problems(base: dict[str, str]) -> None:
      "TEG_RECONNECT_MIN_S=10 is above TEG_RECONNECT_MAX_S=5: the minimum backoff must not exceed the maximum"),
     ({"TEG_UPLINK_BATCH_ROWS": "0"}, "TEG_UPLINK_BATCH_ROWS=0: must be an integer from 1 up"),
     ({"TEG_UPLINK_MAX_PAYLOAD_BYTES": "100"}, "TEG_UPLINK_MAX_PAYLOAD_BYTES=100: must be an integer from 1024 to 268435455"),
+    ({"TEG_UPLINK_COALESCE_MS": "0.5"}, "TEG_UPLINK_COALESCE_MS=0.5: must be an integer from 0 to 60000"),
     ({"TEG_RESTART_BACKOFF_FACTOR": "0.5"}, "TEG_RESTART_BACKOFF_FACTOR=0.5: must be a number from 1 to 10"),
     ({"TEG_OTA_KEEP_IMAGES": "2.5"}, "TEG_OTA_KEEP_IMAGES=2.5: must be an integer from 0 up"),
     ({"TEG_RATE_LIMIT_MESSAGES": "100"},
