@@ -22,6 +22,7 @@ import datetime
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -55,11 +56,16 @@ def transport_errors() -> tuple[type[BaseException], ...]:
     A function, not a module constant, so that docker-py (and requests) are imported
     when the engine is first used, not when the gateway starts: together they cost
     ~15 MB of RSS and ~70 ms of start-up, and a gateway with no Docker engine never needs them.
+    Their exception classes are named only once they are loaded: before that, none of
+    their exceptions can have been raised (evaluating this must not import them).
     """
-    import docker.errors
-    import requests
-
-    return (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+    errors: list[type[BaseException]] = [OSError]
+    docker_errors, requests_errors = sys.modules.get("docker.errors"), sys.modules.get("requests.exceptions")
+    if docker_errors is not None:
+        errors.append(docker_errors.DockerException)
+    if requests_errors is not None:
+        errors.append(requests_errors.RequestException)
+    return tuple(errors)
 
 
 _MAX_RECONNECT_S = 10.0
