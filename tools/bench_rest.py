@@ -4,6 +4,7 @@
     python tools/bench_rest.py --minutes 2 --settle 0.5          # a quick iteration
     python tools/bench_rest.py --minutes 2 --strace              # where the writes go, per file
     python tools/bench_rest.py --backlog 1000000 --minutes 0     # RSS at a 1M-row backlog
+    python tools/bench_rest.py --minutes 2 --pin                 # the gateway on one core (taskset -c 0)
 
 The gateway runs as a subprocess (``teg run``) against the stand-in (TLS) in
 this process, with no Docker engine (``DOCKER_HOST`` names a missing socket).
@@ -102,7 +103,7 @@ def controller(db: Path, variant: str, seconds: float, stop: threading.Event, wr
             conn.close()
 
 
-def start(tb: StandIn, root: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], float]:
+def start(tb: StandIn, root: Path, extra: dict[str, str], pin: bool) -> tuple[subprocess.Popen[bytes], float]:
     data = root / "data"
     token = tb.add_device(DEVICE)
     env = rig.gateway_env(tb, data, token, THINGSBOARD_DEVICE_NAME=DEVICE, LOG_LEVEL="WARNING",
@@ -116,6 +117,9 @@ def start(tb: StandIn, root: Path, extra: dict[str, str]) -> tuple[subprocess.Po
     conn.close()
     started = time.monotonic()
     proc = rig.start_gateway(env, root / "gateway.log")
+    if pin:  # like ``taskset -c 0``: set before the interpreter starts its threads, which inherit it
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            os.sched_setaffinity(int(tid), {0})
     return proc, started
 
 
@@ -214,7 +218,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="teg-rest-") as tmp, StandIn(tls_port=0) as tb:
         root = Path(tmp)
         extra = dict(kv.split("=", 1) for kv in args.env)
-        proc, started = start(tb, root, extra)
+        proc, started = start(tb, root, extra, args.pin)
         try:
             first = first_record_s(tb, proc, started)
             ps = psutil.Process(proc.pid)
@@ -239,6 +243,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["reopen", "open"], choices=["reopen", "open"])
     parser.add_argument("--strace", action="store_true", help="sum writes and syncs per file (slows the gateway)")
     parser.add_argument("--backlog", type=int, default=0, help="then fill this many rows and watch RSS drain them")
+    parser.add_argument("--pin", action="store_true", help="pin the gateway to CPU 0 (like taskset -c 0)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra gateway setting")
     args = parser.parse_args()
     run(args)
