@@ -74,6 +74,7 @@ class Config:
     uplink_rate_telemetry_messages: str
     uplink_rate_data_points: str
     uplink_puback_timeout_s: float  # PUBACKs missing this long on a live session: reconnect
+    uplink_coalesce_s: float  # wait this long after the queue changes, so a slow controller's rows move together
     pending_max_rows: int
     archive_max_rows: int
     archive_max_bytes: int
@@ -122,6 +123,9 @@ class Config:
 
 # The existing gateway's read-only tool mounts (Raspberry Pi); missing host paths are skipped.
 _EXTRA_MOUNTS = "/bin/vcgencmd:/bin/vcgencmd:ro,/bin/uptime:/bin/uptime:ro,/bin/pigs:/bin/pigs:ro"
+# Rows a controller writes within this window after the queue changed leave in one
+# transfer, one packet and one delete; see docs/UPLINK.md for the latency it adds.
+UPLINK_COALESCE_MS = 2000
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 # 3.1.1 stays the default until MQTT 5 has run in the field (issue 17).
 MQTT_PROTOCOLS = ("3.1.1", "5")
@@ -285,6 +289,7 @@ def _read(env: _Env) -> Config:
         uplink_rate_telemetry_messages=_get(env, "TEG_RATE_LIMIT_TELEMETRY_MESSAGES", "") or "",
         uplink_rate_data_points=_get(env, "TEG_RATE_LIMIT_DATA_POINTS", "") or "",
         uplink_puback_timeout_s=_float(env, "TEG_UPLINK_PUBACK_TIMEOUT_S", 10.0, minimum=0.5, maximum=600.0),
+        uplink_coalesce_s=_int(env, "TEG_UPLINK_COALESCE_MS", UPLINK_COALESCE_MS, minimum=0, maximum=60_000) / 1000,
         pending_max_rows=_int(env, "TEG_PENDING_MAX_ROWS", 5_000_000, minimum=1),
         archive_max_rows=_int(env, "TEG_ARCHIVE_MAX_ROWS", 5_000_000),
         archive_max_bytes=_int(env, "TEG_ARCHIVE_MAX_BYTES", 2 * 1024 * 1024 * 1024),

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+# docker-py on import: this module is itself imported only when the first image is needed.
 import docker
 import docker.errors
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import git
+if TYPE_CHECKING:
+    import git
 
 # Never prompt for credentials on a device nobody watches; fail instead.
 _ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
@@ -40,6 +42,10 @@ class ControllerRepo:
         self.timeout_s = timeout_s
 
     def _repo(self) -> git.Repo:
+        # GitPython is imported on the first git step, not at gateway start (~4 MB, ~40 ms):
+        # OTA is rare, and every git step goes through here first.
+        import git
+
         if not self.git_dir.is_dir():
             raise GitRepoError(f"controller repository {self.git_dir} does not exist (TEG_CONTROLLER_GIT_PATH)")
         try:
@@ -51,6 +57,8 @@ class ControllerRepo:
         return repo
 
     def _git(self, repo: git.Repo, *args: str, timeout_s: float | None = None) -> str:
+        import git  # loaded already by _repo
+
         try:
             with repo.git.custom_environment(**_ENV):
                 return repo.git.execute(

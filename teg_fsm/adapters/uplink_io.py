@@ -58,8 +58,9 @@ class UplinkIO:
     """Runs uplink jobs on one thread and watches the controller queue."""
 
     def __init__(self, store: Callable[[], QueueStore], logs: Callable[[], LogBuffer],
-                 handler: BufferingLogHandler, post: Post) -> None:
+                 handler: BufferingLogHandler, post: Post, coalesce_s: float = 0.0) -> None:
         self._open_store, self._open_logs = store, logs
+        self.coalesce_s = coalesce_s
         self.handler = handler
         self._post = post
         self.publish: Publish | None = None
@@ -81,7 +82,7 @@ class UplinkIO:
         assert self.store is not None
         queue_db = self.store.queue_path
         self._watch = FileWatch(queue_db.parent, (queue_db, Path(f"{queue_db}-wal")),
-                                lambda: self.submit(self._look), WATCH_DEBOUNCE_S)
+                                self._rows_changed, WATCH_DEBOUNCE_S)
         self._watch.start()
         self._thread = threading.Thread(target=self._run, name="teg-uplink-io", daemon=True)
         self._thread.start()
@@ -98,6 +99,14 @@ class UplinkIO:
         for store in (self.store, self.logs):
             if store is not None:
                 store.close()
+
+    def _rows_changed(self) -> None:
+        # On the watch thread: waiting here holds the next notices back, so the rows a slow
+        # controller writes within the window move in one transfer (and one packet, one delete,
+        # a handful of journal rows) instead of one each.
+        if self.coalesce_s > 0 and self._stopping.wait(self.coalesce_s):
+            return
+        self.submit(self._look)
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)

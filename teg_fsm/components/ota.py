@@ -17,12 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import docker
-
 from teg_fsm.machines.ota import OtaMachine, version_error
 from teg_fsm.engine.dispatcher import MachineSpec
-from teg_fsm.adapters.docker_engine import open_client
-from teg_fsm.adapters.docker_images import ControllerImages, ImageError
+from teg_fsm.adapters.docker_engine import NoEngineSocket, open_client
 from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
@@ -39,6 +36,9 @@ from teg_fsm.engine.runner import Completion
 from teg_fsm.engine.sqlite_files import read_text_checked
 
 if TYPE_CHECKING:
+    import docker
+
+    from teg_fsm.adapters.docker_images import ControllerImages
     from teg_fsm.app import Gateway
     from teg_fsm.config import Config
 
@@ -113,7 +113,9 @@ class OtaComponent:
 
     def images(self) -> ControllerImages:
         # Created on first use, so a Docker engine that is down at boot delays
-        # nothing but the first build.
+        # nothing but the first build, and docker-py is not imported before.
+        from teg_fsm.adapters.docker_images import ControllerImages
+
         with self._client_lock:
             if self._images is None:
                 if self._client is None:
@@ -212,6 +214,10 @@ class OtaComponent:
         completion.succeed({"commit": commit})
 
     def _build(self, effect: BuildControllerImage, completion: Completion) -> None:
+        import docker.errors
+
+        from teg_fsm.adapters.docker_images import ImageError
+
         try:
             result = self.images().build(
                 context_dir=effect.context_dir, dockerfile=effect.dockerfile, image=effect.image,
@@ -221,7 +227,7 @@ class OtaComponent:
         except ImageError as exc:
             completion.fail(str(exc))
             return
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, NoEngineSocket) as exc:
             completion.fail(f"Docker engine unreachable or failing: {exc}")
             return
         completion.succeed(result)
@@ -235,9 +241,11 @@ class OtaComponent:
         completion.succeed(None)
 
     def _prune(self, effect: PruneControllerImages, completion: Completion) -> None:
+        import docker.errors
+
         try:
             removed = self.images().prune(effect.keep, effect.keep_count)
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, NoEngineSocket) as exc:
             completion.fail(f"pruning controller images failed: {exc}")
             return
         completion.succeed({"removed": removed})

@@ -51,6 +51,7 @@ class UplinkComponent:
             logs=lambda: LogBuffer(config.logs_buffer_db),
             handler=self.handler,
             post=lambda name, data: gateway.dispatcher.post(Source.QUEUE, name, data, target="uplink"),
+            coalesce_s=config.uplink_coalesce_s,
         )
         # Queue depth and dead letters for ThingsBoard: sampled on the I/O thread at most once per
         # interval, and only after the uplink had something to do (an idle gateway reads nothing).

@@ -111,9 +111,15 @@ class EffectRunner:
         with self._lock:
             self._pending[effect.id] = completion
             if effect.timeout_s is not None:
-                heapq.heappush(self._deadlines, (self._monotonic() + effect.timeout_s, effect.id))
+                deadline = self._monotonic() + effect.timeout_s
+                # Wake the watcher only when it would otherwise sleep past this deadline:
+                # effects mostly come with equal timeouts, so their deadlines arrive in
+                # order and all but the first of a quiet spell cost the watcher nothing.
+                earliest = self._deadlines[0][0] if self._deadlines else None
+                heapq.heappush(self._deadlines, (deadline, effect.id))
                 self._compact_deadlines()
-                self._deadline_cv.notify()
+                if earliest is None or deadline < earliest:
+                    self._deadline_cv.notify()
         if registration.blocking:
             self._pool.submit(self._run, registration.handler, effect, completion)
         else:
@@ -165,10 +171,12 @@ class EffectRunner:
             expired: list[Completion] = []
             with self._deadline_cv:
                 now = self._monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    _, effect_id = heapq.heappop(self._deadlines)
+                # Past deadlines, and those of effects already settled (most of them: they
+                # end long before their timeout), so the watcher sleeps until a live one.
+                while self._deadlines and (self._deadlines[0][0] <= now or self._deadlines[0][1] not in self._pending):
+                    deadline, effect_id = heapq.heappop(self._deadlines)
                     completion = self._pending.get(effect_id)
-                    if completion is not None:
+                    if completion is not None and deadline <= now:
                         expired.append(completion)
                 if not expired:
                     # submit() notifies, so with nothing pending this sleeps until needed.

@@ -69,6 +69,25 @@ def test_each_outcome_is_delivered_once(runner_and_outcomes) -> None:  # type: i
     assert by_id["m:4:0"] == (Outcome.SUCCEEDED, {"result": 1})
 
 
+def test_a_short_timeout_behind_long_and_settled_ones_fires_on_time(runner_and_outcomes) -> None:  # type: ignore[no-untyped-def]
+    # The deadline watcher is woken only for a deadline earlier than the one it sleeps
+    # towards, and skips the deadlines of settled effects: neither may delay a live one.
+    runner, outcomes = runner_and_outcomes
+    runner.register(FetchThing, _by_url, blocking=True)
+    runner.submit("m", FetchThing(id="m:1:0", url="ok", reply="f", timeout_s=20))
+    runner.submit("m", FetchThing(id="m:2:0", url="hang", reply="f", timeout_s=30))
+    outcomes.wait_for(1)
+    asked = time.monotonic()
+    runner.submit("m", FetchThing(id="m:3:0", url="hang", reply="f", timeout_s=0.05))
+    items = outcomes.wait_for(2)
+    assert items[1][1:3] == ("m:3:0", Outcome.TIMED_OUT)
+    assert time.monotonic() - asked < 0.4
+    items = outcomes.wait_for(3)  # the long one was not timed out with it: it ends on its own
+    assert items[2][1:3] == ("m:2:0", Outcome.SUCCEEDED)
+    time.sleep(0.3)
+    assert len(outcomes.items) == 3  # m:3:0's late success is dropped
+
+
 def test_a_running_effect_can_be_cancelled(runner_and_outcomes) -> None:  # type: ignore[no-untyped-def]
     runner, outcomes = runner_and_outcomes
     release = threading.Event()

@@ -48,6 +48,7 @@ def test_a_good_configuration_has_no_problems(base: dict[str, str]) -> None:
      "TEG_JOURNAL_DETAIL_WINDOW_S=7200 is above TEG_JOURNAL_MAX_AGE_S=3600: traffic detail cannot outlive the journal"),
     ({"TEG_UPLINK_BATCH_ROWS": "0"}, "TEG_UPLINK_BATCH_ROWS=0: must be an integer from 1 up"),
     ({"TEG_UPLINK_MAX_PAYLOAD_BYTES": "100"}, "TEG_UPLINK_MAX_PAYLOAD_BYTES=100: must be an integer from 1024 to 268435455"),
+    ({"TEG_UPLINK_COALESCE_MS": "0.5"}, "TEG_UPLINK_COALESCE_MS=0.5: must be an integer from 0 to 60000"),
     ({"TEG_RESTART_BACKOFF_FACTOR": "0.5"}, "TEG_RESTART_BACKOFF_FACTOR=0.5: must be a number from 1 to 10"),
     ({"TEG_OTA_KEEP_IMAGES": "2.5"}, "TEG_OTA_KEEP_IMAGES=2.5: must be an integer from 0 up"),
     ({"TEG_RATE_LIMIT_MESSAGES": "100"},
