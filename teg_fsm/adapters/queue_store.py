@@ -28,6 +28,7 @@ aside with a timestamp (its readable rows are carried over) and recreated.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -39,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from teg_fsm.engine import sqlite_files
-from teg_fsm.adapters.packets import Packet, archived_values, build_packet, parse_record, parse_values
+from teg_fsm.adapters.packets import (Packet, archived_values, build_packet, parse_record, parse_values, usual_ts_sql,
+                                      usual_values_sql)
 from teg_fsm.engine.sqlite_files import is_corruption, open_checked
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,7 @@ class QueueStore:
         cols = self._columns("messages")
         self.msg_id = "id" if "id" in cols else "rowid"
         self.msg_type = "type" if "type" in cols else "NULL"
+        self._msg_type_sql = "m.type" if "type" in cols else "NULL"
         self.msg_readable = "message" in cols
         for column in ("id", "type", "message"):
             if column not in cols:
@@ -355,25 +358,48 @@ class QueueStore:
     def _stage(self, rows: Sequence[Row], *, probe: bool = False) -> tuple[int, int, int]:
         """Archive and queue the valid rows (in ts order), dead-letter the malformed ones.
 
+        Python parses each row once (the poison rules live in ``parse_values``) but
+        copies no text: the pending rows are copied by SQLite from ``messages`` in
+        the ts order Python found, and usual-shape rows are archived with their ts
+        and values text cut out by SQLite. Only rows of another shape (rare) have
+        their archive text bound from Python.
         Returns ``(queued, dead, archived)``; a ``probe`` (to be rolled back) writes no dead letters.
         """
-        archive, pending, dead = [], [], []
+        pending: list[tuple[int, int]] = []
+        usual: list[int] = []
+        other: list[tuple[int, str]] = []
+        dead = []
         for row_id, kind, text in rows:
             parsed = parse_values(text)
             if isinstance(parsed, str):
                 dead.append(("messages", row_id, kind, text, parsed))
                 continue
-            pending.append((parsed[0], kind, text))
+            pending.append((parsed[0], row_id))
             if kind.__class__ is not str or "log" not in kind:
-                archive.append((parsed[0], archived_values(parsed[2])))
-        # ts order within a batch, so packets (built in id order) need no sort or parse.
+                if parsed[3]:
+                    usual.append(row_id)
+                else:
+                    other.append((parsed[0], archived_values(parsed[2])))
+        # ts order within a batch (a stable sort: id order among equal ts), so packets
+        # (built in id order) need no sort or parse.
         pending.sort(key=itemgetter(0))
-        conn = self.conn
-        conn.executemany("INSERT INTO arc.controller_archive (timestamp_ms, message) VALUES (?, ?)", archive)
-        conn.executemany(f"INSERT INTO {PENDING} (type, message) VALUES (?, ?)", [p[1:] for p in pending])
+        self._copy_by_ids(f"INSERT INTO {PENDING} (type, message) SELECT {self._msg_type_sql}, m.message",
+                          [row_id for _, row_id in pending])
+        self._copy_by_ids("INSERT INTO arc.controller_archive (timestamp_ms, message) SELECT "
+                          f"{usual_ts_sql('m.message')}, {usual_values_sql('m.message')}", usual)
+        self.conn.executemany("INSERT INTO arc.controller_archive (timestamp_ms, message) VALUES (?, ?)", other)
         if not probe:
             self._dead_letter(dead)
-        return len(pending), len(dead), len(archive)
+        return len(pending), len(dead), len(usual) + len(other)
+
+    def _copy_by_ids(self, insert_select: str, ids: list[int]) -> None:
+        """Run ``insert_select`` over the ``messages`` rows ``m`` with ``ids``, in that order.
+
+        The ids travel as one JSON array (``json_each``): one bound value, not one per row.
+        """
+        if ids:
+            self.conn.execute(f"{insert_select} FROM json_each(?) AS j JOIN messages AS m "
+                              f"ON m.{self.msg_id} = j.value ORDER BY j.key", (json.dumps(ids),))
 
     # -- isolating poison rows (only after a batch failed) ------------------------------
 
