@@ -39,14 +39,8 @@ def parse_record(text: object) -> tuple[int, int] | Reason:
     return parsed if isinstance(parsed, str) else parsed[:2]
 
 
-def parse_values(text: object) -> tuple[int, int, str, bool] | Reason:
-    """``(ts, data points, values as JSON text, usual)`` of a queue row, or why it cannot be sent.
-
-    ``usual`` says the row has the usual shape (``{"ts": <digits>, "values": {...}}``,
-    JSON whitespace only): its values text is then the row's own text between the
-    first ``{`` after ``"values"`` and the final ``}``, and its ts the digits after
-    the first ``:``, which SQLite can cut out itself (``USUAL_TS_SQL``, ``USUAL_VALUES_SQL``).
-    """
+def parse_values(text: object) -> tuple[int, int, str] | Reason:
+    """``(ts, data points, values as JSON text)`` of a queue row, or why it cannot be sent."""
     if not isinstance(text, str):
         return "message is not text" if text is not None else "message is NULL"
     # Counting brackets costs little; only a row with many of them has its depth measured.
@@ -70,7 +64,7 @@ def parse_values(text: object) -> tuple[int, int, str, bool] | Reason:
         return f"ts is not a number of milliseconds: {str(ts)[:40]!r}"
     if not isinstance(values, dict):
         return "values is not an object"
-    return _checked_ts(int(ts)) or (int(ts), len(values), _compact(values), False)
+    return _checked_ts(int(ts)) or (int(ts), len(values), _compact(values))
 
 
 def _checked_ts(ts: int) -> Reason | None:
@@ -114,7 +108,7 @@ _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 _strict_loads = _decoder.decode
 
 
-def _parse_usual_shape(text: str) -> tuple[int, int, str, bool] | None:
+def _parse_usual_shape(text: str) -> tuple[int, int, str] | None:
     match = _USUAL_PREFIX.match(text)
     if match is None:
         return None
@@ -124,29 +118,7 @@ def _parse_usual_shape(text: str) -> tuple[int, int, str, bool] | None:
         return None
     if not isinstance(values, dict) or text[end:].strip(_WS) != "}" or len(match.group(1)) > 18:
         return None  # not the usual shape (or a ts that needs its range checked): the slow path decides
-    return int(match.group(1)), len(values), text[match.end():end], True
-
-
-def usual_ts_sql(column: str) -> str:
-    """SQL giving the ts of a usual-shape row (see ``parse_values``) from its text, in C.
-
-    The first ``:`` follows ``"ts"``, the first ``,`` ends its digits (at most 18: no overflow).
-    """
-    return (f"CAST(substr({column}, instr({column}, ':') + 1, "
-            f"instr({column}, ',') - instr({column}, ':') - 1) AS INTEGER)")
-
-
-def usual_values_sql(column: str) -> str:
-    """SQL giving exactly the values text ``parse_values`` cuts out of a usual-shape row.
-
-    The first ``"values"`` is the key (only ``ts`` and its digits come before it), the
-    first ``{`` after it opens the values object, and the text ends with the object,
-    JSON whitespace, the outer ``}`` and JSON whitespace.
-    """
-    ws = "' ' || char(9, 10, 13)"
-    start = f"instr({column}, '\"values\"') + instr(substr({column}, instr({column}, '\"values\"')), '{{') - 1"
-    tail = f"rtrim(substr({column}, {start}), {ws})"
-    return f"rtrim(substr({tail}, 1, length({tail}) - 1), {ws})"
+    return int(match.group(1)), len(values), text[match.end():end]
 
 
 def archived_values(values_text: str) -> str:
