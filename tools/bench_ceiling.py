@@ -51,6 +51,11 @@ DEVICE = "station-1"
 MAX_PAYLOAD = 65536  # MQTT remaining length the gateway fills, topic and header included
 INFLIGHT = 16  # TEG_UPLINK_MAX_INFLIGHT's default
 BATCH_ROWS = 2000  # TEG_UPLINK_BATCH_ROWS's default
+PUBLISHER_DEVICES = 200
+
+
+def publisher_token(i: int) -> str:
+    return f"ceiling-token-{i}"
 
 
 @attrs.frozen
@@ -60,6 +65,7 @@ class Broker:
     kind: str
     tls_port: int
     cafile: str
+    connections: list[int] = attrs.field(factory=lambda: [0], eq=False)  # publisher connections so far
 
 
 @contextlib.contextmanager
@@ -76,8 +82,11 @@ def run_broker(kind: str, workdir: Path) -> Iterator[Broker]:
         return
     if kind != "standin":
         raise SystemExit(f"unknown broker {kind!r}: mosquitto or standin")
+    # One device per publisher connection: a device's second session on the stand-in got
+    # one PUBACK and then none (not investigated; the gateway keeps its own device).
+    publishers = [a for i in range(PUBLISHER_DEVICES) for a in ("--device", f"ceiling-{i}:{publisher_token(i)}")]
     proc = subprocess.Popen([sys.executable, "-m", "tools.tb_standin", "serve", "--port", "0", "--tls-port", "0",
-                             "--device", f"{DEVICE}:{TOKEN}"], stdout=subprocess.PIPE, text=True,
+                             "--device", f"{DEVICE}:{TOKEN}", *publishers], stdout=subprocess.PIPE, text=True,
                             cwd=rig.REPO)
     try:
         assert proc.stdout is not None
@@ -107,7 +116,8 @@ def packets_of(texts: list[str], max_payload: int = MAX_PAYLOAD) -> list[bytes]:
 def time_publish(broker: Broker, packets: list[bytes]) -> float:
     """Seconds from the first publish to the last PUBACK, QoS 1, ``INFLIGHT`` at once."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"teg-ceiling-{time.monotonic_ns()}")
-    client.username_pw_set(TOKEN)
+    broker.connections[0] += 1
+    client.username_pw_set(publisher_token(broker.connections[0] % PUBLISHER_DEVICES))
     client.tls_set(ca_certs=broker.cafile, cert_reqs=ssl.CERT_REQUIRED)
     client.max_inflight_messages_set(INFLIGHT)
     connected, done = threading.Event(), threading.Event()
