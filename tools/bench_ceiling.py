@@ -94,7 +94,11 @@ def run_broker(kind: str, workdir: Path) -> Iterator[Broker]:
         yield Broker(kind, ready["tls_port"], ready["cafile"])
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # a stand-in holding many records can be slow to stop
+            proc.kill()
+            proc.wait()
 
 
 def packets_of(texts: list[str], max_payload: int = MAX_PAYLOAD) -> list[bytes]:
