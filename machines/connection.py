@@ -36,7 +36,6 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.effects import Log, Notify, StartTimer
 from teg_fsm.engine.effects.mqtt import (
     ATTRIBUTES_RESPONSE_FILTER,
@@ -51,6 +50,7 @@ from teg_fsm.engine.effects.mqtt import (
 )
 from teg_fsm.engine.effects.provisioning import MoveTokenAside
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
 
 TOPICS = (RPC_REQUEST_FILTER, ATTRIBUTES_TOPIC, ATTRIBUTES_RESPONSE_FILTER, CLIENT_RPC_RESPONSE_FILTER)
 SHARED_KEYS = (

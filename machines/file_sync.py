@@ -46,12 +46,12 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.machines import file_sync_rules as rules
-from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.file_sync_rules import NEWS, OUTCOMES, REPLIES, FileSyncSettings, Plan, content_key, onward
 from teg_fsm.engine.effects import Log, Notify, StartTimer
 from teg_fsm.engine.effects.files import NO_FILE, ContentError, parse_definitions, parse_hashes
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.machines import file_sync_rules as rules
+from teg_fsm.machines.file_sync_rules import NEWS, OUTCOMES, REPLIES, FileSyncSettings, Plan, content_key, onward
 
 __all__ = ["FileSyncMachine", "FileSyncSettings", "Plan"]
 

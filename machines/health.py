@@ -26,10 +26,10 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.effects import Log
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Publish
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
 
 REPORT_TIMEOUT_S = 30.0
 MAX_DETAIL_CHARS = 300

@@ -83,8 +83,18 @@ from teg_fsm.machines import ota_rules as rules
 
 # OtaSettings and version_error are re-exported: the OTA component and tests import them from here.
 from teg_fsm.machines.ota_rules import (
-    OtaSettings, assigned, build_effect, checkout_effect, download_effect, fetch_effect, next_target, package_of,
-    prune_effect, record_effect, sw_state_payload, version_error,
+    OtaSettings,
+    assigned,
+    build_effect,
+    checkout_effect,
+    download_effect,
+    fetch_effect,
+    next_target,
+    package_of,
+    prune_effect,
+    record_effect,
+    sw_state_payload,
+    version_error,
 )
 
 __all__ = ["OtaMachine", "OtaSettings", "version_error"]

@@ -30,11 +30,11 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.effects import Log, Notify, StartTimer
 from teg_fsm.engine.effects.mqtt import Connect, Disconnect
 from teg_fsm.engine.effects.provisioning import CheckToken, RequestProvisioning
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
 
 
 @attrs.define

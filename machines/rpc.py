@@ -22,12 +22,12 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.rpc_rules import METHODS_BY_NAME, list_text, parse_params, plain_params
 from teg_fsm.engine.effects import Notify
 from teg_fsm.engine.effects.mqtt import RPC_RESPONSE_TOPIC, Publish
 from teg_fsm.engine.effects.rpc import RunRpc
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.machines.rpc_rules import METHODS_BY_NAME, list_text, parse_params, plain_params
 
 
 class RpcMachine(GatewayMachine):

@@ -18,7 +18,6 @@ from typing import Any
 import attrs
 import cattrs
 
-
 MAX_RUN_COMMAND_TIMEOUT_S = 3600  # a worker thread is held for this long at most
 
 

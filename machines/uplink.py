@@ -73,13 +73,13 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.uplink_rules import PACKET_OVERHEAD, Stream, UplinkSettings, loops
 from teg_fsm.engine.effects import CancelTimer, Log, Notify, StartTimer
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
 from teg_fsm.engine.effects.uplink import DATA, LOGS, SendPacket, TransferRows
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.rate_limits import TokenBuckets
+from teg_fsm.machines.uplink_rules import PACKET_OVERHEAD, Stream, UplinkSettings, loops
 
 
 class UplinkMachine(GatewayMachine):

@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from teg_fsm.engine.clock import Clock, RealClock
-from teg_fsm.engine.codec import Codec
+from teg_fsm.adapters.systemd import Notifier, StatusFile, status_line
 from teg_fsm.components import Component
 from teg_fsm.components.controller import ControllerComponent
 from teg_fsm.components.file_sync import FileSyncComponent
@@ -24,12 +23,13 @@ from teg_fsm.components.ota import OtaComponent
 from teg_fsm.components.rpc import RpcComponent
 from teg_fsm.components.uplink import UplinkComponent
 from teg_fsm.config import Config
+from teg_fsm.engine.clock import Clock, RealClock
+from teg_fsm.engine.codec import Codec
 from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.engine.events import Source
 from teg_fsm.engine.journal import Journal
 from teg_fsm.engine.runner import EffectRunner
 from teg_fsm.engine.sqlite_files import QUARANTINE_MARK
-from teg_fsm.adapters.systemd import Notifier, StatusFile, status_line
 from teg_fsm.engine.timers import Timers
 
 log = logging.getLogger(__name__)

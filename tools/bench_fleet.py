@@ -36,15 +36,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from teg_fsm.machines.connection import ConnectionMachine  # noqa: E402
 from teg_fsm.components.mqtt import connection_settings  # noqa: E402
 from teg_fsm.config import read_config  # noqa: E402
 from teg_fsm.engine.clock import FakeClock  # noqa: E402
 from teg_fsm.engine.effects import CancelTimer, StartTimer  # noqa: E402
 from teg_fsm.engine.effects.mqtt import Connect  # noqa: E402
-from teg_fsm.engine.events import Event, Source, outcome_event_name  # noqa: E402
-from teg_fsm.engine.events import Outcome  # noqa: E402
+from teg_fsm.engine.events import (  # noqa: E402
+    Event,
+    Outcome,  # noqa: E402
+    Source,
+    outcome_event_name,
+)
 from teg_fsm.engine.timers import Timers  # noqa: E402
+from teg_fsm.machines.connection import ConnectionMachine  # noqa: E402
 
 
 class Fleet:

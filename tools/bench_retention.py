@@ -47,8 +47,18 @@ if not __package__:  # run as `python tools/bench_retention.py`: the repository 
 from teg_fsm.engine import dispatcher as policy  # noqa: E402
 from teg_fsm.engine.events import Event  # noqa: E402
 from teg_fsm.engine.journal import (  # noqa: E402
-    DECISION, SNAPSHOT_THIN_AFTER_MS, DEFAULT_DETAIL_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_MAX_BYTES, MOVES_KEPT_PER_DAY, ROUTINE_MEMORY_MS, SNAPSHOT, Journal,
-    Transition, classify, decision_pattern,
+    DECISION,
+    DEFAULT_DETAIL_WINDOW_S,
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_MAX_BYTES,
+    MOVES_KEPT_PER_DAY,
+    ROUTINE_MEMORY_MS,
+    SNAPSHOT,
+    SNAPSHOT_THIN_AFTER_MS,
+    Journal,
+    Transition,
+    classify,
+    decision_pattern,
 )
 from tests.integration import uplink_rig as rig  # noqa: E402
 from tools.tb_standin import StandIn  # noqa: E402

@@ -45,7 +45,7 @@ if not __package__:  # run as `python tools/bench_uplink.py`: the repository roo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration import uplink_rig as rig  # noqa: E402
-from tools.bench_ceiling import Broker, ceiling, describe, run_broker, TOKEN  # noqa: E402
+from tools.bench_ceiling import TOKEN, Broker, ceiling, describe, run_broker  # noqa: E402
 
 POLL_S = 0.005
 

@@ -21,9 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.engine import codec
-
 from teg_fsm.adapters import tokens
+from teg_fsm.engine import codec
 from teg_fsm.engine.effects.mqtt import PROVISION_RESPONSE_TOPIC
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
-import queue
 import tarfile
 import threading
 import time

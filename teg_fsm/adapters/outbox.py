@@ -44,10 +44,10 @@ from typing import Any
 
 import attrs
 
+from teg_fsm.adapters.mqtt_link import Refused
 from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from teg_fsm.engine.rate_limits import LimitSpecError, TokenBuckets
 from teg_fsm.engine.sqlite_files import is_corruption, open_checked, quarantine
-from teg_fsm.adapters.mqtt_link import Refused
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 

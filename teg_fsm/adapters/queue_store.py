@@ -39,8 +39,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.engine import sqlite_files
 from teg_fsm.adapters.packets import Packet, archived_values, build_packet, parse_record, parse_values
+from teg_fsm.engine import sqlite_files
 from teg_fsm.engine.sqlite_files import is_corruption, open_checked
 
 log = logging.getLogger(__name__)

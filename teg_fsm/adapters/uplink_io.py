@@ -36,12 +36,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
-from teg_fsm.engine.effects.uplink import LOGS, SendPacket
 from teg_fsm.adapters.file_watch import FileWatch
 from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
 from teg_fsm.adapters.mqtt_link import Refused
 from teg_fsm.adapters.queue_store import QueueStore
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
+from teg_fsm.engine.effects.uplink import LOGS, SendPacket
 from teg_fsm.engine.runner import Completion
 from teg_fsm.engine.sqlite_files import is_corruption, quarantine
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.cli import diagram_model as model
+from teg_fsm.engine.machine import GatewayMachine
 
 FONT_PT = 14  # one size for state names and labels (graphviz points)
 FONT = "Helvetica"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.cli import diagram_model as model
+from teg_fsm.engine.machine import GatewayMachine
 
 EVALUATION_NOTE = (
     "Rows are in evaluation order. When an event arrives, the rows of the current state for that "

@@ -21,10 +21,10 @@ EX_USAGE = 2
 
 
 def _run(args: argparse.Namespace) -> int:
-    from teg_fsm.app import Gateway
-    from teg_fsm.config import EX_CONFIG, read_config
     from teg_fsm.adapters.logs import TransitionLog, configure_logging, print_error
+    from teg_fsm.app import Gateway
     from teg_fsm.cli.status import AlreadyRunning, RunMarker, now_ms
+    from teg_fsm.config import EX_CONFIG, read_config
 
     config, problems = read_config()
     for problem in problems:

@@ -14,15 +14,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.machines.controller import ControllerMachine
-from teg_fsm.config import Config
-from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.adapters.docker_engine import (
     ContainerSettings,
     DockerEngine,
     EngineError,
     EngineWatcher,
 )
+from teg_fsm.config import Config
+from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.effects import Effect
 from teg_fsm.engine.effects.controller import (
     CONTAINER_NAME,
@@ -34,6 +33,7 @@ from teg_fsm.engine.effects.controller import (
 from teg_fsm.engine.events import Source
 from teg_fsm.engine.runner import Completion
 from teg_fsm.engine.sqlite_files import read_text_checked
+from teg_fsm.machines.controller import ControllerMachine
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

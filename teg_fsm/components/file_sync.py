@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from teg_fsm.adapters.files import FileStore
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.effects.files import MirrorFiles, ScanFiles, WriteFile
-from teg_fsm.adapters.files import FileStore
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

@@ -26,8 +26,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from teg_fsm import __version__
-
 from teg_fsm.adapters import tokens
+from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
+from teg_fsm.adapters.outbox import OUTBOX_TOPICS, Outbox
+from teg_fsm.adapters.sys_info import read_sys_info
+from teg_fsm.components.fsm_report import StateReporter
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.effects import Log
 from teg_fsm.engine.effects.mqtt import (
@@ -45,11 +48,7 @@ from teg_fsm.engine.effects.mqtt import (
 )
 from teg_fsm.engine.effects.provisioning import CheckToken, MoveTokenAside, RequestProvisioning
 from teg_fsm.engine.events import Source
-from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink, OnDone
-from teg_fsm.adapters.outbox import OUTBOX_TOPICS, Outbox
-from teg_fsm.components.fsm_report import StateReporter
 from teg_fsm.engine.runner import Completion
-from teg_fsm.adapters.sys_info import read_sys_info
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

@@ -17,9 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.machines.ota import OtaMachine, version_error
-from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.adapters import ota_package
 from teg_fsm.adapters.docker_engine import NoEngineSocket, open_client
+from teg_fsm.adapters.files import atomic_write
+from teg_fsm.adapters.git_repo import ControllerRepo, GitRepoError
+from teg_fsm.adapters.ota_package import MqttChunks, PackageError, PartFile
+from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.effects.ota import (
     BuildControllerImage,
     CheckoutControllerVersion,
@@ -28,12 +31,9 @@ from teg_fsm.engine.effects.ota import (
     PruneControllerImages,
     WriteControllerVersion,
 )
-from teg_fsm.adapters.files import atomic_write
-from teg_fsm.adapters.git_repo import ControllerRepo, GitRepoError
-from teg_fsm.adapters import ota_package
-from teg_fsm.adapters.ota_package import MqttChunks, PackageError, PartFile
 from teg_fsm.engine.runner import Completion
 from teg_fsm.engine.sqlite_files import read_text_checked
+from teg_fsm.machines.ota import OtaMachine, version_error
 
 if TYPE_CHECKING:
     import docker

@@ -27,12 +27,12 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.machines.rpc import RpcMachine
-from teg_fsm.machines.rpc_rules import METHODS_BY_NAME
 from teg_fsm.engine.dispatcher import Dispatched, MachineSpec
 from teg_fsm.engine.effects.mqtt import RPC_RESPONSE_TOPIC
 from teg_fsm.engine.effects.rpc import RunRpc
 from teg_fsm.engine.runner import Completion
+from teg_fsm.machines.rpc import RpcMachine
+from teg_fsm.machines.rpc_rules import METHODS_BY_NAME
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

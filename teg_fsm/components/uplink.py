@@ -19,15 +19,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from teg_fsm.engine.dispatcher import Dispatched, MachineSpec
-from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
-from teg_fsm.engine.effects import Log
-from teg_fsm.engine.effects.uplink import DiscardArchived, RepublishArchived, SendPacket, TransferRows
-from teg_fsm.engine.events import Source
 from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
 from teg_fsm.adapters.queue_store import QueueStore
-from teg_fsm.engine.runner import Completion
 from teg_fsm.adapters.uplink_io import UplinkIO
+from teg_fsm.engine.dispatcher import Dispatched, MachineSpec
+from teg_fsm.engine.effects import Log
+from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC
+from teg_fsm.engine.effects.uplink import DiscardArchived, RepublishArchived, SendPacket, TransferRows
+from teg_fsm.engine.events import Source
+from teg_fsm.engine.runner import Completion
 
 if TYPE_CHECKING:
     from teg_fsm.app import Gateway

@@ -58,13 +58,13 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.clock import Clock
 from teg_fsm.engine.codec import Codec
 from teg_fsm.engine.effects import CancelEffect, CancelTimer, Effect, Notify, StartTimer
 from teg_fsm.engine.events import RESUMED, STARTED, Event, JsonDict, Outcome, Source, outcome_event_name
 from teg_fsm.engine.images import ImageError, machine_image, restore_image
 from teg_fsm.engine.journal import DECISION, Checkpoint, Journal, Transition
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.runner import EffectRunner
 from teg_fsm.engine.timers import Timers
 

@@ -31,14 +31,20 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.codec import Codec
 from teg_fsm.engine.dispatcher import Dispatcher
 from teg_fsm.engine.events import STARTED, Event, Source
 from teg_fsm.engine.journal import (
-    SNAPSHOT, SUMMARY, JournalEntry, read_entries, read_journal, replay_start_id, transition_record,
+    SNAPSHOT,
+    SUMMARY,
+    JournalEntry,
+    read_entries,
+    read_journal,
+    replay_start_id,
+    transition_record,
 )
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.timers import Timers
 
 

@@ -7,9 +7,9 @@ from typing import Any
 import attrs
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.effects import Effect, StartTimer
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
 
 
 @attrs.frozen(kw_only=True)

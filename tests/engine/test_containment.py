@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.file_sync import FileSyncMachine
-from teg_fsm.machines.health import HealthMachine
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import CONDITION_CLEARED, CONDITION_RAISED, Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Log
 from teg_fsm.engine.effects.mqtt import Publish
 from teg_fsm.engine.events import Event
 from teg_fsm.engine.journal import DISK_FULL, STORAGE_ERROR, Checkpoint, Journal, read_journal
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.replay import replay_journal
 from teg_fsm.engine.timers import Timers
+from teg_fsm.machines.file_sync import FileSyncMachine
+from teg_fsm.machines.health import HealthMachine
 from tests.engine.harness import make_engine
 from tests.rig.waiting import wait_for
 

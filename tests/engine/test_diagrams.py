@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.cli import diagram_model, diagram_render, diagrams
 from teg_fsm.engine.effects import Log, Notify, StartTimer
 from teg_fsm.engine.events import Event
+from teg_fsm.engine.machine import GatewayMachine
 from tests.engine.examples import FetcherMachine, FetchThing
 
 REPO = Path(__file__).resolve().parents[2]

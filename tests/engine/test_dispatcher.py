@@ -6,11 +6,11 @@ from pathlib import Path
 
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.effects import Notify
 from teg_fsm.engine.events import Event, Outcome
 from teg_fsm.engine.journal import read_journal
+from teg_fsm.engine.machine import GatewayMachine
 from tests.engine.examples import CounterMachine, FetcherMachine, FetchThing
 from tests.engine.harness import make_engine
 

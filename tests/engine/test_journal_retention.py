@@ -10,7 +10,17 @@ from pathlib import Path
 
 from teg_fsm.engine.events import Event
 from teg_fsm.engine.journal import (
-    DECISION, KEPT_AGAIN, MOVES_KEPT_PER_DAY, ROUTINE, SNAPSHOT, SUMMARY, TRAFFIC, Journal, Transition, classify, read_journal,
+    DECISION,
+    KEPT_AGAIN,
+    MOVES_KEPT_PER_DAY,
+    ROUTINE,
+    SNAPSHOT,
+    SUMMARY,
+    TRAFFIC,
+    Journal,
+    Transition,
+    classify,
+    read_journal,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from statemachine import State
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.events import Outcome
 from teg_fsm.engine.journal import read_journal
-from teg_fsm.engine.replay import replay_journal
 from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.engine.replay import replay_journal
 from tests.engine.examples import FetcherMachine, FetcherSettings
 from tests.engine.harness import make_engine
 

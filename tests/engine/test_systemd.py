@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
+from teg_fsm.adapters.systemd import Notifier
 from teg_fsm.app import Gateway
 from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import MachineSpec
-from teg_fsm.adapters.systemd import Notifier
+from teg_fsm.engine.machine import GatewayMachine
 
 
 class Unblock:

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from teg_fsm.adapters.mqtt_inbound import Inbound
+from teg_fsm.engine import codec
+from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.machines.file_sync import FileSyncMachine
 from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.machines.rpc import RpcMachine
-from teg_fsm.engine import codec
-from teg_fsm.engine.dispatcher import MachineSpec
-from teg_fsm.adapters.mqtt_inbound import Inbound
 from tests.engine.harness import make_engine
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)

@@ -1,8 +1,8 @@
 """Fault tests share the stand-in fixture and closing checks of ``tests/faults/rig.py``."""
 
-from tests.faults.rig import tb  # noqa: F401 - a fixture, used by name
-
 import pytest
+
+from tests.faults.rig import tb  # noqa: F401 - a fixture, used by name
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,11 +21,11 @@ from typing import Any
 import docker
 import docker.errors
 
+from teg_fsm.adapters.docker_engine import read_health_ts
 from teg_fsm.app import Gateway
 from teg_fsm.components.ota import OtaComponent
 from teg_fsm.config import Config, load_config
 from teg_fsm.engine.dispatcher import MachineSpec
-from teg_fsm.adapters.docker_engine import read_health_ts
 from teg_fsm.engine.effects import Effect, Log
 from teg_fsm.engine.effects.mqtt import Publish
 from teg_fsm.engine.events import Source

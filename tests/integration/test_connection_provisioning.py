@@ -19,9 +19,9 @@ from teg_fsm.app import Gateway
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import Dispatched
-from tools.tb_standin import StandIn
-from tests.rig.waiting import wait_for
 from tests.rig.protocol import protocol_env
+from tests.rig.waiting import wait_for
+from tools.tb_standin import StandIn
 
 pytestmark = pytest.mark.integration
 KEY, SECRET, DEVICE = "prov-key-1", "prov-secret-s3cr3t", "teg-test-device"

@@ -25,11 +25,11 @@ import docker
 import docker.errors
 import pytest
 
+from teg_fsm.adapters.docker_engine import parse_docker_time
 from teg_fsm.app import Gateway
 from teg_fsm.components.controller import ControllerComponent
 from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import Dispatched
-from teg_fsm.adapters.docker_engine import parse_docker_time
 from teg_fsm.engine.effects import Notify
 from teg_fsm.engine.effects.controller import image_name
 from teg_fsm.engine.effects.mqtt import Publish

@@ -22,9 +22,9 @@ from teg_fsm.components.file_sync import FileSyncComponent
 from teg_fsm.components.mqtt import MqttComponent
 from teg_fsm.config import load_config
 from teg_fsm.engine.journal import read_journal
-from tools.tb_standin import StandIn
-from tests.rig.waiting import wait_for
 from tests.rig.protocol import protocol_env
+from tests.rig.waiting import wait_for
+from tools.tb_standin import StandIn
 
 pytestmark = pytest.mark.integration
 DEVICE, TOKEN = "teg-files-device", "files-token-0123456"

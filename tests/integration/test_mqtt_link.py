@@ -12,9 +12,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from teg_fsm.adapters.mqtt_link import DEVICE, PROVISION, MqttLink, Refused
-from tools.tb_standin import StandIn
-from tests.rig.waiting import wait_for
 from tests.rig.protocol import mqtt_protocol
+from tests.rig.waiting import wait_for
+from tools.tb_standin import StandIn
 
 pytestmark = pytest.mark.integration
 TOKEN = "link-test-token"

@@ -12,9 +12,9 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.rig.protocol import protocol_env
 from tests.rig.waiting import wait_for
 from tools.tb_standin import StandIn
-from tests.rig.protocol import protocol_env
 
 pytestmark = pytest.mark.integration
 

@@ -26,12 +26,12 @@ import docker.errors
 import git
 import pytest
 
+from teg_fsm.adapters.docker_engine import parse_docker_time, read_health_ts
 from teg_fsm.app import Gateway
 from teg_fsm.components.controller import ControllerComponent
 from teg_fsm.components.ota import OtaComponent
 from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import Dispatched
-from teg_fsm.adapters.docker_engine import parse_docker_time, read_health_ts
 from teg_fsm.engine.effects import Log
 from teg_fsm.engine.effects.controller import image_name
 from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes

@@ -19,8 +19,8 @@ from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.journal import read_journal
 from tests.integration import uplink_rig as rig
-from tools.tb_standin import StandIn
 from tests.rig.protocol import protocol_env
+from tools.tb_standin import StandIn
 
 pytestmark = pytest.mark.integration
 DEVICE = "sigterm-station"

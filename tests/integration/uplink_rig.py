@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
 from tests.rig import waiting
 from tests.rig.protocol import protocol_env
 

@@ -12,14 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from teg_fsm.machines.connection import ConnectionMachine
-from teg_fsm.machines.provisioning import ProvisioningMachine
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Effect
 from teg_fsm.engine.events import Outcome, Source
 from teg_fsm.engine.journal import Journal
 from teg_fsm.engine.timers import Timers
+from teg_fsm.machines.connection import ConnectionMachine
+from teg_fsm.machines.provisioning import ProvisioningMachine
 
 E = TypeVar("E", bound=Effect)
 

@@ -23,8 +23,6 @@ from typing import Any
 
 import attrs
 
-from teg_fsm.machines.controller import ControllerMachine
-from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Effect, Log
@@ -46,6 +44,8 @@ from teg_fsm.engine.effects.ota import (
 from teg_fsm.engine.events import Outcome, Source
 from teg_fsm.engine.journal import Journal
 from teg_fsm.engine.timers import Timers
+from teg_fsm.machines.controller import ControllerMachine
+from teg_fsm.machines.ota import OtaMachine
 
 PROBATION_S = 60.0
 

@@ -17,8 +17,6 @@ from typing import Any, ClassVar
 import attrs
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Effect, Log, Notify, StartTimer
@@ -32,7 +30,9 @@ from teg_fsm.engine.effects.ota import (
 )
 from teg_fsm.engine.events import Event, Outcome, Source
 from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.timers import Timers
+from teg_fsm.machines.ota import OtaMachine
 
 HEALTH_PERIOD_S = 5.0
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from teg_fsm.machines.connection import SHARED_KEYS, TOPICS
 from teg_fsm.engine.effects import Log, StartTimer
 from teg_fsm.engine.effects.mqtt import ClientRpc, Connect, Publish, RequestAttributes, Subscribe
 from teg_fsm.engine.effects.provisioning import CheckToken, MoveTokenAside
+from teg_fsm.machines.connection import SHARED_KEYS, TOPICS
 from tests.machines.link_harness import LinkRig
 
 

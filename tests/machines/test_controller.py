@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from teg_fsm.machines.controller import ControllerMachine
-from teg_fsm.machines.controller_rules import NO_VERSION_ERROR
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Effect, Log, Notify
@@ -33,6 +31,8 @@ from teg_fsm.engine.events import Source
 from teg_fsm.engine.journal import Journal
 from teg_fsm.engine.runner import Completion, EffectRunner
 from teg_fsm.engine.timers import Timers
+from teg_fsm.machines.controller import ControllerMachine
+from teg_fsm.machines.controller_rules import NO_VERSION_ERROR
 
 E = TypeVar("E", bound=Effect)
 H = 3600.0

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 from statemachine import State
 
-from teg_fsm.engine.machine import GatewayMachine
-from teg_fsm.machines.file_sync import FileSyncMachine
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
 from teg_fsm.engine.effects import Effect, Log
@@ -27,7 +25,9 @@ from teg_fsm.engine.effects.files import (
 from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes
 from teg_fsm.engine.events import Event, Outcome
 from teg_fsm.engine.journal import Journal
+from teg_fsm.engine.machine import GatewayMachine
 from teg_fsm.engine.timers import Timers
+from teg_fsm.machines.file_sync import FileSyncMachine
 
 DATA = "/data"
 

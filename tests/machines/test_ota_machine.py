@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from teg_fsm.machines.ota import OtaMachine, version_error
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.events import Event, Outcome
+from teg_fsm.machines.ota import OtaMachine, version_error
 from tests.machines.ota_fakes import FakeGateway, FakeWorld
 
 # state -> reply prefix of the effect it starts; every outcome must leave the state.

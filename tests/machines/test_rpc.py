@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from teg_fsm.machines.rpc import RpcMachine
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.effects import Notify
 from teg_fsm.engine.effects.mqtt import Publish
 from teg_fsm.engine.effects.rpc import RunRpc
+from teg_fsm.machines.rpc import RpcMachine
 from tests.engine.harness import make_engine
 
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from teg_fsm.machines.uplink import UplinkMachine
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
-import json
-
 from teg_fsm.engine.effects import Log
 from teg_fsm.engine.effects.mqtt import Disconnect, Publish
 from teg_fsm.engine.effects.uplink import DATA, SendPacket, TransferRows
 from teg_fsm.engine.events import Outcome
+from teg_fsm.machines.uplink import UplinkMachine
 from tests.engine.harness import make_engine
 from tools.tb_standin.ratelimit import DeviceLimits
 

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
-from teg_fsm.machines.ota import OtaMachine
 from teg_fsm.engine.effects import StartTimer
 from teg_fsm.engine.events import STARTED
 from teg_fsm.engine.journal import JournalEntry, read_entries
 from teg_fsm.engine.replay import replay_entries, replay_journal
+from teg_fsm.machines.ota import OtaMachine
 from tests.engine.test_replay import _record as record_fetcher_journal
 from tools.record_journal import KNOWN_SECRETS, MAX_BYTES, SCENARIOS
 

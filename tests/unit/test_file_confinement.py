@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from teg_fsm.engine.effects.files import NO_FILE
 from teg_fsm.adapters.files import FileStore, FileSyncError, PathRefused, locate
+from teg_fsm.engine.effects.files import NO_FILE
 
 RACE_ROUNDS = 3000
 NO_HANG_S = 30.0  # a refusal comes at once; this only turns a hang into a failure

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from teg_fsm.engine.effects.files import NO_FILE, TOO_LARGE, ContentError, content_bytes
 from teg_fsm.adapters.files import (
     FileStore,
     FileSyncError,
@@ -24,6 +23,7 @@ from teg_fsm.adapters.files import (
     md5_file,
     mqtt_publish_size,
 )
+from teg_fsm.engine.effects.files import NO_FILE, TOO_LARGE, ContentError, content_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from teg_fsm.engine.journal import Transition
 from teg_fsm.adapters.logs import TransitionLog, configure_logging, print_error, syslog_priority
+from teg_fsm.engine.journal import Transition
 
 
 @pytest.fixture

@@ -26,7 +26,14 @@ import pytest
 
 from teg_fsm.adapters import ota_package
 from teg_fsm.adapters.ota_package import (
-    ChunkRefused, ChunkUnavailable, MqttChunks, PackageError, PartFile, download, package_kind, verify,
+    ChunkRefused,
+    ChunkUnavailable,
+    MqttChunks,
+    PackageError,
+    PartFile,
+    download,
+    package_kind,
+    verify,
 )
 from tools.tb_standin import ota as standin_ota
 

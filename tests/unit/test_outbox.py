@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
-from teg_fsm.adapters.outbox import OnDone, Outbox, OutboxError, OutboxStore, stamp, telemetry_elements
 from teg_fsm.adapters.mqtt_link import Refused
+from teg_fsm.adapters.outbox import OnDone, Outbox, OutboxError, OutboxStore, stamp, telemetry_elements
 from teg_fsm.adapters.sys_info import parse_proc_stat
+from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from tests.rig.waiting import wait_for
 
 T0 = 1_700_000_000_000

@@ -171,9 +171,9 @@ class _Completion:
 
 
 def test_a_puback_for_a_packet_of_the_replaced_file_deletes_nothing_in_the_new_one(tmp_path: Path) -> None:
-    from teg_fsm.engine.effects.uplink import SendPacket
     from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
     from teg_fsm.adapters.uplink_io import UplinkIO
+    from teg_fsm.engine.effects.uplink import SendPacket
 
     db = tmp_path / "communication_queue.db"
     rig.fill(db, 5)

@@ -14,6 +14,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from teg_fsm.engine.dispatcher import MachineSpec
+from teg_fsm.engine.effects import Notify
+from teg_fsm.engine.effects.mqtt import Publish
+from teg_fsm.engine.effects.rpc import RunRpc
 from teg_fsm.machines.rpc import RpcMachine
 from teg_fsm.machines.rpc_rules import (
     MAX_RUN_COMMAND_TIMEOUT_S,
@@ -23,10 +27,6 @@ from teg_fsm.machines.rpc_rules import (
     TimeRangeParams,
     parse_params,
 )
-from teg_fsm.engine.dispatcher import MachineSpec
-from teg_fsm.engine.effects import Notify
-from teg_fsm.engine.effects.mqtt import Publish
-from teg_fsm.engine.effects.rpc import RunRpc
 from tests.engine.harness import make_engine
 
 RUN_COMMAND = METHODS_BY_NAME["run_command"]
