@@ -287,7 +287,8 @@ def report(r: dict[str, Any]) -> str:
         f"controller at {r['rate']:g} rows/s, measured window {r['window_s']:.0f} s "
         f"({r['rows_sent']} rows reached the stand-in in all); per-day figures EXTRAPOLATED from the window:",
         f"  decisions          {r['decisions_B_day'] / 1024:10.1f} KiB/day  ({r['decision_rows_per_day']:.0f} rows/day; "
-        f"{r['repeating_kinds']} repeating kinds, each kept in full once a day, or up to {MOVES_KEPT_PER_DAY} times when it moves a machine)",
+        f"{r['repeating_kinds']} repeating kinds, each kept in full once a day, "
+        f"or up to {MOVES_KEPT_PER_DAY} times when it moves a machine)",
         f"  traffic summaries  {r['summaries_B_day'] / 1024:10.1f} KiB/day  for the last day (one row per minute for "
         f"each of {r['summary_machines']} machines, {r['summary_B']:.0f} B each),",
         f"                     {r['hourly_B_day'] / 1024:10.1f} KiB/day  after a day (one row per hour, "
