@@ -111,10 +111,6 @@ def _parse_time(value: str | None) -> int | None:
     return int(parsed.timestamp() * 1000)
 
 
-def format_time(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _journal_window(args: argparse.Namespace, command: str) -> tuple[Path, int | None, int | None] | int:
     """The journal file and the --since/--until window, or the exit code after saying what is wrong."""
     path = args.file or _data_dir(args.data) / "teg_journal.db"
@@ -131,6 +127,7 @@ def _journal_window(args: argparse.Namespace, command: str) -> tuple[Path, int |
 def _journal(args: argparse.Namespace) -> int:
     import sqlite3
 
+    from teg_fsm.cli.journal_lines import journal_line
     from teg_fsm.engine.journal import entry_to_jsonl, read_entries
 
     window = _journal_window(args, "journal")
@@ -141,7 +138,7 @@ def _journal(args: argparse.Namespace) -> int:
         entries = list(read_entries(path, machine=args.machine, since_ms=since, until_ms=until,
                                     snapshots=args.machine is None))
         if args.jsonl or args.brief:
-            render = entry_to_jsonl if args.jsonl else _journal_line
+            render = entry_to_jsonl if args.jsonl else journal_line
             lines = [render(e) for e in entries]
         else:
             from teg_fsm.cli.journal_why import explained
@@ -176,36 +173,6 @@ def _audit(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {args.html} ({len(html.encode()) // 1024} KiB)")
     return 0
-
-
-def _journal_line(entry) -> str:  # type: ignore[no-untyped-def]
-    from teg_fsm.engine.journal import SNAPSHOT, SUMMARY
-
-    target = f"->{entry.target}" if entry.target else ""
-    if entry.name == SUMMARY and entry.source == "journal":
-        return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name}{target} | {summary_words(entry.data)}"
-    if entry.name == SNAPSHOT and entry.source == "system":
-        states = ", ".join(f"{name}: {m.get('state')}" for name, m in sorted(entry.data.get("machines", {}).items()))
-        return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name} | {states or '-'}"
-    moves = ", ".join(f"{t['machine']}: {t['source']}->{t['target']}" for t in entry.transitions) or "-"
-    effects = ", ".join(f"{e.get('type')}({e.get('id')})" for e in entry.effects) or "-"
-    return f"{format_time(entry.ts_ms)} #{entry.seq} {entry.source}:{entry.name}{target} | {moves} | {effects}"
-
-
-def summary_words(data: dict) -> str:  # type: ignore[type-arg]
-    """A traffic summary in a line: the interval, events counted, what moved, and the sequence range."""
-    seconds = max(1, round((int(data.get("to_ms", 0)) - int(data.get("from_ms", 0))) / 1000))
-    events = ", ".join(f"{n} {name}" for name, n in sorted(data.get("events", {}).items()))
-    totals = data.get("totals", {})
-    moved = totals.get("transfer_succeeded", {}).get("moved", 0)
-    sent = totals.get("data_packet_succeeded", {}).get("rows", 0)
-    logs = totals.get("log_packet_succeeded", {}).get("rows", 0)
-    sent_bytes = sum(t.get("bytes", 0) for t in totals.values())
-    moves = ", ".join(f"{n}x {move}" for move, n in sorted(data.get("moves", {}).items()))
-    rate = sent / max(1, int(data.get("interval_s", 60)))
-    return (f"summary of {seconds} s: {events}; rows moved {moved}, sent {sent} ({rate:.2f}/s), log records "
-            f"{logs}, {sent_bytes} bytes" + (f"; moves: {moves}" if moves else "")
-            + f"; events #{data.get('first_seq')}..#{data.get('last_seq')}")
 
 
 def _print_mermaid(states: dict[str, str]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from teg_fsm.cli import audit_words as words
 from teg_fsm.cli.audit_story import Step, build
+from teg_fsm.cli.journal_lines import journal_line
 from teg_fsm.engine.journal import SNAPSHOT, SUMMARY, JournalEntry
 
 INDENT = "    "
@@ -24,7 +25,6 @@ _SYSTEM = "system"
 
 def explained(entries: Sequence[JournalEntry]) -> list[str]:
     """One block of lines per entry (the block of an entry this format cannot read is its line only)."""
-    from teg_fsm.cli.audit import _journal_line
     from teg_fsm.cli.diagrams import machine_classes
 
     story = build(entries, classes=machine_classes())
@@ -36,10 +36,10 @@ def explained(entries: Sequence[JournalEntry]) -> list[str]:
     blocks = []
     for entry in entries:
         if (entry.source, entry.name) in ((_SYSTEM, SNAPSHOT), ("journal", SUMMARY)):
-            blocks.append(_journal_line(entry))  # its one line already says it all in words
+            blocks.append(journal_line(entry))  # its one line already says it all in words
             continue
         try:
-            lines = [_journal_line(entry)] + [INDENT + line for line in _why(entry, steps.get(entry.seq, []), issued)]
+            lines = [journal_line(entry)] + [INDENT + line for line in _why(entry, steps.get(entry.seq, []), issued)]
         except (AttributeError, TypeError, KeyError):  # a row of a kind this format does not know
             lines = [f"#{getattr(entry, 'seq', '?')} (a journal row of a kind this version does not read)"]
         blocks.append("\n".join(lines))

@@ -27,7 +27,7 @@ from typing import IO
 
 import attrs
 
-from teg_fsm.cli.audit import format_time
+from teg_fsm.cli.journal_lines import format_time
 from teg_fsm.config import Config
 
 RUN_MARKER = "teg.run"
