@@ -91,7 +91,10 @@ def test_every_state_change_reaches_thingsboard_in_order_across_an_outage_and_a_
     journal = data / "teg_journal.db"
     env = uplink_rig.gateway_env(tb, data, tb.add_device(device), THINGSBOARD_DEVICE_NAME=device,
                                  DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",
-                                 TEG_FSM_REPORT_INTERVAL_S=str(INTERVAL_S), TEG_UPLINK_BATCH_ROWS="50")
+                                 TEG_FSM_REPORT_INTERVAL_S=str(INTERVAL_S), TEG_UPLINK_BATCH_ROWS="50",
+                                 # No read coalescing: the uplink must churn (one move per small batch)
+                                 # for the report's own coalescing to have something to do.
+                                 TEG_UPLINK_COALESCE_MS="0")
     uplink_rig.fill(data / "communication_queue.db", ROWS)
     proc = uplink_rig.start_gateway(env, tmp_path / "gateway.log")
     gateway = rig.FaultedGateway(tb, device, proc, data, tmp_path / "gateway.log")
