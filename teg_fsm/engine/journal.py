@@ -107,9 +107,11 @@ DISK_FULL = "disk_full"
 _SYSTEM = "system"  # engine events (start records, conditions) are never detail
 STORAGE_ERROR = "storage_error"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS journal (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+# The three journal tables share one row shape (and one id space, given in record order);
+# ``journal`` keeps AUTOINCREMENT, as older readers and writers created it.
+_ROWS_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id INTEGER PRIMARY KEY{autoincrement},
     seq INTEGER NOT NULL,
     ts_ms INTEGER NOT NULL,
     source TEXT NOT NULL,
@@ -119,31 +121,12 @@ CREATE TABLE IF NOT EXISTS journal (
     transitions TEXT NOT NULL,
     effects TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS journal_ts ON journal(ts_ms);
-CREATE TABLE IF NOT EXISTS journal_traffic (
-    id INTEGER PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    name TEXT NOT NULL,
-    target TEXT,
-    data TEXT NOT NULL,
-    transitions TEXT NOT NULL,
-    effects TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS journal_traffic_ts ON journal_traffic(ts_ms);
-CREATE TABLE IF NOT EXISTS journal_summary (
-    id INTEGER PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    name TEXT NOT NULL,
-    target TEXT,
-    data TEXT NOT NULL,
-    transitions TEXT NOT NULL,
-    effects TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS journal_summary_ts ON journal_summary(ts_ms);
+CREATE INDEX IF NOT EXISTS {table}_ts ON {table}(ts_ms);
+"""
+_SCHEMA = "".join(
+    _ROWS_TABLE.format(table=table, autoincrement=" AUTOINCREMENT" if table == "journal" else "")
+    for table in ("journal", "journal_traffic", "journal_summary")
+) + """
 CREATE TABLE IF NOT EXISTS checkpoints (
     machine TEXT PRIMARY KEY,
     state TEXT NOT NULL,
