@@ -197,7 +197,8 @@ def show(work: Path, tb: StandIn) -> None:
     # ThingsBoard knows no rolled-back state: it sees FAILED with sw_error; the OTA
     # machine itself rests in rolled_back, holding the blocked version and the reason.
     def ota_rolled_back() -> dict[str, Any] | None:
-        ota = tb.rpc(DEVICE, "fsm_state", {}, timeout=10).get("ota") or {}
+        machines = tb.rpc(DEVICE, "fsm_state", {}, timeout=10).get("message") or {}  # RPC answers are {"message": ...}
+        ota = machines.get("ota") or {}
         return ota if ota.get("state") == "rolled_back" else None
 
     ota = wait("the OTA machine to rest in rolled_back", ota_rolled_back, 30)
