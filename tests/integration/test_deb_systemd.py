@@ -199,7 +199,9 @@ def test_unit_provisions_logs_for_journald_and_stops_cleanly(installed: Machine,
                  30, "the provisioning transition logged at INFO")
         # The hardened unit reached the Docker engine through the socket (an unreachable
         # engine would show as inspecting -> engine_unreachable).
-        assert "teg.transitions: controller: inspecting -> awaiting_version (on inspect_succeeded)" in installed.journal()
+        # docker-py is imported on first use, so the first inspection may finish after provisioning.
+        wait_for(lambda: "teg.transitions: controller: inspecting -> awaiting_version (on inspect_succeeded)"
+                 in installed.journal(), 30, "the controller's first inspection reached the engine")
         # A first start of a device given no controller version says so once; nothing else warns.
         # (At warning level: the device waits for an OTA assignment by design.)
         assert installed.journal("-p", "warning") == [NO_VERSION_LINE]
