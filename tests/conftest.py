@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.rig.docker_engine",
     "tests.rig.gitrepo",
     "tests.rig.hygiene",
+    "tests.rig.protocol",
 ]
 
 

@@ -37,7 +37,8 @@ from teg_fsm.engine.events import Source
 from teg_fsm.engine.runner import Completion
 from tests.rig.docker_engine import BuildImage
 
-pytestmark = pytest.mark.integration
+# no_mqtt: the gateway here has only its controller component: the MQTT version cannot matter (the MQTT 5 pass leaves it out).
+pytestmark = [pytest.mark.integration, pytest.mark.no_mqtt]
 
 CONTROLLER = """\
 import os, signal, sqlite3, sys, time

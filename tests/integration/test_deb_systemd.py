@@ -32,6 +32,7 @@ import pytest
 from docker.models.containers import Container
 
 from teg_fsm.machines.controller_rules import NO_VERSION_LOG
+from tests.rig.protocol import protocol_env
 from tests.rig.waiting import wait_for
 from tools.tb_standin import StandIn
 
@@ -185,6 +186,7 @@ def test_unit_provisions_logs_for_journald_and_stops_cleanly(installed: Machine,
             "TB_HOST": "127.0.0.1", "TB_PORT": str(tb.tls_port), "THINGSBOARD_CA_CERT": "/etc/teg-fsm/ca.pem",
             "THINGSBOARD_DEVICE_NAME": DEVICE, "THINGSBOARD_PROVISION_DEVICE_KEY": KEY,
             "THINGSBOARD_PROVISION_DEVICE_SECRET": SECRET, "DOCKER_HOST": "unix:///run/docker.sock",
+            **protocol_env(),
         })
         installed.sh("teg config --check --env-file /etc/teg-fsm/teg.env")
         installed.sh("systemctl start teg-fsm")  # Type=notify: returns once READY=1 arrived

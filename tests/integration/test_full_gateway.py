@@ -26,6 +26,7 @@ import pytest
 from teg_fsm.engine.replay import replay_journal
 from tests.rig.docker_engine import remove_controller, remove_controller_images
 from tests.rig.waiting import wait_for
+from tests.rig.protocol import protocol_env
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
 
@@ -64,6 +65,7 @@ def test_provision_update_telemetry_rpc_file_and_rollback_end_to_end(
         tb.add_provision_profile(PROFILE_KEY, PROFILE_SECRET)
         env = gateway_env(tmp_path, tb, repo_dir)
         env["DOCKER_HOST"] = os.environ.get("DOCKER_HOST", "")
+        env.update(protocol_env())
         with open(tmp_path / "gateway.log", "w") as log:
             gateway = subprocess.Popen([sys.executable, "-m", "teg_fsm.cli", "run"], cwd=REPO, env=env,
                                        stdout=log, stderr=subprocess.STDOUT)

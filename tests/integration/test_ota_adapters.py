@@ -13,7 +13,8 @@ from teg_fsm.adapters.docker_images import ControllerImages, ImageError
 from teg_fsm.adapters.git_repo import ControllerRepo, GitRepoError
 from tests.integration.ota_rig import HEALTHY, controller_files
 
-pytestmark = pytest.mark.integration
+# no_mqtt: the OTA adapters against real git and Docker, no gateway and no MQTT (the MQTT 5 pass leaves it out).
+pytestmark = [pytest.mark.integration, pytest.mark.no_mqtt]
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import pytest
 
 from tests.integration.ota_rig import EXITS, HEALTHY, OtaRig, controller_files
 
-pytestmark = pytest.mark.integration
+# no_mqtt: the gateway here has only its OTA component and a rig stand-in for the controller: no MQTT (the MQTT 5 pass leaves it out).
+pytestmark = [pytest.mark.integration, pytest.mark.no_mqtt]
 
 
 @pytest.fixture

@@ -40,7 +40,8 @@ from teg_fsm.engine.runner import Completion
 from tests.integration.ota_rig import HEALTHY
 from tests.rig.waiting import wait_for
 
-pytestmark = pytest.mark.integration
+# no_mqtt: the gateway here has only its OTA and controller components: no MQTT (the MQTT 5 pass leaves it out).
+pytestmark = [pytest.mark.integration, pytest.mark.no_mqtt]
 
 FIRST_START = ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"]
 DOCKERFILE = 'FROM {base}\nCOPY controller.py /app/controller.py\nCMD ["python3", "-u", "/app/controller.py"]\n'

@@ -18,7 +18,8 @@ from tests.rig.gitrepo import GitRepoFactory
 from tests.rig.mosquitto import Mosquitto
 from tests.rig.tls import TlsMaterial
 
-pytestmark = pytest.mark.integration
+# no_mqtt: the test rig itself (Docker engine, base image), no gateway and no MQTT (the MQTT 5 pass leaves it out).
+pytestmark = [pytest.mark.integration, pytest.mark.no_mqtt]
 
 
 def _tls_client(ca_cert: Path) -> mqtt.Client:
