@@ -250,10 +250,12 @@ def test_health_check_ages_reported_offline_arrive_across_an_outage_and_a_restar
 
         tb.down()
         went_down_ms = time.time_ns() // 1_000_000
-        wait_for(lambda: _health_reports_stored_offline(data) >= 2, 60, "health reports stored offline", 0.2)
+        # Health is reported every 20 s (ControllerSettings.telemetry_interval_s): two reports need
+        # 40 s plus a Docker inspection each, which took up to 55 s on a loaded 2-core CI box.
+        wait_for(lambda: _health_reports_stored_offline(data) >= 2, 100, "health reports stored offline", 0.2)
         uplink_rig.stop(gateway.proc)
         gateway.proc = _start(env, tmp_path)
-        wait_for(lambda: _health_reports_stored_offline(data) >= 3, 60, "a health report after the restart", 0.2)
+        wait_for(lambda: _health_reports_stored_offline(data) >= 3, 100, "a health report after the restart", 0.2)
         tb.up()
         rig.wait_until_rpc_ready(gateway, 30)
 
