@@ -20,8 +20,10 @@ a mismatch removes both files.
 
 Before the first byte is written, the free space of the directory is checked
 against ``sw_size`` (nothing is written when it does not fit), and the checksum
-algorithm must be one this gateway can compute (ThingsBoard's MURMUR3_* need a
-library the gateway does not carry: refused before downloading).
+algorithm must be one of ThingsBoard's ``ChecksumAlgorithm`` values (an unknown
+name is refused before downloading). MD5 and SHA* come from hashlib, CRC32 from
+zlib, MURMUR3_32 and MURMUR3_128 from :mod:`teg_fsm.adapters.murmur3`; every
+one is computed block by block, never on the whole file in memory.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-# ThingsBoard's ChecksumAlgorithm values that hashlib / zlib compute.
+from teg_fsm.adapters.murmur3 import Murmur3x64_128, Murmur3x86_32
+
+# ThingsBoard's ChecksumAlgorithm values (common/data/.../ota/ChecksumAlgorithm.java), all of them.
 _HASHLIB = {"MD5": "md5", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
-SUPPORTED_ALGORITHMS = (*_HASHLIB, "CRC32")
+_MURMUR3 = {"MURMUR3_32": Murmur3x86_32, "MURMUR3_128": Murmur3x64_128}
+SUPPORTED_ALGORITHMS = (*_HASHLIB, "CRC32", *_MURMUR3)
 _READ = 1 << 20
 
 
@@ -87,6 +92,12 @@ def file_checksum(path: Path, algorithm: str) -> str:
             while block := stream.read(_READ):
                 crc = zlib.crc32(block, crc)
             return format(crc & 0xFFFFFFFF, "x")
+        if algorithm in _MURMUR3:
+            # Guava's HashCode.toString(): the hash's bytes in order, little-endian (murmur3.py).
+            murmur = _MURMUR3[algorithm]()
+            while block := stream.read(_READ):
+                murmur.update(block)
+            return murmur.digest().hex()
         digest = hashlib.new(_HASHLIB[algorithm])
         while block := stream.read(_READ):
             digest.update(block)
