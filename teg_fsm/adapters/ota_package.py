@@ -84,14 +84,18 @@ def checksum_error(algorithm: str) -> str | None:
 
 
 def file_checksum(path: Path, algorithm: str) -> str:
-    """Hex checksum of ``path`` as ThingsBoard stores it (CRC32 without leading zeros, like Long.toHexString)."""
+    """Hex checksum of ``path`` as ThingsBoard stores it: Guava's ``HashCode.toString()``.
+
+    For CRC32 and MURMUR3_* that is the hash's bytes little-endian (Guava's
+    ``HashCode.fromInt``), so CRC32 ``0xcbf43926`` is stored as ``"2639f4cb"``.
+    """
     algorithm = algorithm.upper()
     with path.open("rb") as stream:
         if algorithm == "CRC32":
             crc = 0
             while block := stream.read(_READ):
                 crc = zlib.crc32(block, crc)
-            return format(crc & 0xFFFFFFFF, "x")
+            return (crc & 0xFFFFFFFF).to_bytes(4, "little").hex()
         if algorithm in _MURMUR3:
             # Guava's HashCode.toString(): the hash's bytes in order, little-endian (murmur3.py).
             murmur = _MURMUR3[algorithm]()
@@ -105,10 +109,8 @@ def file_checksum(path: Path, algorithm: str) -> str:
 
 
 def same_checksum(expected: str, actual: str, algorithm: str) -> bool:
-    expected = expected.strip().lower()
-    if algorithm.upper() == "CRC32":
-        return expected.lstrip("0") == actual.lstrip("0")
-    return expected == actual
+    # OtaPackageDataValidator only accepts a checksum equal to Guava's string: compare exactly.
+    return expected.strip().lower() == actual
 
 
 # -- the part file and its progress ----------------------------------------------------

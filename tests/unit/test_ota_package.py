@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import tarfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -158,11 +157,17 @@ def test_every_thingsboard_checksum_algorithm_is_verified_like_thingsboard(tmp_p
     assert not part.path.exists() and not part.progress.exists()  # a bad file is not kept
 
 
-def test_crc32_with_a_leading_zero_matches_thingsboards_hex() -> None:
-    data = next(bytes([i]) * 3 for i in range(256) if zlib.crc32(bytes([i]) * 3) < 1 << 28)
-    hex_tb = format(zlib.crc32(data), "x")  # Long.toHexString: no leading zeros
-    assert ota_package.same_checksum(hex_tb, format(zlib.crc32(data), "x"), "CRC32")
-    assert ota_package.same_checksum("0" + hex_tb, hex_tb, "CRC32")
+def test_crc32_is_printed_as_guava_prints_it(tmp_path: Path) -> None:
+    # BaseOtaPackageService.generateChecksum: Hashing.crc32().hashBytes(data).toString(); crc32 is a
+    # 32-bit HashCode.fromInt, whose bytes are little-endian: CRC-32 "123456789" = 0xcbf43926 -> "2639f4cb".
+    # thingsboard-python-client-sdk sdk_utils.verify_checksum reverses the byte pairs for CRC32 too.
+    path = tmp_path / "package"
+    path.write_bytes(b"123456789")
+    assert ota_package.file_checksum(path, "CRC32") == "2639f4cb"
+    assert standin_ota.checksum(b"123456789", "CRC32") == "2639f4cb"
+    path.write_bytes(b"\x00" * 13)  # CRC 0x0f744682: Guava keeps the zero nibble of every byte
+    assert ota_package.file_checksum(path, "CRC32") == "8246740f"
+    assert not ota_package.same_checksum("cbf43926", "2639f4cb", "CRC32")  # Long.toHexString order is wrong
 
 
 @pytest.mark.parametrize("algorithm", ["SHA1", "MURMUR3_64", "murmur3"])

@@ -34,12 +34,12 @@ def checksum(data: bytes, algorithm: str) -> str:
 
     BaseOtaPackageService.generateChecksum: Guava's ``Hashing.<algorithm>().hashBytes(data).toString()``.
     MURMUR3_32 and MURMUR3_128 are ``Hashing.murmur3_32()`` / ``murmur3_128()`` with seed 0;
-    ``HashCode.toString()`` prints ``asBytes()``, little-endian for these (mmh3's ``digest()``).
+    ``HashCode.toString()`` prints ``asBytes()``, little-endian for these and CRC32 (mmh3's ``digest()``).
     """
     if algorithm in _HASHES:
         return hashlib.new(_HASHES[algorithm], data).hexdigest()
     if algorithm == "CRC32":
-        return format(zlib.crc32(data) & 0xFFFFFFFF, "x")
+        return (zlib.crc32(data) & 0xFFFFFFFF).to_bytes(4, "little").hex()  # HashCode.fromInt: little-endian
     if algorithm == "MURMUR3_32":
         return mmh3.mmh3_32(data, seed=0).digest().hex()
     if algorithm == "MURMUR3_128":
