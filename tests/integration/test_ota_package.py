@@ -31,6 +31,7 @@ import git
 import pytest
 
 from tests.rig.docker_engine import remove_controller, remove_controller_images
+from tests.rig.protocol import protocol_env
 from tests.rig.waiting import wait_for
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
@@ -181,7 +182,7 @@ def test_packages_from_thingsboard_install_without_the_git_host(
     with StandIn(tls_port=0) as tb:
         tb.add_provision_profile(PROFILE_KEY, PROFILE_SECRET)
         env = {**gateway_env(tmp_path, tb, station_repo), "DOCKER_HOST": os.environ.get("DOCKER_HOST", ""),
-               "TEG_DEFAULT_CONTROLLER_VERSION": v1}
+               "TEG_DEFAULT_CONTROLLER_VERSION": v1, **protocol_env()}
         station = Station(tmp_path, env)
         station.start()
         try:
