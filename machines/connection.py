@@ -53,8 +53,11 @@ from teg_fsm.engine.events import Event
 from teg_fsm.engine.machine import GatewayMachine
 
 TOPICS = (RPC_REQUEST_FILTER, ATTRIBUTES_TOPIC, ATTRIBUTES_RESPONSE_FILTER, CLIENT_RPC_RESPONSE_FILTER)
+# sw_size too: after a restart or reconnect the OTA machine learns the package's size from this
+# answer alone, and refuses one larger than the free disk before the first chunk (ota_rules.package_of).
 SHARED_KEYS = (
-    "sw_title", "sw_version", "sw_url", "sw_checksum", "sw_checksum_algorithm", "sf_title", "sf_version", "FILES",
+    "sw_title", "sw_version", "sw_url", "sw_checksum", "sw_checksum_algorithm", "sw_size",
+    "sf_title", "sf_version", "FILES",
 )
 LIMIT_KEYS = ("maxPayloadSize", "maxInflightMessages", "rateLimits")
 

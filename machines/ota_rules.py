@@ -120,7 +120,8 @@ def package_of(ev: Event, current: dict[str, Any] | None) -> dict[str, Any] | No
     deletes ``sw_url`` for a package stored with a file; an external package has
     ``sw_url`` and cannot be downloaded over MQTT (PROTOCOL.md section 5.1,
     DefaultOtaPackageStateService). A message that assigns no version keeps ``current``.
-    ``sw_size`` is optional: the gateway's attribute request after a connect does not ask for it.
+    ``sw_size`` is asked for after every connect (connection.SHARED_KEYS) and checked by the
+    codec (a non-negative integer); a package without one is downloaded until the empty chunk.
     """
     if ev.name == "shared_attributes_received":
         values = ev.data.get("shared") or {}

@@ -20,8 +20,10 @@ a mismatch removes both files.
 
 Before the first byte is written, the free space of the directory is checked
 against ``sw_size`` (nothing is written when it does not fit), and the checksum
-algorithm must be one this gateway can compute (ThingsBoard's MURMUR3_* need a
-library the gateway does not carry: refused before downloading).
+algorithm must be one of ThingsBoard's ``ChecksumAlgorithm`` values (an unknown
+name is refused before downloading). MD5 and SHA* come from hashlib, CRC32 from
+zlib, MURMUR3_32 and MURMUR3_128 from :mod:`teg_fsm.adapters.murmur3`; every
+one is computed block by block, never on the whole file in memory.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-# ThingsBoard's ChecksumAlgorithm values that hashlib / zlib compute.
+from teg_fsm.adapters.murmur3 import Murmur3x64_128, Murmur3x86_32
+
+# ThingsBoard's ChecksumAlgorithm values (common/data/.../ota/ChecksumAlgorithm.java), all of them.
 _HASHLIB = {"MD5": "md5", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
-SUPPORTED_ALGORITHMS = (*_HASHLIB, "CRC32")
+_MURMUR3 = {"MURMUR3_32": Murmur3x86_32, "MURMUR3_128": Murmur3x64_128}
+SUPPORTED_ALGORITHMS = (*_HASHLIB, "CRC32", *_MURMUR3)
 _READ = 1 << 20
 
 
@@ -79,14 +84,24 @@ def checksum_error(algorithm: str) -> str | None:
 
 
 def file_checksum(path: Path, algorithm: str) -> str:
-    """Hex checksum of ``path`` as ThingsBoard stores it (CRC32 without leading zeros, like Long.toHexString)."""
+    """Hex checksum of ``path`` as ThingsBoard stores it: Guava's ``HashCode.toString()``.
+
+    For CRC32 and MURMUR3_* that is the hash's bytes little-endian (Guava's
+    ``HashCode.fromInt``), so CRC32 ``0xcbf43926`` is stored as ``"2639f4cb"``.
+    """
     algorithm = algorithm.upper()
     with path.open("rb") as stream:
         if algorithm == "CRC32":
             crc = 0
             while block := stream.read(_READ):
                 crc = zlib.crc32(block, crc)
-            return format(crc & 0xFFFFFFFF, "x")
+            return (crc & 0xFFFFFFFF).to_bytes(4, "little").hex()
+        if algorithm in _MURMUR3:
+            # Guava's HashCode.toString(): the hash's bytes in order, little-endian (murmur3.py).
+            murmur = _MURMUR3[algorithm]()
+            while block := stream.read(_READ):
+                murmur.update(block)
+            return murmur.digest().hex()
         digest = hashlib.new(_HASHLIB[algorithm])
         while block := stream.read(_READ):
             digest.update(block)
@@ -94,10 +109,8 @@ def file_checksum(path: Path, algorithm: str) -> str:
 
 
 def same_checksum(expected: str, actual: str, algorithm: str) -> bool:
-    expected = expected.strip().lower()
-    if algorithm.upper() == "CRC32":
-        return expected.lstrip("0") == actual.lstrip("0")
-    return expected == actual
+    # OtaPackageDataValidator only accepts a checksum equal to Guava's string: compare exactly.
+    return expected.strip().lower() == actual
 
 
 # -- the part file and its progress ----------------------------------------------------

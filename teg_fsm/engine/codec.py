@@ -86,6 +86,8 @@ STRING_ATTRIBUTES = frozenset(
     {"sw_title", "sw_version", "sw_url", "sw_checksum", "sw_checksum_algorithm", "sf_title", "sf_version"}
 )
 FILES_ATTRIBUTE = "FILES"
+# ThingsBoard writes these as JSON numbers (DefaultOtaPackageStateService: a long kv entry).
+COUNT_ATTRIBUTES = frozenset({"sw_size"})
 
 
 @attrs.frozen
@@ -102,6 +104,18 @@ def _kind(value: Any) -> str:
     )
 
 
+def _is_count(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _count_kind(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value}"  # a negative number: say which
+    if isinstance(value, float):
+        return f"the non-integer number {value!r}"
+    return _kind(value)
+
+
 def shared_values_checked(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Shared attribute values with the malformed ones left out, and an error for each."""
     kept: dict[str, Any] = {}
@@ -109,6 +123,8 @@ def shared_values_checked(values: dict[str, Any]) -> tuple[dict[str, Any], list[
     for name, value in values.items():
         if name in STRING_ATTRIBUTES and not isinstance(value, (str, type(None))):
             errors.append(f"{name}: must be a string, got {_kind(value)}")
+        elif name in COUNT_ATTRIBUTES and not _is_count(value):
+            errors.append(f"{name}: must be a non-negative integer, got {_count_kind(value)}")
         elif name == FILES_ATTRIBUTE:
             files, problems = _files_checked(value)
             errors.extend(problems)

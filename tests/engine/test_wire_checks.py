@@ -23,7 +23,8 @@ SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
                     max_leaves=20)
 # Objects that look like shared-attribute pushes: the keys the machines read, with any values.
-KEYS = st.sampled_from(["deleted", "FILES", "FILE_CONTENT_a", "sw_version", "sw_title", "sf_version", "colour"])
+KEYS = st.sampled_from(["deleted", "FILES", "FILE_CONTENT_a", "sw_version", "sw_title", "sf_version", "sw_size",
+                        "colour"])
 PUSH = st.dictionaries(KEYS, JSON, max_size=5) | JSON
 
 
@@ -32,6 +33,9 @@ def _assert_valid_shared_values(values: dict[str, Any]) -> None:
         assert values[name] is None or isinstance(values[name], str)
     if "FILES" in values:
         assert isinstance(values["FILES"], dict) and all(isinstance(v, dict) for v in values["FILES"].values())
+    for name in codec.COUNT_ATTRIBUTES & set(values):
+        size = values[name]
+        assert size is None or (type(size) is int and size >= 0), size
 
 
 @settings(max_examples=300, deadline=None)
@@ -110,6 +114,26 @@ def test_the_field_push_is_rejected_by_element_and_the_rest_of_the_update_still_
     assert data["deleted"] == ["sw_url"] and data["values"] == {"FILES": {"good": {"path": "a.txt"}}}
     for field in ("deleted[0]", "deleted[2]", "FILES.bad", "sw_version"):
         assert any(field in message for message in caplog.messages), field
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0) | st.none(), JSON)
+def test_sw_size_passes_as_a_non_negative_integer_and_anything_else_is_dropped_by_name(size: Any, other: Any) -> None:
+    good = codec.attributes_answer_from_wire({"shared": {"sw_size": size, "sw_version": "v2"}})
+    assert good.data is not None and good.data["shared"] == {"sw_size": size, "sw_version": "v2"} and not good.errors
+    bad = other if not (other is None or (type(other) is int and other >= 0)) else str(other)
+    checked = codec.attributes_answer_from_wire({"shared": {"sw_size": bad, "sw_version": "v2"}})
+    assert checked.data is not None and checked.data["shared"] == {"sw_version": "v2"}  # the rest goes through
+    [error] = checked.errors
+    assert error.startswith("sw_size: must be a non-negative integer, got ")
+
+
+@pytest.mark.parametrize("size,said", [("4096", "a string"), (-1, "-1"), (4096.0, "the non-integer number 4096.0"),
+                                       (True, "a boolean"), ([4096], "a list")])
+def test_a_mistyped_sw_size_is_named_with_what_came(size: Any, said: str) -> None:
+    checked = codec.shared_update_from_wire({"sw_size": size, "sw_checksum": "ab"})
+    assert checked.errors == (f"sw_size: must be a non-negative integer, got {said}",)
+    assert checked.data is not None and checked.data["values"] == {"sw_checksum": "ab"}
 
 
 def test_a_push_that_is_not_an_object_posts_nothing_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,8 +4,11 @@ The station has no route to the git host (its ``origin`` points nowhere); the
 stand-in serves the package's file in chunks as ThingsBoard does
 (``MqttTransportHandler.getOtaPackageCallback``/``sendOtaPackage``, PROTOCOL.md
 section 5.2). One station lives through: a package too large for its disk, a
-checksum mismatch, a git bundle whose download is cut by a disconnect, and a
-``docker save`` archive whose download is cut by SIGKILL. The controller
+checksum mismatch (SHA256, then MURMUR3_32), a git bundle verified with
+MURMUR3_128 whose download is cut by a disconnect, a ``docker save`` archive
+whose download is cut by SIGKILL, and a package too large for its disk assigned
+while the station is down (its ``sw_size`` learnt from the attribute answer
+after the connect). The controller
 image is built from the local base image, never pulled.
 """
 
@@ -28,10 +31,12 @@ import git
 import pytest
 
 from tests.rig.docker_engine import remove_controller, remove_controller_images
+from tests.rig.protocol import protocol_env
 from tests.rig.waiting import wait_for
 from tests.rig.protocol import protocol_env
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
+from tools.tb_standin import ota as standin_ota
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -70,7 +75,7 @@ class Station:
 @pytest.fixture
 def versions() -> dict[str, str]:
     run = uuid.uuid4().hex[:6]
-    return {name: f"{name}.0.0-{run}" for name in ("v1", "v2", "v3", "v4", "v9")}
+    return {name: f"{name}.0.0-{run}" for name in ("v1", "v2", "v3", "v4", "v7", "v8", "v9")}
 
 
 @pytest.fixture
@@ -131,6 +136,10 @@ def _image_archive(client: docker.DockerClient, clone: Path, version: str, label
 
 def _latest(tb: StandIn, key: str) -> Any:
     return tb.latest(DEVICE).get(key)
+
+
+def _latest_shared(tb: StandIn, key: str) -> Any:
+    return tb.shared(DEVICE).get(key)
 
 
 def _wait_state(tb: StandIn, state: str, version: str | None = None, timeout: float = 240) -> None:
@@ -195,14 +204,25 @@ def test_packages_from_thingsboard_install_without_the_git_host(
             assert _latest(tb, "current_sw_version") == v1
             assert v4 not in [t.name for t in git.Repo(station_repo).tags]
             assert not any(ota_dir.glob("*")) and _running_image(engine) == f"teg-controller-{v1}:latest"
+            # A wrong MURMUR3_32 checksum (ThingsBoard's Guava hex of other bytes): refused the same way.
+            # (Another version: a release that failed stays blocked until reassigned differently.)
+            v7 = versions["v7"]
+            tb.assign_ota(DEVICE, "sw", "controller", v7, bundle, checksum_algorithm="MURMUR3_32",
+                          checksum=standin_ota.checksum(bundle + b"x", "MURMUR3_32"))
+            _wait_error(tb, f"downloading the OTA package of {v7} failed: checksum verification failed (MURMUR3_32)")
+            assert _latest(tb, "current_sw_version") == v1
+            assert v7 not in [t.name for t in git.Repo(station_repo).tags]
+            assert not any(ota_dir.glob("*")) and _running_image(engine) == f"teg-controller-{v1}:latest"
             rate = re.findall(r"downloaded (\d+) bytes in ([\d.]+) s", station.log())[-1]
             print(f"\nOTA package download: {int(rate[0]) / 1e6:.2f} MB in {rate[1]} s "
                   f"({int(rate[0]) / 1e6 / float(rate[1]):.2f} MB/s, 64 KiB chunks)")
 
-            # A git bundle, its download cut by a disconnect: it resumes, it does not start over.
+            # A git bundle checksummed with MURMUR3_128 (as ThingsBoard computes it), its download cut by a
+            # disconnect: it resumes, it does not start over.
             tb.delay_pubacks(0.005)  # each chunk follows its PUBACK: slow enough to cut in the middle
             mark = time.time()
-            tb.assign_ota(DEVICE, "sw", "controller", v2, bundle)
+            tb.assign_ota(DEVICE, "sw", "controller", v2, bundle, checksum_algorithm="MURMUR3_128")
+            assert _latest_shared(tb, "sw_checksum") == standin_ota.checksum(bundle, "MURMUR3_128")
             wait_for(lambda: len(_chunks_since(tb, mark)) >= 40, 60, "40 chunk requests", 0.02)
             assert tb.disconnect(DEVICE)
             tb.delay_pubacks(0.0)
@@ -232,6 +252,17 @@ def test_packages_from_thingsboard_install_without_the_git_host(
             station_git = git.Repo(station_repo)
             assert station_git.head.commit == station_git.tags[v2].commit  # no checkout of v3: the image was used
             assert not any(ota_dir.glob("*"))
+
+            # Assigned while the station is down, larger than its disk: after the restart the attribute
+            # answer carries sw_size (connection.SHARED_KEYS), so it is refused before one chunk.
+            station.stop()
+            tb.set_shared(DEVICE, {"sw_title": "controller", "sw_version": versions["v8"], "sw_size": 1 << 60,
+                                   "sw_checksum_algorithm": "SHA256", "sw_checksum": "cd" * 32})
+            mark = time.time()
+            station.start()
+            _wait_error(tb, f"downloading the OTA package of {versions['v8']} failed: the package needs")
+            assert _chunks_since(tb, mark) == [] and not any(ota_dir.glob("*"))
+            assert _running_image(engine) == f"teg-controller-{v3}:latest"
         except BaseException:
             print(station.log()[-8000:])
             raise

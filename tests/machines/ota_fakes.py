@@ -288,8 +288,8 @@ class FakeGateway:
                     "deleted": ["sw_url"] if package else []}
             self.dispatcher.post(Source.MQTT, "shared_attributes_updated", data)
         else:
-            self.dispatcher.post(Source.SYSTEM, "shared_attributes_received",
-                                 {"client": {}, "shared": {"sw_title": "controller", "sw_version": version}})
+            shared = {"sw_title": "controller", "sw_version": version, **(package or {})}
+            self.dispatcher.post(Source.SYSTEM, "shared_attributes_received", {"client": {}, "shared": shared})
 
     def release(self) -> None:
         """Let held effects finish now."""

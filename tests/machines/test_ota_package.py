@@ -16,6 +16,7 @@ from pathlib import Path
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.effects.ota import DownloadPackage
 from teg_fsm.engine.events import Outcome
+from teg_fsm.machines.connection import SHARED_KEYS
 from teg_fsm.machines.ota import OtaMachine
 from tests.machines.ota_fakes import FakeGateway, FakeWorld
 
@@ -39,6 +40,18 @@ def test_a_package_with_a_file_is_downloaded_instead_of_fetching_the_remote(tmp_
     assert world.running == "v2" and world.builds == 1
     # The states ThingsBoard's device SDK reports (DOWNLOADING once, then DOWNLOADED when the file is whole).
     assert world.sw_states() == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"]
+
+
+def test_a_package_learnt_from_the_answer_after_a_connect_carries_its_size(tmp_path: Path) -> None:
+    # Assigned while the gateway was down: only the attribute answer after the connect tells it, and the
+    # connection machine asks for sw_size there, so the download can be refused for the disk before a chunk.
+    assert {"sw_size", "sw_checksum", "sw_checksum_algorithm"} <= set(SHARED_KEYS)
+    world = FakeWorld(tags=set(), packages={FILE["sw_checksum"]: "bundle"})
+    gateway = _gateway(tmp_path, world)
+    gateway.assign("v2", package=FILE)
+    gateway.settle()
+    [download] = world.downloads
+    assert (download.size, download.checksum, download.checksum_algorithm) == (4096, "ab" * 32, "SHA256")
 
 
 def test_an_image_archive_skips_checkout_and_build(tmp_path: Path) -> None:

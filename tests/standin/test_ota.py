@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from tests.standin.helpers import Device, acked
-from tools.tb_standin import StandIn
+from tools.tb_standin import StandIn, ota
 
 ATTRIBUTES = "v1/devices/me/attributes"
 PACKAGE = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes
@@ -140,3 +140,15 @@ def test_device_reported_states_are_ordinary_telemetry(connected: Device, standi
     connected.publish_acked("v1/devices/me/telemetry", {"current_sw_title": "app", "current_sw_version": "1.2.3",
                                                         "sw_state": "UPDATED"})
     assert [v for _, v in standin.telemetry("dev1", "sw_state")][-1] == "UPDATED"
+
+
+@pytest.mark.parametrize("algorithm,expected", [
+    # Guava's HashCode.toString() of murmur3_32/murmur3_128 (seed 0) and crc32: the bytes little-endian.
+    ("MURMUR3_32", "47fa8b24"), ("MURMUR3_128", "029bbd41b3a7d8cb191dae486a901e5b"), ("CRC32", "86a61036"),
+])
+def test_a_package_is_checksummed_as_thingsboards_generate_checksum_does(algorithm: str, expected: str) -> None:
+    # BaseOtaPackageService.generateChecksum; the values follow Guava's Murmur3Hash*Test vectors and smhasher.
+    package = ota.make_package("sw", "app", "1.2.3", b"hello", checksum_algorithm=algorithm)
+    assert package.checksum == expected
+    _, values = ota.shared_update(package)
+    assert values["sw_checksum_algorithm"] == algorithm and values["sw_checksum"] == expected

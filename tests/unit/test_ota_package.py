@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import tarfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -148,8 +147,8 @@ def test_thingsboard_refusing_a_chunk_is_final(tmp_path: Path) -> None:
     assert not caught.value.transient
 
 
-@pytest.mark.parametrize("algorithm", ["MD5", "SHA256", "SHA384", "SHA512", "CRC32"])
-def test_every_algorithm_hashlib_and_zlib_give_is_verified_like_thingsboard(tmp_path: Path, algorithm: str) -> None:
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"])
+def test_every_thingsboard_checksum_algorithm_is_verified_like_thingsboard(tmp_path: Path, algorithm: str) -> None:
     part = _part(tmp_path, algorithm=algorithm)
     download(Served(DATA), part, kind="sw", request_id=7)
     verify(part, standin_ota.checksum(DATA, algorithm), algorithm)
@@ -158,15 +157,21 @@ def test_every_algorithm_hashlib_and_zlib_give_is_verified_like_thingsboard(tmp_
     assert not part.path.exists() and not part.progress.exists()  # a bad file is not kept
 
 
-def test_crc32_with_a_leading_zero_matches_thingsboards_hex() -> None:
-    data = next(bytes([i]) * 3 for i in range(256) if zlib.crc32(bytes([i]) * 3) < 1 << 28)
-    hex_tb = format(zlib.crc32(data), "x")  # Long.toHexString: no leading zeros
-    assert ota_package.same_checksum(hex_tb, format(zlib.crc32(data), "x"), "CRC32")
-    assert ota_package.same_checksum("0" + hex_tb, hex_tb, "CRC32")
+def test_crc32_is_printed_as_guava_prints_it(tmp_path: Path) -> None:
+    # BaseOtaPackageService.generateChecksum: Hashing.crc32().hashBytes(data).toString(); crc32 is a
+    # 32-bit HashCode.fromInt, whose bytes are little-endian: CRC-32 "123456789" = 0xcbf43926 -> "2639f4cb".
+    # thingsboard-python-client-sdk sdk_utils.verify_checksum reverses the byte pairs for CRC32 too.
+    path = tmp_path / "package"
+    path.write_bytes(b"123456789")
+    assert ota_package.file_checksum(path, "CRC32") == "2639f4cb"
+    assert standin_ota.checksum(b"123456789", "CRC32") == "2639f4cb"
+    path.write_bytes(b"\x00" * 13)  # CRC 0x0f744682: Guava keeps the zero nibble of every byte
+    assert ota_package.file_checksum(path, "CRC32") == "8246740f"
+    assert not ota_package.same_checksum("cbf43926", "2639f4cb", "CRC32")  # Long.toHexString order is wrong
 
 
-@pytest.mark.parametrize("algorithm", ["MURMUR3_32", "MURMUR3_128", "SHA1"])
-def test_algorithms_this_gateway_cannot_compute_are_refused_by_name(algorithm: str) -> None:
+@pytest.mark.parametrize("algorithm", ["SHA1", "MURMUR3_64", "murmur3"])
+def test_algorithms_thingsboard_does_not_have_are_refused_by_name(algorithm: str) -> None:
     error = ota_package.checksum_error(algorithm)
     assert error is not None and algorithm in error and "SHA256" in error
 
@@ -236,3 +241,13 @@ def test_sha256_of_the_stand_in_is_what_the_adapter_computes(tmp_path: Path) -> 
     path = tmp_path / "f"
     path.write_bytes(DATA)
     assert ota_package.file_checksum(path, "SHA256") == hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.mark.parametrize("algorithm", ["MURMUR3_32", "MURMUR3_128"])
+def test_murmur3_is_computed_read_by_read_like_thingsboard_on_the_whole(tmp_path: Path, algorithm: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reads of 1000 bytes (not a multiple of the 4- or 16-byte block) give ThingsBoard's whole-file hash.
+    monkeypatch.setattr(ota_package, "_READ", 1000)
+    path = tmp_path / "package"
+    path.write_bytes(DATA)
+    assert ota_package.file_checksum(path, algorithm) == standin_ota.checksum(DATA, algorithm)

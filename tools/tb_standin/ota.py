@@ -13,6 +13,8 @@ import re
 import zlib
 from typing import Any
 
+import mmh3  # C MurmurHash3, a test dependency: an implementation independent of the gateway's
+
 from tools.tb_standin.model import OtaPackage
 
 OTA_KEYS = ("title", "version", "ts", "state", "size", "checksum", "checksum_algorithm", "url", "tag")
@@ -28,12 +30,21 @@ class OtaError(Exception):
 
 
 def checksum(data: bytes, algorithm: str) -> str:
-    """Hex checksum the way TB stores it (the device verifies it)."""
+    """Hex checksum the way TB stores it (the device verifies it).
+
+    BaseOtaPackageService.generateChecksum: Guava's ``Hashing.<algorithm>().hashBytes(data).toString()``.
+    MURMUR3_32 and MURMUR3_128 are ``Hashing.murmur3_32()`` / ``murmur3_128()`` with seed 0;
+    ``HashCode.toString()`` prints ``asBytes()``, little-endian for these and CRC32 (mmh3's ``digest()``).
+    """
     if algorithm in _HASHES:
         return hashlib.new(_HASHES[algorithm], data).hexdigest()
     if algorithm == "CRC32":
-        return format(zlib.crc32(data) & 0xFFFFFFFF, "x")
-    raise ValueError(f"checksum algorithm {algorithm!r} needs an explicit checksum value")
+        return (zlib.crc32(data) & 0xFFFFFFFF).to_bytes(4, "little").hex()  # HashCode.fromInt: little-endian
+    if algorithm == "MURMUR3_32":
+        return mmh3.mmh3_32(data, seed=0).digest().hex()
+    if algorithm == "MURMUR3_128":
+        return mmh3.mmh3_x64_128(data, seed=0).digest().hex()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r} (ThingsBoard's ChecksumAlgorithm has no such value)")
 
 
 def make_package(kind: str, title: str, version: str, data: bytes = b"", url: str | None = None,
