@@ -33,7 +33,6 @@ import pytest
 from tests.rig.docker_engine import remove_controller, remove_controller_images
 from tests.rig.protocol import protocol_env
 from tests.rig.waiting import wait_for
-from tests.rig.protocol import protocol_env
 from tools.demo import DEVICE, PROFILE_KEY, PROFILE_SECRET, gateway_env, make_controller_repo
 from tools.tb_standin import StandIn
 from tools.tb_standin import ota as standin_ota
