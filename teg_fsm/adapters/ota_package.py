@@ -109,8 +109,20 @@ def file_checksum(path: Path, algorithm: str) -> str:
 
 
 def same_checksum(expected: str, actual: str, algorithm: str) -> bool:
-    # OtaPackageDataValidator only accepts a checksum equal to Guava's string: compare exactly.
-    return expected.strip().lower() == actual
+    """Whether ``expected`` (ThingsBoard's ``sw_checksum``) names the file whose checksum is ``actual``.
+
+    ``actual`` is Guava's string (``file_checksum``), which BaseOtaPackageService.generateChecksum
+    stores and OtaPackageDataValidator compares exactly. CRC32 has a second spelling: ThingsBoard
+    versions that keep package files on disk compute it with dao/ota/util/ChecksumUtil.checksumCRC32,
+    ``Long.toHexString(new CRC32().getValue())``: big-endian, leading zeros dropped. Both name one
+    CRC, so both are accepted; every other algorithm has one spelling and is compared exactly.
+    """
+    expected = expected.strip().lower()
+    if expected == actual:
+        return True
+    if algorithm.upper() == "CRC32" and len(actual) == 8:
+        return expected == format(int.from_bytes(bytes.fromhex(actual), "little"), "x")
+    return False
 
 
 # -- the part file and its progress ----------------------------------------------------

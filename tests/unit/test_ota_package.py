@@ -167,7 +167,31 @@ def test_crc32_is_printed_as_guava_prints_it(tmp_path: Path) -> None:
     assert standin_ota.checksum(b"123456789", "CRC32") == "2639f4cb"
     path.write_bytes(b"\x00" * 13)  # CRC 0x0f744682: Guava keeps the zero nibble of every byte
     assert ota_package.file_checksum(path, "CRC32") == "8246740f"
-    assert not ota_package.same_checksum("cbf43926", "2639f4cb", "CRC32")  # Long.toHexString order is wrong
+
+
+def test_crc32_is_also_accepted_as_thingsboards_checksum_util_prints_it(tmp_path: Path) -> None:
+    # dao/src/main/java/org/thingsboard/server/dao/ota/util/ChecksumUtil.java checksumCRC32 (thingsboard
+    # 2e21742): Long.toHexString(new CRC32().getValue()), big-endian with leading zeros dropped; ThingsBoard
+    # versions that keep package files on disk store that spelling. Both name the same CRC.
+    guava = ota_package.file_checksum(_written(tmp_path, b"123456789"), "CRC32")
+    assert ota_package.same_checksum("cbf43926", guava, "CRC32")
+    assert ota_package.same_checksum("CBF43926 ", guava, "CRC32")
+    zero_led = ota_package.file_checksum(_written(tmp_path, b"33"), "CRC32")  # CRC 0x0a6216d9
+    assert zero_led == "d916620a"
+    assert ota_package.same_checksum("a6216d9", zero_led, "CRC32")
+    assert not ota_package.same_checksum("0a6216d9x", zero_led, "CRC32")
+    assert not ota_package.same_checksum("cbf43927", guava, "CRC32")  # another CRC in either spelling
+    assert not ota_package.same_checksum("2639f4cc", guava, "CRC32")
+    # Only CRC32 has two spellings: a reversed MURMUR3_32 is a different checksum.
+    murmur = ota_package.file_checksum(_written(tmp_path, b"123456789"), "MURMUR3_32")
+    reversed_murmur = bytes.fromhex(murmur)[::-1].hex()
+    assert reversed_murmur != murmur and not ota_package.same_checksum(reversed_murmur, murmur, "MURMUR3_32")
+
+
+def _written(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / f"package-{len(data)}"
+    path.write_bytes(data)
+    return path
 
 
 @pytest.mark.parametrize("algorithm", ["SHA1", "MURMUR3_64", "murmur3"])
