@@ -171,6 +171,10 @@ class QueueStore:
         # commits before the next checkpoint (rows already moved to pending are still sent).
         self.conn.execute("PRAGMA arc.synchronous=NORMAL")
         self.conn.execute(f"PRAGMA arc.cache_size=-{sqlite_files.CACHE_KIB}")
+        # The batch SQLite moves (see _move_usual_batch): in memory, never in a file.
+        self.conn.execute("PRAGMA temp_store=MEMORY")
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS teg_batch "
+                          "(id INTEGER PRIMARY KEY, type, message, usual, ts, vals)")
         self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
         self.archive_rows = self._scalar("SELECT count(*) FROM arc.controller_archive")
         self.cursor = 0
@@ -445,23 +449,28 @@ class QueueStore:
         """
         conn, msg_id = self.conn, self.msg_id
         try:
+            # Each row's JSON is parsed once here (the later json_extract calls of a row reuse
+            # SQLite's parse); the statements after this one read the temp table.
+            conn.execute(f"INSERT INTO temp.teg_batch (id, type, message, usual, ts, vals) "
+                         f"SELECT {msg_id}, {self.msg_type}, message, {USUAL_ROW}, json_extract(message, '$.ts'), "
+                         f"json_extract(message, '$.values') FROM messages ORDER BY {msg_id} LIMIT ?", (limit,))
             count, last, usual, _ = conn.execute(
-                f"SELECT count(*), max(i), total(ok), group_concat(m, '') FROM "
-                f"(SELECT {msg_id} AS i, message AS m, {USUAL_ROW} AS ok FROM messages ORDER BY {msg_id} LIMIT ?)",
-                (limit,)).fetchone()
+                "SELECT count(*), max(id), total(usual), group_concat(message, '') FROM temp.teg_batch").fetchone()
         except sqlite3.Error as exc:
+            conn.execute("DELETE FROM temp.teg_batch")
             if is_file_fault(exc):
                 raise
-            return None  # text that is not UTF-8, a batch too large to join...: the row-by-row path copes
-        if count == 0 or usual != count:
-            return None
-        archived = conn.execute(
-            "INSERT INTO arc.controller_archive (timestamp_ms, message) SELECT json_extract(message, '$.ts'), "
-            f"json_extract(message, '$.values') FROM messages WHERE {msg_id} <= ? AND {_ARCHIVED_TYPE_SQL.format(t=self.msg_type)} "
-            f"ORDER BY {msg_id}", (last,)).rowcount
-        conn.execute(f"INSERT INTO {PENDING} (type, message) SELECT {self.msg_type}, message FROM messages "
-                     f"WHERE {msg_id} <= ? ORDER BY json_extract(message, '$.ts'), {msg_id}", (last,))
-        conn.execute(f"DELETE FROM messages WHERE {msg_id} <= ?", (last,))
+            return None  # text that is not JSON or not UTF-8, a batch too large to join...: row by row copes
+        try:
+            if count == 0 or usual != count:
+                return None
+            archived = conn.execute(
+                "INSERT INTO arc.controller_archive (timestamp_ms, message) SELECT ts, vals FROM temp.teg_batch "
+                f"WHERE {_ARCHIVED_TYPE_SQL.format(t='type')} ORDER BY id").rowcount
+            conn.execute(f"INSERT INTO {PENDING} (type, message) SELECT type, message FROM temp.teg_batch ORDER BY ts, id")
+            conn.execute(f"DELETE FROM messages WHERE {msg_id} <= ?", (last,))
+        finally:
+            conn.execute("DELETE FROM temp.teg_batch")
         self._seen_top = self._messages_top()  # as in _move_batch
         return count, count, 0, archived
 
