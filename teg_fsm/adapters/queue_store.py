@@ -13,7 +13,11 @@ insert, dead letters, delete from ``messages``. (SQLite makes a WAL-mode
 multi-file commit atomic per file: a crash inside that commit can leave a
 batch archived twice, never lost from pending.)
 
-No row can block the queue. A batch is moved in one go (the fast path, one
+Python reads no row on the normal path: a batch whose every row SQLite can
+vouch for (``USUAL_ROW``) is checked, archived, queued in ts order and deleted
+by SQL statements, and packets of rows we validated are joined by SQLite.
+
+No row can block the queue. Any other batch is moved in one go by Python (one
 parse per row); if that raises, the batch is bisected inside savepoints until
 each row that makes it fail is isolated, those rows go to ``dead_letters``
 with the reason, and the rest of the batch is moved, still in ts order.
