@@ -659,12 +659,12 @@ class QueueStore:
         # until they do: one pass over the rows, where a running sum (a window) took two.
         rows = self._scan_rows
         while True:
-            count, last, nbytes, payload = conn.execute(
-                "SELECT count(*), max(id), sum(length(CAST(message AS BLOB))), "
+            count, texts, last, nbytes, payload = conn.execute(
+                "SELECT count(*), count(message), max(id), sum(length(CAST(message AS BLOB))), "
                 "CAST('[' || group_concat(message, ',') || ']' AS BLOB) "
                 f"FROM (SELECT id, message FROM {PENDING} WHERE id > ? ORDER BY id LIMIT ?)", (cursor, rows)).fetchone()
-            if not count:
-                return None  # nothing pending: the usual path says so
+            if not count or texts != count:
+                return None  # nothing pending (the usual path says so), or a NULL row (group_concat would skip it)
             size = nbytes + count + 1  # "[", the records, a comma between two, "]" (as build_packet)
             if size <= max_bytes:
                 break

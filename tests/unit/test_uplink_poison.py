@@ -413,6 +413,21 @@ def test_usual_rows_move_and_go_out_without_python_reading_a_row(tmp_path: Path,
     assert count(db, "messages") == 0 and count(db, PENDING) == 0
 
 
+def test_a_null_row_republished_into_pending_is_dead_lettered_not_skipped(tmp_path: Path) -> None:
+    """A NULL message above the validated mark (an archive row without text, republished) must not vanish."""
+    db = tmp_path / "communication_queue.db"
+    write_rows(db, [Row("m", rig.record(i), i) for i in range(3)])
+    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
+    try:
+        store.transfer(100, 10**9)
+        store.conn.execute(f"INSERT INTO {PENDING} (type, message) VALUES ('archive', NULL)")
+        received = drain(store, 100)
+    finally:
+        store.close()
+    assert [v["seq"] for _, v in received] == [0, 1, 2]
+    assert count(db, "dead_letters") == 1 and count(db, PENDING) == 0
+
+
 def test_a_locked_queue_is_not_blamed_on_a_row(tmp_path: Path) -> None:
     db = tmp_path / "communication_queue.db"
     write_rows(db, [Row("m", rig.record(i), i) for i in range(5)])
