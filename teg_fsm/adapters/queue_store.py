@@ -13,7 +13,11 @@ insert, dead letters, delete from ``messages``. (SQLite makes a WAL-mode
 multi-file commit atomic per file: a crash inside that commit can leave a
 batch archived twice, never lost from pending.)
 
-No row can block the queue. A batch is moved in one go (the fast path, one
+Python reads no row on the normal path: a batch whose every row SQLite can
+vouch for (``USUAL_ROW``) is checked, archived, queued in ts order and deleted
+by SQL statements, and packets of rows we validated are joined by SQLite.
+
+No row can block the queue. Any other batch is moved in one go by Python (one
 parse per row); if that raises, the batch is bisected inside savepoints until
 each row that makes it fail is isolated, those rows go to ``dead_letters``
 with the reason, and the rest of the batch is moved, still in ts order.
@@ -39,7 +43,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from teg_fsm.adapters.packets import Packet, archived_values, build_packet, parse_record, parse_values
+from teg_fsm.adapters.packets import MAX_NESTING, Packet, archived_values, build_packet, parse_record, parse_values
 from teg_fsm.engine import sqlite_files
 from teg_fsm.engine.sqlite_files import is_corruption, open_checked
 
@@ -53,6 +57,24 @@ _OUR_TABLES = {
     "dead_letters": ("id", "source", "source_id", "type", "message", "reason"),
 }
 _REASON_CHARS = 300
+# A row SQLite can vouch for without Python: strict JSON (SQLite 3.40's json_valid refuses
+# NaN/Infinity, trailing commas and non-JSON whitespace), an object whose ``ts`` is an integer
+# within 64 bits (json_type says integer, not true/false, which json_extract reads as 1/0; one
+# beyond 64 bits json_extract reads as a real), whose ``values`` is an object, with no other
+# or repeated top-level key (json_remove takes the first of each: a repeated ``ts`` stays, and
+# ThingsBoard would read the last one), and with at most MAX_NESTING brackets in all (so no
+# deeper nesting). Every such row passes ``parse_values`` too; any other row is left to it.
+# CASE, not AND: json_type raises on text that is not JSON, and only CASE is sure to be lazy.
+USUAL_ROW = (
+    "CASE WHEN typeof(message) = 'text' AND json_valid(message) THEN "
+    "json_type(message, '$.ts') = 'integer' AND typeof(json_extract(message, '$.ts')) = 'integer' "
+    "AND json_type(message, '$.values') = 'object' "
+    "AND json_remove(message, '$.ts', '$.values') = '{}' "
+    f"AND length(message) - length(replace(replace(message, '{{', ''), '[', '')) <= {MAX_NESTING} "
+    "ELSE 0 END"
+)
+# Rows whose type (text) contains "log" are not archived (case-sensitive, as ``_stage``).
+_ARCHIVED_TYPE_SQL = "(typeof({t}) <> 'text' OR instr({t}, 'log') = 0)"
 Row = tuple[Any, Any, Any]
 
 
@@ -66,6 +88,16 @@ def is_row_fault(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         return "could not decode" in str(exc).lower()
     return isinstance(exc, Exception) and not is_corruption(exc)
+
+
+def is_file_fault(exc: sqlite3.Error) -> bool:
+    """True when ``exc`` is about the files (retry later), whatever the rows hold."""
+    text = str(exc).lower()
+    if "malformed json" in text:  # a row's text, not a "malformed" database image
+        return False
+    return is_corruption(exc) or (isinstance(exc, sqlite3.OperationalError) and any(
+        words in text for words in ("locked", "busy", "disk", "full", "readonly", "unable to open", "no such",
+                                    "has no column", "interrupt", "out of memory")))
 
 
 def row_fault_reason(exc: BaseException) -> str:
@@ -143,10 +175,15 @@ class QueueStore:
         # commits before the next checkpoint (rows already moved to pending are still sent).
         self.conn.execute("PRAGMA arc.synchronous=NORMAL")
         self.conn.execute(f"PRAGMA arc.cache_size=-{sqlite_files.CACHE_KIB}")
+        # The batch SQLite moves (see _move_usual_batch): in memory, never in a file.
+        self.conn.execute("PRAGMA temp_store=MEMORY")
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS teg_batch "
+                          "(id INTEGER PRIMARY KEY, type, message, usual, ts, vals)")
         self.pending_rows = self._scalar(f"SELECT count(*) FROM {PENDING}")
         self.archive_rows = self._scalar("SELECT count(*) FROM arc.controller_archive")
         self.cursor = 0
         self._scanned = 0
+        self._scan_rows = 256  # rows _joined_packet takes; follows the rows that fit the last packet
         # What the last look at ``messages`` saw (see ``has_news``): None is "not looked yet".
         self._data_version: int | None = None
         self._seen_top: int | None = -1
@@ -389,7 +426,10 @@ class QueueStore:
         return f"SELECT {self.msg_id}, {self.msg_type}, message FROM messages {where} ORDER BY {self.msg_id}"
 
     def _move_batch(self, limit: int) -> tuple[int, int, int, int]:
-        """The fast path: the next ``limit`` rows in one statement, one parse each."""
+        """The next ``limit`` rows: by SQLite alone when all are of the usual shape, else one parse each."""
+        moved_by_sql = self._move_usual_batch(limit)
+        if moved_by_sql is not None:
+            return moved_by_sql
         rows = self.conn.execute(self._select_messages() + " LIMIT ?", (limit,)).fetchall()
         moved, dead, archived = self._stage(rows)
         if rows:
@@ -399,6 +439,44 @@ class QueueStore:
         # transaction must still be seen by the next look.
         self._seen_top = self._messages_top()
         return len(rows), moved, dead, archived
+
+    def _move_usual_batch(self, limit: int) -> tuple[int, int, int, int] | None:
+        """Move a batch whose every row is of the usual shape without Python reading a row.
+
+        The usual shape is ``{"ts": <integer>, "values": {...}}``: SQLite checks it
+        (``USUAL_ROW``), fills the archive (``values`` as SQLite writes it: compact) and
+        pending (in ts order) with ``INSERT ... SELECT`` and deletes the batch.
+        Python only sees the batch's text once, joined, because reading text as ``str``
+        is what proves it is UTF-8 (SQLite's JSON functions do not check that). Returns
+        None, having written nothing, when any row is otherwise: then ``_stage`` decides
+        row by row, as it always did.
+        """
+        conn, msg_id = self.conn, self.msg_id
+        try:
+            # Each row's JSON is parsed once here (the later json_extract calls of a row reuse
+            # SQLite's parse); the statements after this one read the temp table.
+            conn.execute(f"INSERT INTO temp.teg_batch (id, type, message, usual, ts, vals) "
+                         f"SELECT {msg_id}, {self.msg_type}, message, {USUAL_ROW}, json_extract(message, '$.ts'), "
+                         f"json_extract(message, '$.values') FROM messages ORDER BY {msg_id} LIMIT ?", (limit,))
+            count, last, usual, _ = conn.execute(
+                "SELECT count(*), max(id), total(usual), group_concat(message, '') FROM temp.teg_batch").fetchone()
+        except sqlite3.Error as exc:
+            conn.execute("DELETE FROM temp.teg_batch")
+            if is_file_fault(exc):
+                raise
+            return None  # text that is not JSON or not UTF-8, a batch too large to join...: row by row copes
+        try:
+            if count == 0 or usual != count:
+                return None
+            archived = conn.execute(
+                "INSERT INTO arc.controller_archive (timestamp_ms, message) SELECT ts, vals FROM temp.teg_batch "
+                f"WHERE {_ARCHIVED_TYPE_SQL.format(t='type')} ORDER BY id").rowcount
+            conn.execute(f"INSERT INTO {PENDING} (type, message) SELECT type, message FROM temp.teg_batch ORDER BY ts, id")
+            conn.execute(f"DELETE FROM messages WHERE {msg_id} <= ?", (last,))
+        finally:
+            conn.execute("DELETE FROM temp.teg_batch")
+        self._seen_top = self._messages_top()  # as in _move_batch
+        return count, count, 0, archived
 
     def _stage(self, rows: Sequence[Row], *, probe: bool = False) -> tuple[int, int, int]:
         """Archive and queue the valid rows (in ts order), dead-letter the malformed ones.
@@ -546,6 +624,11 @@ class QueueStore:
         """The next rows after the cursor as one packet; the cursor moves past them."""
         if restart:
             self.cursor = 0
+        if max_points is None and points_capacity is None:
+            joined = self._joined_packet(max_bytes)
+            if joined is not None:
+                self.cursor = joined.last_id
+                return joined
         try:
             packet = self._build_packet(self._pending_rows, max_bytes, max_points, points_capacity)
         except Exception as exc:
@@ -558,6 +641,40 @@ class QueueStore:
             self._dead_letter_pending(packet.dead)
         self.cursor = packet.last_id
         return packet
+
+    def _joined_packet(self, max_bytes: int) -> Packet | None:
+        """The next rows as one packet joined by SQLite, when no row needs Python.
+
+        That is when every row after the cursor was validated by our transfer and no
+        data points are counted (no rate limit on them): the payload is the rows' own
+        text, ``[`` + rows joined by ``,`` + ``]``, cut where the running size would
+        pass ``max_bytes`` (as ``build_packet``). None when Python must look: rows from
+        a previous gateway, or a first row too large to ever fit (a dead letter).
+        """
+        conn, cursor = self.conn, self.cursor
+        if cursor < self.checked_above and conn.execute(
+                f"SELECT 1 FROM {PENDING} WHERE id > ? AND id <= ? LIMIT 1", (cursor, self.checked_above)).fetchone():
+            return None
+        # How many rows fit is guessed from the last packet's record size, and the guess shrunk
+        # until they do: one pass over the rows, where a running sum (a window) took two.
+        rows = self._scan_rows
+        while True:
+            count, texts, last, nbytes, payload = conn.execute(
+                "SELECT count(*), count(message), max(id), sum(length(CAST(message AS BLOB))), "
+                "CAST('[' || group_concat(message, ',') || ']' AS BLOB) "
+                f"FROM (SELECT id, message FROM {PENDING} WHERE id > ? ORDER BY id LIMIT ?)", (cursor, rows)).fetchone()
+            if not count or texts != count:
+                return None  # nothing pending (the usual path says so), or a NULL row (group_concat would skip it)
+            size = nbytes + count + 1  # "[", the records, a comma between two, "]" (as build_packet)
+            if size <= max_bytes:
+                break
+            if count == 1:
+                return None  # a row too large for any packet: build_packet makes it a dead letter
+            rows = max(1, min(count - 1, count * max_bytes * 31 // (size * 32)))
+        # Aim a little below the limit at this packet's record size, so the next guess fits.
+        self._scan_rows = max(1, min(_SCAN_LIMIT, int(max_bytes * 0.985 * count / size)))
+        more = conn.execute(f"SELECT 1 FROM {PENDING} WHERE id > ? LIMIT 1", (last,)).fetchone() is not None
+        return Packet(after_id=cursor, last_id=last, payload=payload, rows=count, more=more)
 
     def _build_packet(self, rows: Callable[[bool], Generator[Any, None, None]], max_bytes: int, max_points: int | None,
                       points_capacity: int | None) -> Packet:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from teg_fsm.adapters.packets import MAX_NESTING, parse_values
-from teg_fsm.adapters.queue_store import PENDING, QueueStore
+from teg_fsm.adapters.queue_store import PENDING, USUAL_ROW, QueueStore
 from tests.integration import uplink_rig as rig
 from tools.tb_standin.model import parse_telemetry
 
@@ -215,6 +215,32 @@ def test_every_valid_row_is_delivered_once_and_every_other_row_dead_lettered(row
         assert count(db, "messages") == 0 and count(db, PENDING) == 0
 
 
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(row=st.one_of(valid_rows(0), hostile_rows()))
+def test_a_row_sqlite_vouches_for_is_one_the_parser_accepts_with_the_same_ts_and_values(row: Row) -> None:
+    """SQLite moves a batch alone only when every row is ``USUAL_ROW``: that must never let a bad row by."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE messages (message TEXT)")
+    if isinstance(row.message, Invalid):
+        conn.execute("INSERT INTO messages VALUES (CAST(? AS TEXT))", (row.message.data,))
+    else:
+        conn.execute("INSERT INTO messages VALUES (?)", (row.message,))
+    (usual,) = conn.execute(f"SELECT {USUAL_ROW} FROM messages").fetchone()
+    if not usual:
+        return
+    (raw,) = conn.execute("SELECT CAST(message AS BLOB) FROM messages").fetchone()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # the transfer reads the batch's text as str: text that is not UTF-8 falls back to the parser
+    ts, values = conn.execute("SELECT json_extract(message, '$.ts'), json_extract(message, '$.values') "
+                              "FROM messages").fetchone()
+    conn.close()
+    parsed = parse_values(text)
+    assert not isinstance(parsed, str), parsed
+    assert parsed[0] == ts and _same(json.loads(values), json.loads(parsed[2]))
+
+
 def _same(a: Any, b: Any) -> bool:
     """JSON equality where -0.0 == 0.0 and floats compare by value (what a round trip keeps)."""
     if isinstance(a, float) or isinstance(b, float):
@@ -308,6 +334,7 @@ def test_a_failure_nobody_foresaw_is_pinned_on_its_row_by_bisection(
         return real(text)
 
     monkeypatch.setattr(queue_store, "parse_values", parse_values_that_breaks_on_seq_7)
+    monkeypatch.setattr(queue_store, "USUAL_ROW", "0")  # SQLite vouches for no row: every row meets the parser
     db = tmp_path / "communication_queue.db"
     write_rows(db, [Row("m", rig.record(i), i) for i in reversed(range(40))])
     store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
@@ -321,6 +348,84 @@ def test_a_failure_nobody_foresaw_is_pinned_on_its_row_by_bisection(
     [(reason,)] = conn.execute("SELECT reason FROM dead_letters").fetchall()
     conn.close()
     assert type(failure).__name__ in reason
+
+
+@pytest.mark.parametrize("check", [
+    "CASE WHEN instr(message, '\"seq\": 7,') THEN json('not json') ELSE 1 END",  # SQLite raises on one row
+    "CASE WHEN instr(message, '\"seq\": 7,') THEN 0 ELSE 1 END",  # SQLite cannot vouch for one row
+])
+def test_a_batch_sqlite_cannot_vouch_for_is_moved_by_the_parser_whole_and_in_ts_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check: str) -> None:
+    import teg_fsm.adapters.queue_store as queue_store
+
+    monkeypatch.setattr(queue_store, "USUAL_ROW", check)
+    db = tmp_path / "communication_queue.db"
+    write_rows(db, [Row("m", rig.record(i), i) for i in reversed(range(40))])
+    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
+    try:
+        assert store.transfer(100, 10**9)["moved"] == 40
+        received = drain(store, 100)
+    finally:
+        store.close()
+    assert [v["seq"] for _, v in received] == list(range(40))
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+    # The parser archived the values as the row wrote them (SQLite writes them compactly).
+    archived = sqlite3.connect(tmp_path / "gateway_archive.db").execute(
+        "SELECT message FROM controller_archive WHERE message LIKE '%\"seq\": 7,%'").fetchall()
+    conn.close()
+    assert len(archived) == 1
+
+
+def test_usual_rows_move_and_go_out_without_python_reading_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The normal path: SQLite checks, archives, orders and joins the rows; Python parses none."""
+    import teg_fsm.adapters.queue_store as queue_store
+
+    def no_parsing(text: object) -> Any:
+        raise AssertionError("a usual row was parsed in Python")
+
+    monkeypatch.setattr(queue_store, "parse_values", no_parsing)
+    monkeypatch.setattr(queue_store, "parse_record", no_parsing)
+    db = tmp_path / "communication_queue.db"
+    kinds = ["measurement", "log", "debug_log", None]
+    write_rows(db, [Row(kinds[i % 4], rig.record(i), i) for i in reversed(range(300))])
+    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
+    try:
+        assert store.transfer(1000, 10**9)["moved"] == 300
+        payloads = []
+        restart = True
+        while (packet := store.next_packet(restart, 1000, None, None)).rows:
+            restart = False
+            assert len(packet.payload) <= 1000 and not packet.dead
+            payloads.append(packet.payload)
+            store.ack(packet.after_id, packet.last_id)
+        assert not packet.more
+    finally:
+        store.close()
+    received = [record for p in payloads for record in parse_telemetry(p)[0]]
+    assert [v["seq"] for _, v in received] == list(range(300))  # ts order within the batch
+    assert sum(len(p) for p in payloads) > 0.9 * 1000 * len(payloads)  # packets are filled
+    archive = sqlite3.connect(tmp_path / "gateway_archive.db")
+    archived = archive.execute("SELECT timestamp_ms, message FROM controller_archive ORDER BY id").fetchall()
+    archive.close()
+    assert [json.loads(m)["seq"] for _, m in archived] == [i for i in reversed(range(300)) if i % 4 in (0, 3)]
+    assert all(ts == 1_700_000_000_000 + json.loads(m)["seq"] for ts, m in archived)
+    assert count(db, "messages") == 0 and count(db, PENDING) == 0
+
+
+def test_a_null_row_republished_into_pending_is_dead_lettered_not_skipped(tmp_path: Path) -> None:
+    """A NULL message above the validated mark (an archive row without text, republished) must not vanish."""
+    db = tmp_path / "communication_queue.db"
+    write_rows(db, [Row("m", rig.record(i), i) for i in range(3)])
+    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
+    try:
+        store.transfer(100, 10**9)
+        store.conn.execute(f"INSERT INTO {PENDING} (type, message) VALUES ('archive', NULL)")
+        received = drain(store, 100)
+    finally:
+        store.close()
+    assert [v["seq"] for _, v in received] == [0, 1, 2]
+    assert count(db, "dead_letters") == 1 and count(db, PENDING) == 0
 
 
 def test_a_locked_queue_is_not_blamed_on_a_row(tmp_path: Path) -> None:
