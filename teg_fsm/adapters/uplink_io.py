@@ -143,8 +143,11 @@ class UplinkIO:
             ready = select.select(waiting, [], [], timeout)[0]
             noticed = watch.fileno() in ready if watch.fileno() is not None else True
             if wake in ready:
-                self._signalled = False  # cleared before the queue is read, so no job is missed
+                # Read, then clear, then run the queue: a byte written after the read stays for the
+                # next select; clearing first could swallow a byte whose flag then stays set, and
+                # later jobs would wait with no byte to wake this thread.
                 os.read(wake, 4096)
+                self._signalled = False
             if not self._run_jobs():
                 return
             if look_at is None and noticed and watch.changed():

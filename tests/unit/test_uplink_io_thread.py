@@ -96,3 +96,28 @@ def test_a_write_to_another_file_in_the_directory_posts_nothing(tmp_path: Path) 
         assert posts.names.count("rows_waiting") == 1
     finally:
         io.stop()
+
+
+def test_jobs_submitted_from_many_threads_all_run_without_a_lost_wake_up(tmp_path: Path) -> None:
+    # Each submitter waits for its job before the next: a lost wake-up byte would leave one waiting.
+    io = _io(tmp_path, _Posts())
+    io.start()
+    failures: list[int] = []
+
+    def submitter() -> None:
+        for i in range(2_000):
+            ran = threading.Event()
+            io.submit(ran.set)
+            if not ran.wait(WAIT_S):
+                failures.append(i)
+                return
+
+    try:
+        threads = [threading.Thread(target=submitter) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+    finally:
+        io.stop()
