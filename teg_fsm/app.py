@@ -76,7 +76,7 @@ class Gateway:
         )
         self.status_file = StatusFile(config.data_path / STATUS_FILE_NAME)
         self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)
-        self.runner = EffectRunner(self.dispatcher.post_outcome)
+        self.runner = EffectRunner(self.dispatcher.post_outcome, driver=self.timers)  # its deadlines: the timer thread
         self.dispatcher.attach_runner(self.runner)
         self.notifier = notifier or Notifier()
         self.dispatcher.idle_hooks.append(self._heartbeat)

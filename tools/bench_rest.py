@@ -25,6 +25,9 @@ one row a second for ``--minutes`` and prints over that window:
   that blocked), per row;
 - journal growth (``teg_journal.db`` and its -wal) per hour.
 
+``--threads`` also prints the wake-ups per row of each thread (a ``sitecustomize``
+on the gateway's path gives each Python thread its name as the OS thread name).
+
 ``--strace`` traces the gateway's write/pwrite64/fsync/fdatasync calls during the
 window and sums bytes and syncs per file (strace slows the traced process: use
 it to see where the writes go, not for the CPU figure). ``--backlog N`` first
@@ -76,6 +79,32 @@ def voluntary_switches(pid: int) -> int:
     return total
 
 
+def switches_by_thread(pid: int) -> collections.Counter[str]:
+    """Voluntary switches per thread name (``comm``: set by ``--threads``, else all are "python")."""
+    out: collections.Counter[str] = collections.Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out[comm] += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return out
+
+
+# Loaded by the gateway through PYTHONPATH with ``--threads``: gives each Python thread its name
+# as the OS thread name (15 bytes), so /proc/<pid>/task/*/comm tells the threads apart.
+_NAME_THREADS = """
+import ctypes, threading
+_libc = ctypes.CDLL(None)
+_inner = threading.Thread._bootstrap_inner
+def _named(self):
+    _libc.prctl(15, self.name.encode()[:15], 0, 0, 0)
+    _inner(self)
+threading.Thread._bootstrap_inner = _named
+"""
+
+
 def journal_bytes(data: Path) -> int:
     return sum(p.stat().st_size for p in data.glob("teg_journal.db*") if p.is_file())
 
@@ -123,13 +152,17 @@ def _with_bytecode(env: dict[str, str]) -> None:
 
 
 def start(tb: StandIn, root: Path, extra: dict[str, str], pin: bool,
-          bytecode: bool = True) -> tuple[subprocess.Popen[bytes], float]:
+          bytecode: bool = True, threads: bool = False) -> tuple[subprocess.Popen[bytes], float]:
     data = root / "data"
     token = tb.add_device(DEVICE)
     env = rig.gateway_env(tb, data, token, THINGSBOARD_DEVICE_NAME=DEVICE, LOG_LEVEL="WARNING",
                           DOCKER_HOST=f"unix://{root}/no-docker.sock", **extra)
     if bytecode:
         _with_bytecode(env)
+    if threads:
+        (root / "site").mkdir(exist_ok=True)
+        (root / "site" / "sitecustomize.py").write_text(_NAME_THREADS)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "site"), env.get("PYTHONPATH")]))
     db = data / "communication_queue.db"
     rig.create_queue(db)
     conn = sqlite3.connect(db)
@@ -192,6 +225,7 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
         time.sleep(1.0)  # attached to every thread before the window starts
     stop, written = threading.Event(), [0]
     cpu0, wb0, vcs0, j0 = cpu_s(ps), write_bytes(proc.pid), voluntary_switches(proc.pid), journal_bytes(data)
+    per_thread0 = switches_by_thread(proc.pid)
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
     writer = threading.Thread(target=controller, args=(data / "communication_queue.db", variant, seconds, stop,
@@ -214,6 +248,11 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
           f"({result['cpu_s_per_10min']:.2f} per 10 min); written {result['write_kb_per_row']:.1f} KB/row, "
           f"{result['write_mb_per_hour']:.1f} MB/h; wake-ups {result['wakeups_per_row']:.1f}/row; "
           f"journal +{result['journal_kb_per_hour']:.0f} KB/h; load {result['load']:.2f}", flush=True)
+    if args.threads:
+        per_thread = switches_by_thread(proc.pid)
+        per_thread.subtract(per_thread0)
+        print("  wake-ups per row by thread: " + ", ".join(
+            f"{name} {n / rows:.2f}" for name, n in per_thread.most_common() if n), flush=True)
     if tracer is not None:
         print(strace_summary(trace), flush=True)
     return result
@@ -253,7 +292,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="teg-rest-") as tmp, StandIn(tls_port=0) as tb:
         root = Path(tmp)
         extra = dict(kv.split("=", 1) for kv in args.env)
-        proc, started = start(tb, root, extra, args.pin, not args.no_bytecode)
+        proc, started = start(tb, root, extra, args.pin, not args.no_bytecode, args.threads)
         try:
             first = first_record_s(tb, proc, started)
             ps = psutil.Process(proc.pid)
@@ -282,6 +321,7 @@ def main() -> int:
                         help="start compiling from source (as under PYTHONDONTWRITEBYTECODE), not from cached bytecode")
     parser.add_argument("--starts", type=int, default=0, help="only time this many starts to the first record")
     parser.add_argument("--pin", action="store_true", help="pin the gateway to CPU 0 (like taskset -c 0)")
+    parser.add_argument("--threads", action="store_true", help="wake-ups per row of each thread (names OS threads)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra gateway setting")
     args = parser.parse_args()
     if args.starts:

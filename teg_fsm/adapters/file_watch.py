@@ -1,41 +1,37 @@
-"""Wake up when files in a directory change: inotify via ctypes, stat polling elsewhere.
+"""Notice when files in a directory change: inotify via ctypes, stat polling elsewhere.
 
 An idle gateway must cost almost nothing (<= 0.13 % of a core), so noticing
-new controller rows must not mean waking up 20 times a second. On Linux a
-thread blocks in ``select`` on an inotify descriptor watching the queue's
-directory (the db and its -wal change on every controller commit) and calls
-``on_change`` at most once per ``debounce_s``. Without inotify it falls back
-to comparing ``os.stat`` of the given files every ``debounce_s``.
+new controller rows must not mean waking up 20 times a second. ``FileWatch``
+owns no thread: the uplink's I/O thread puts ``fileno()`` (an inotify
+descriptor watching the queue's directory: the db and its -wal change on every
+controller commit) into the ``select`` it waits in for jobs anyway, and calls
+``changed()`` when it is readable. Without inotify, ``fileno()`` is None and
+the caller wakes every ``poll_s`` to call ``changed()``, which then compares
+``os.stat`` of the given files.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
-import select
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
+_IN_Q_OVERFLOW = 0x4000
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
 
 
 class FileWatch:
-    """Calls ``on_change()`` (from its own thread) after files under ``directory`` change."""
+    """Tells whether files under ``directory`` changed since the last ``changed()``."""
 
-    def __init__(self, directory: Path, files: tuple[Path, ...], on_change: Callable[[], None],
-                 debounce_s: float = 0.05) -> None:
-        self.directory, self.files = directory, files
-        self.on_change, self.debounce_s = on_change, debounce_s
-        self._stop_r, self._stop_w = os.pipe()
+    def __init__(self, directory: Path, files: tuple[Path, ...], poll_s: float = 0.05) -> None:
+        self.directory, self.files, self.poll_s = directory, files, poll_s
+        self._names = {p.name.encode() for p in files}
         self._fd = self._inotify()
-        self._thread = threading.Thread(target=self._run, name="teg-queue-watch", daemon=True)
+        self._stamp = self._stat() if self._fd is None else ()
+        self._moved = False  # polling: the last call saw a change
 
     def _inotify(self) -> int | None:
         try:
@@ -55,35 +51,29 @@ class FileWatch:
     def uses_inotify(self) -> bool:
         return self._fd is not None
 
-    def start(self) -> None:
-        self._thread.start()
+    def fileno(self) -> int | None:
+        """The descriptor to wait on (readable after a change), or None: poll every ``poll_s``."""
+        return self._fd
 
-    def stop(self, timeout: float = 3.0) -> None:
-        os.write(self._stop_w, b"x")
-        self._thread.join(timeout)
-        for fd in (self._fd, self._stop_r, self._stop_w):
-            if fd is not None:
-                os.close(fd)
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def _run(self) -> None:
-        if self._fd is None:
-            self._poll()
-            return
-        while True:
-            ready, _, _ = select.select([self._fd, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
-            if not self._drain():
-                continue  # another file in the directory (journal, archive, ...)
-            self._notify()
-            # Coalesce a burst of commits into one notice per debounce period.
-            ready, _, _ = select.select([self._stop_r], [], [], self.debounce_s)
-            if ready:
-                return
+    def changed(self) -> bool:
+        """True if a watched file changed (inotify: since the last call; polling: its stat differs)."""
+        if self._fd is not None:
+            return self._drain()
+        # A change also counts at the next call: a stat can fall between the controller's WAL
+        # write and its WAL index update (a look then finds nothing yet), and a later stat within
+        # the same clock tick and size would see no change at all.
+        now = self._stat()
+        moved, self._moved = self._moved, now != self._stamp
+        self._stamp = now
+        return moved or self._moved
 
     def _drain(self) -> bool:
-        """Read all pending inotify events; True if one names a watched file."""
-        names = {p.name.encode() for p in self.files}
+        """Read all pending inotify events; True if one names a watched file (not the journal, archive, ...)."""
         hit = False
         try:
             while True:
@@ -92,22 +82,16 @@ class FileWatch:
                     return hit
                 offset = 0
                 while offset + 16 <= len(buf):  # struct inotify_event: wd, mask, cookie, len, name
+                    mask = int.from_bytes(buf[offset + 4:offset + 8], sys.byteorder)
                     length = int.from_bytes(buf[offset + 12:offset + 16], sys.byteorder)
                     name = buf[offset + 16:offset + 16 + length].rstrip(b"\0")
-                    hit = hit or name in names
+                    # An overflowed event queue names nothing: a change may hide in it.
+                    hit = hit or name in self._names or bool(mask & _IN_Q_OVERFLOW)
                     offset += 16 + length
         except BlockingIOError:
             return hit
 
-    def _poll(self) -> None:
-        stamp = self._stamp()
-        while not select.select([self._stop_r], [], [], self.debounce_s)[0]:
-            now = self._stamp()
-            if now != stamp:
-                stamp = now
-                self._notify()
-
-    def _stamp(self) -> tuple[int, ...]:
+    def _stat(self) -> tuple[int, ...]:
         out: list[int] = []
         for path in self.files:
             try:
@@ -116,9 +100,3 @@ class FileWatch:
             except FileNotFoundError:
                 out += [0, 0, 0]
         return tuple(out)
-
-    def _notify(self) -> None:
-        try:
-            self.on_change()
-        except Exception:
-            log.exception("queue change callback failed")

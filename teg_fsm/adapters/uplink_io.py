@@ -13,14 +13,16 @@ A packet ThingsBoard refuses (MQTT 5 PUBACK >= 0x80) is not lost: its rows
 move to ``dead_letters`` with ThingsBoard's reason (log records are dropped),
 and the effect fails with ``refused`` so the machine does not send them again.
 
-Idle costs nothing: the thread blocks on its job queue. Work nobody
-announced arrives two ways:
-- ``FileWatch`` (inotify on the queue's directory, stat polling where there
-  is none) sees the queue db or its -wal change, at most every 50 ms, and
-  asks this thread to look (``QueueStore.has_news``: ``PRAGMA data_version``,
-  then the highest id in ``messages``); only a new row posts ``rows_waiting``.
-  A file opened and closed, a WAL checkpoint or a health-check write costs one
-  cheap read: no event, no transaction, no journal row;
+Idle costs nothing: the thread blocks in ``select`` on a wake-up pipe (jobs)
+and the queue's ``FileWatch`` (one thread does both: a notice never needs a
+hand-over between threads). Work nobody announced arrives two ways:
+- the ``FileWatch`` (inotify on the queue's directory, stat polling where there
+  is none) sees the queue db or its -wal change; the thread then stops
+  listening to it for ``coalesce_s`` (at least ``WATCH_DEBOUNCE_S``), looks
+  (``QueueStore.has_news``: ``PRAGMA data_version``, then the highest id in
+  ``messages``) and only a new row posts ``rows_waiting``. A file opened and
+  closed, a WAL checkpoint, a health-check write or our own writes in the
+  same directory cost one cheap read: no event, no transaction, no journal row;
 - the log handler's first record after a flush enqueues a flush job; it
   stores the records in the log buffer and posts ``logs_waiting``.
 """
@@ -28,7 +30,9 @@ announced arrives two ways:
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import select
 import sqlite3
 import threading
 import time
@@ -68,8 +72,10 @@ class UplinkIO:
         self.logs: LogBuffer | None = None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
         self._watch: FileWatch | None = None
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._signalled = False  # a wake-up byte is on its way: later submits need not write another
         self._last_trim_report = 0.0
         self._storage_errors = StorageErrorLog()
         handler.wake = lambda: self.submit(self._flush_logs)
@@ -81,43 +87,84 @@ class UplinkIO:
     def start(self) -> None:
         assert self.store is not None
         queue_db = self.store.queue_path
-        self._watch = FileWatch(queue_db.parent, (queue_db, Path(f"{queue_db}-wal")),
-                                self._rows_changed, WATCH_DEBOUNCE_S)
-        self._watch.start()
+        self._watch = FileWatch(queue_db.parent, (queue_db, Path(f"{queue_db}-wal")), WATCH_DEBOUNCE_S)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         self._thread = threading.Thread(target=self._run, name="teg-uplink-io", daemon=True)
         self._thread.start()
         self.submit(self._flush_logs)
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self._jobs.put(None)
-        if self._watch is not None:
-            self._watch.stop()
+        self.submit(None)
         if self._thread is not None:
             self._thread.join(timeout)
         self._flush_logs()
         for store in (self.store, self.logs):
             if store is not None:
                 store.close()
+        if self._thread is None or not self._thread.is_alive():
+            self._close_wake_pipe()
 
-    def _rows_changed(self) -> None:
-        # On the watch thread: waiting here holds the next notices back, so the rows a slow
-        # controller writes within the window move in one transfer (and one packet, one delete,
-        # a handful of journal rows) instead of one each.
-        if self.coalesce_s > 0 and self._stopping.wait(self.coalesce_s):
-            return
-        self.submit(self._look)
+    def _close_wake_pipe(self) -> None:
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+        if self._watch is not None:
+            self._watch.close()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | None) -> None:
+        """Queue a job for the I/O thread (from any thread); None stops the thread."""
         self._jobs.put(job)
+        wake = self._wake_w
+        if wake is not None and not self._signalled:
+            self._signalled = True
+            try:
+                os.write(wake, b"x")
+            except OSError:  # closed by stop() meanwhile: nobody runs jobs any more
+                pass
 
     # -- the loop ------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            job = self._jobs.get()
-            if job is None:
+        watch, wake = self._watch, self._wake_r
+        assert watch is not None and wake is not None
+        look_at: float | None = None  # when to look at the queue (a change was seen)
+        last_look = float("-inf")
+        while True:
+            timeout: float | None = None
+            waiting = [wake]
+            if look_at is not None:  # the watch stays unread until then: a burst is one notice
+                timeout = max(0.0, look_at - time.monotonic())
+            elif watch.fileno() is not None:
+                waiting.append(watch.fileno())  # type: ignore[arg-type]
+            else:
+                timeout = watch.poll_s
+            ready = select.select(waiting, [], [], timeout)[0]
+            noticed = watch.fileno() in ready if watch.fileno() is not None else True
+            if wake in ready:
+                # Read, then clear, then run the queue: a byte written after the read stays for the
+                # next select; clearing first could swallow a byte whose flag then stays set, and
+                # later jobs would wait with no byte to wake this thread.
+                os.read(wake, 4096)
+                self._signalled = False
+            if not self._run_jobs():
                 return
+            if look_at is None and noticed and watch.changed():
+                look_at = max(time.monotonic() + self.coalesce_s, last_look + WATCH_DEBOUNCE_S)
+            if look_at is not None and time.monotonic() >= look_at:
+                look_at, last_look = None, time.monotonic()
+                self._guarded(self._look)
+
+    def _run_jobs(self) -> bool:
+        """Run every queued job; False when the stop marker came."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
             self._guarded(job)
             if self.store is not None and self.store.trimmed_archive_rows:
                 self._guarded(self._report_trims)

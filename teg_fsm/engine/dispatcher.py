@@ -22,8 +22,9 @@ took and the effect commands it issued. Then, in this order:
 
 Nothing a machine does can reach another machine except through a new event
 on the queue, so a journal of events replays to the same transitions and
-effects. When the queue is empty the journal is committed and the idle hooks
-(systemd watchdog, status) run.
+effects. When the queue is empty the idle hooks (systemd watchdog, status)
+run, and the journal commits its group once due (``Journal.due_in``: the
+events of one burst share a transaction); the queue wait ends by then.
 
 Nothing stops this thread (field rule "never wedge"). A machine step that
 raises is dropped whole, the machine goes to its declared ``error_state`` (or
@@ -142,6 +143,7 @@ class Dispatcher:
         self.machines: dict[str, GatewayMachine] = {}
         self._routes: dict[str, list[GatewayMachine]] = {}
         self._saved: dict[str, tuple[str, Any]] = {}
+        self._resumes_as: dict[str, tuple[Any, ...]] = {}  # per machine: how its last checkpoint resumes
         self._resume_counts: dict[str, int] = {}
         self.since_ms: dict[str, int] = {}
         self.observers: list[Observer] = []
@@ -206,7 +208,7 @@ class Dispatcher:
         self, record: JsonDict, overrides: Mapping[str, type[GatewayMachine]] | None = None
     ) -> None:
         """(Re)create every machine from a ``gateway_started`` record (replay uses this directly)."""
-        self.machines, self._routes, self._saved = {}, {}, {}
+        self.machines, self._routes, self._saved, self._resumes_as = {}, {}, {}, {}
         resumed: Mapping[str, JsonDict] = record.get("resumed", {})
         self._pending_construction = []
         for name, entry in record["machines"].items():
@@ -347,7 +349,7 @@ class Dispatcher:
         self, record: JsonDict, overrides: Mapping[str, type[GatewayMachine]] | None = None
     ) -> list[str]:
         """(Re)create every machine as a ``journal_snapshot`` row describes (replay); returns those without an image."""
-        self.machines, self._routes, self._saved = {}, {}, {}
+        self.machines, self._routes, self._saved, self._resumes_as = {}, {}, {}, {}
         self._pending_construction = []
         missing = []
         for name, entry in record["machines"].items():
@@ -403,8 +405,15 @@ class Dispatcher:
         if state in type(machine).rest_states:
             self._resume_counts[name] = 0
         self._saved[name] = (state, data)
+        checkpoint = Checkpoint(name, state, data, self._resume_counts.get(name, 0))
+        resumes_as = _resumes_as(type(machine), checkpoint)
+        # Persist before acting, unless a crash before the next group commit would resume the
+        # machine just as the stored checkpoint does (the uplink's idle <-> draining: both
+        # resume in offline with no data): then it rides with that commit.
+        urgent = resumes_as != self._resumes_as.get(name)
+        self._resumes_as[name] = resumes_as
         if self._journal is not None:
-            self._journal.save_checkpoint(Checkpoint(name, state, data, self._resume_counts.get(name, 0)), now_ms)
+            self._journal.save_checkpoint(checkpoint, now_ms, urgent=urgent)
 
     def _apply(self, origin: str, effect: Effect) -> None:
         if isinstance(effect, StartTimer):
@@ -478,8 +487,12 @@ class Dispatcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            timeout = self.idle_timeout_s
+            due = self._journal.due_in() if self._journal is not None else None
+            if due is not None and (timeout is None or due < timeout):
+                timeout = due
             try:
-                item = self._queue.get(timeout=self.idle_timeout_s)
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 self._guarded(self.idle)
                 continue
@@ -490,9 +503,9 @@ class Dispatcher:
                 self._guarded(self.idle)
 
     def idle(self) -> None:
-        """Idle work (the loop runs it whenever the queue runs dry): commit, watch storage, hooks."""
+        """Idle work (the loop runs it whenever the queue runs dry): commit when due, watch storage, hooks."""
         if self._journal is not None:
-            self._journal.flush()
+            self._journal.flush_due()
             self._watch_storage()
         for hook in self.idle_hooks:
             self._guarded(hook)
@@ -539,6 +552,16 @@ def _resumable(spec: MachineSpec, plan: JsonDict) -> bool:
         log.error("checkpoint of %s (state %s) cannot be resumed, it starts fresh: %r",
                   spec.cls.machine_name, plan["stored_state"], exc)
         return False
+
+
+def _resumes_as(cls: type[GatewayMachine], cp: Checkpoint) -> tuple[Any, ...]:
+    """What a restart from ``cp`` would do: the state it re-enters, the data, the loop guard.
+
+    The resume count only counts where a crash loop guard can act on it.
+    """
+    plan = _resume_plan(cls, cp)
+    count = plan["resume_count"] if cls.crash_loop_state is not None else None
+    return plan["state"], plan["data"], plan["crash_loop"], count
 
 
 def _resume_plan(cls: type[GatewayMachine], cp: Checkpoint) -> JsonDict:

@@ -2,8 +2,12 @@
 
 The journal is append-only: one row per dispatched event with the transitions
 it caused and the effects it issued. Rows are written in the dispatcher thread
-and committed in small groups (every ``flush_interval_s`` or when the queue runs
-dry); WAL mode keeps every committed group readable after ``kill -9``.
+and committed in small groups: ``flush_interval_s`` (0.1 s) after the first row
+not yet committed, whether the queue ran dry meanwhile or not, so the few events
+of one burst (a controller row's notice, transfer, packet and PUBACK arrive
+milliseconds apart, the queue running dry between them) share one transaction
+instead of one each; WAL mode keeps every committed group readable after
+``kill -9``, which loses at most the last ``flush_interval_s`` of rows.
 
 Retention by meaning. Rows are kept by what they mean, not only by age:
 
@@ -37,7 +41,10 @@ measures what each category costs per day.
 
 Checkpoints hold each machine's state and resume data. They are committed
 before the effects of the step that produced them are handed out (persist
-before acting), together with any journal rows not yet committed.
+before acting), together with any journal rows not yet committed. A checkpoint
+that would resume the machine exactly as the one before it does (the
+dispatcher decides: same state to re-enter, same data, same loop guard) is not
+urgent: it goes with the next group, as a crash before that resumes the same.
 """
 
 from __future__ import annotations
@@ -266,7 +273,7 @@ class Journal:
         self._monotonic = monotonic
         self._rows: list[tuple[Any, ...]] = []
         self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-        self._last_flush = monotonic()
+        self._pending_since: float | None = None  # when the oldest row or checkpoint not yet committed came
         self._flushes = 0
         self._latest: dict[str, tuple[Checkpoint, int]] = {}
         self._due: set[str] = set()
@@ -320,6 +327,9 @@ class Journal:
             self.dropped_rows += 1  # detail: the first thing to give up while the disk is full
             return kind
         encode = self._encode
+        now = self._monotonic()
+        if self._pending_since is None:
+            self._pending_since = now
         self._rows.append(
             (
                 kind,
@@ -333,7 +343,8 @@ class Journal:
                 encode(effects) if effects else "[]",
             )
         )
-        if len(self._rows) >= 2000 or self._monotonic() - self._last_flush >= self._flush_interval_s:
+        # Under a steady stream the queue never runs dry: commit the group once its oldest row is due.
+        if len(self._rows) >= 2000 or now - self._pending_since >= self._flush_interval_s:
             self.flush()
         return kind
 
@@ -361,12 +372,29 @@ class Journal:
 
     def record_snapshot(self, seq: int, ts_ms: int, data: dict[str, Any]) -> None:
         """A ``journal_snapshot`` row (every machine's state and data) after event ``seq``; it takes no seq."""
+        if self._pending_since is None:
+            self._pending_since = self._monotonic()
         self._rows.append((DECISION, seq, ts_ms, _SYSTEM, SNAPSHOT, None, self._encode(data), "[]", "[]"))
+
+    def due_in(self) -> float | None:
+        """Seconds until the pending rows are due for commit (0: now), None when nothing waits."""
+        if self.condition is None and not self._rows and not self._due:
+            return None
+        now = self._monotonic()
+        if self.condition is not None:
+            return max(0.0, self._retry_at - now)
+        since = now if self._pending_since is None else self._pending_since
+        return max(0.0, since + self._flush_interval_s - now)
+
+    def flush_due(self) -> None:
+        """Commit if the group is due (the dispatcher calls this whenever its queue runs dry)."""
+        due = self.due_in()
+        if due is not None and due <= 0:
+            self.flush()
 
     def flush(self) -> None:
         """Write what is pending; on failure keep it (bounded) and retry later."""
         now = self._monotonic()
-        self._last_flush = now
         if self.condition is None and not self._rows and not self._due:
             return
         if self.condition is not None and now < self._retry_at:
@@ -401,7 +429,7 @@ class Journal:
             _rollback(db)
             raise
         self._next_id = first + len(self._rows)
-        self._rows, self._due = [], set()
+        self._rows, self._due, self._pending_since = [], set(), None
         self._flushes += 1
         if self._flushes % 200 == 1:
             self._prune_quietly()
@@ -667,11 +695,15 @@ class Journal:
                 log.error("journal: checkpoint of %s is unreadable, it starts fresh: %s", machine, exc)
         return found
 
-    def save_checkpoint(self, checkpoint: Checkpoint, now_ms: int) -> None:
-        """Commit the checkpoint (and any pending journal rows) right now, or as soon as the disk allows."""
+    def save_checkpoint(self, checkpoint: Checkpoint, now_ms: int, *, urgent: bool = True) -> None:
+        """Commit the checkpoint (and any pending journal rows) right now, or as soon as the disk allows;
+        one that is not ``urgent`` goes with the next group."""
         self._latest[checkpoint.machine] = (checkpoint, now_ms)
         self._due.add(checkpoint.machine)
-        self.flush()
+        if urgent:
+            self.flush()
+        elif self._pending_since is None:
+            self._pending_since = self._monotonic()
 
     def close(self) -> None:
         self._retry_at = 0.0  # one last attempt, whatever the backoff says

@@ -6,6 +6,13 @@ later (a PUBACK arrives on paho's thread long after ``publish`` returned).
 Blocking handlers run on a small worker pool so the dispatcher never waits on
 I/O. Whatever happens (exception, timeout, cancel, a late second callback),
 each effect ends in exactly one outcome; later settle attempts are ignored.
+
+Deadlines: given a ``driver`` (the gateway's ``Timers``), the runner owns no
+thread for them: the timer thread asks it when the next live deadline is and
+expires the due ones, and a new effect wakes that thread only when its deadline
+comes before the thread's next planned look (at rest a machine timer is nearly
+always earlier, so an effect costs no wake-up). Without a driver (tests,
+tools) a thread of its own does the same.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -68,6 +75,14 @@ class Completion:
 Handler = Callable[[Effect, Completion], None]
 
 
+class DeadlineDriver(Protocol):
+    """A thread that can watch the runner's deadlines beside its own (``Timers``)."""
+
+    def add_source(self, source: Any) -> None: ...
+
+    def wake_before(self, seconds: float) -> None: ...
+
+
 @attrs.define
 class _Registration:
     handler: Handler
@@ -77,7 +92,7 @@ class _Registration:
 class EffectRunner:
     """Runs effects; every one ends in exactly one outcome."""
 
-    def __init__(self, sink: OutcomeSink, workers: int = 4) -> None:
+    def __init__(self, sink: OutcomeSink, workers: int = 4, driver: DeadlineDriver | None = None) -> None:
         self._sink = sink
         self._handlers: dict[type[Effect], _Registration] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teg-effect")
@@ -87,10 +102,15 @@ class EffectRunner:
         self._deadline_cv = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._monotonic = _monotonic
-        self._deadline_thread = threading.Thread(
-            target=self._watch_deadlines, name="teg-effect-deadlines", daemon=True
-        )
-        self._deadline_thread.start()
+        self._driver = driver
+        self._deadline_thread: threading.Thread | None = None
+        if driver is not None:
+            driver.add_source(self)
+        else:
+            self._deadline_thread = threading.Thread(
+                target=self._watch_deadlines, name="teg-effect-deadlines", daemon=True
+            )
+            self._deadline_thread.start()
 
     def register(self, effect_type: type[Effect], handler: Handler, *, blocking: bool = False) -> None:
         self._handlers[effect_type] = _Registration(handler, blocking)
@@ -118,8 +138,10 @@ class EffectRunner:
                 earliest = self._deadlines[0][0] if self._deadlines else None
                 heapq.heappush(self._deadlines, (deadline, effect.id))
                 self._compact_deadlines()
-                if earliest is None or deadline < earliest:
+                if self._driver is None and (earliest is None or deadline < earliest):
                     self._deadline_cv.notify()
+        if self._driver is not None and effect.timeout_s is not None:
+            self._driver.wake_before(effect.timeout_s)
         if registration.blocking:
             self._pool.submit(self._run, registration.handler, effect, completion)
         else:
@@ -166,18 +188,36 @@ class EffectRunner:
         except Exception:
             log.exception("outcome sink failed for %s", completion.effect.id)
 
+    def seconds_to_next_deadline(self) -> float | None:
+        """For the driver: how long until the next live deadline (None: none)."""
+        with self._lock:
+            while self._deadlines and self._deadlines[0][1] not in self._pending:
+                heapq.heappop(self._deadlines)
+            return max(self._deadlines[0][0] - self._monotonic(), 0.0) if self._deadlines else None
+
+    def expire_due(self) -> None:
+        """For the driver: time out every live effect whose deadline passed."""
+        with self._lock:
+            expired = self._pop_expired(self._monotonic())
+        for completion in expired:
+            completion.time_out()
+
+    def _pop_expired(self, now: float) -> list[Completion]:
+        # Past deadlines, and those of effects already settled (most of them: they
+        # end long before their timeout), so the watcher sleeps until a live one.
+        expired: list[Completion] = []
+        while self._deadlines and (self._deadlines[0][0] <= now or self._deadlines[0][1] not in self._pending):
+            deadline, effect_id = heapq.heappop(self._deadlines)
+            completion = self._pending.get(effect_id)
+            if completion is not None and deadline <= now:
+                expired.append(completion)
+        return expired
+
     def _watch_deadlines(self) -> None:
         while not self._stopping.is_set():
-            expired: list[Completion] = []
             with self._deadline_cv:
                 now = self._monotonic()
-                # Past deadlines, and those of effects already settled (most of them: they
-                # end long before their timeout), so the watcher sleeps until a live one.
-                while self._deadlines and (self._deadlines[0][0] <= now or self._deadlines[0][1] not in self._pending):
-                    deadline, effect_id = heapq.heappop(self._deadlines)
-                    completion = self._pending.get(effect_id)
-                    if completion is not None and deadline <= now:
-                        expired.append(completion)
+                expired = self._pop_expired(now)
                 if not expired:
                     # submit() notifies, so with nothing pending this sleeps until needed.
                     wait = max(self._deadlines[0][0] - now, 0.001) if self._deadlines else None

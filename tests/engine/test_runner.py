@@ -109,3 +109,51 @@ def test_an_effect_without_handler_fails_with_the_reason(runner_and_outcomes) ->
     runner.submit("m", FetchThing(id="m:1:0", url="x", reply="f"))
     [(_, _, outcome, payload)] = outcomes.wait_for(1)
     assert outcome is Outcome.FAILED and "no handler for effect FetchThing" in payload["error"]
+
+
+class _CountedRunner(EffectRunner):
+    """Counts the timer thread's looks (it asks its sources once per look)."""
+
+    looks = 0
+
+    def seconds_to_next_deadline(self) -> float | None:
+        self.looks += 1
+        return super().seconds_to_next_deadline()
+
+
+def test_with_the_timer_thread_as_driver_deadlines_need_no_thread_and_a_later_one_wakes_nothing() -> None:
+    from teg_fsm.engine.clock import RealClock
+    from teg_fsm.engine.timers import Timers
+
+    timers, outcomes, stop = Timers(RealClock()), Outcomes(), threading.Event()
+    before = {t.name for t in threading.enumerate()}
+    runner = _CountedRunner(outcomes, workers=1, driver=timers)
+    assert {t.name for t in threading.enumerate()} - before == set()
+    held: list[Completion] = []
+    runner.register(FetchThing, lambda effect, completion: held.append(completion))
+    driver = threading.Thread(target=timers.run_forever, args=(lambda *fired: None, stop), daemon=True)
+    driver.start()
+    try:
+        timers.start("m", "tick", 30.0)
+        runner.submit("m", FetchThing(id="m:1:0", url="x", reply="f", timeout_s=0.05))
+        [(_, effect_id, outcome, _)] = outcomes.wait_for(1)
+        assert (effect_id, outcome) == ("m:1:0", Outcome.TIMED_OUT)
+        # The driver now sleeps towards the 30 s timer: effects due later, and a timer re-armed
+        # for later still, do not wake it.
+        deadline = time.monotonic() + 5
+        while timers._wake_at > 1e300 or timers._wake_at < 0:  # until it sleeps again
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        looks = runner.looks
+        for i in range(20):
+            runner.submit("m", FetchThing(id=f"m:{i + 2}:0", url="x", reply="f", timeout_s=60.0))
+            timers.start("m", "tick", 40.0)
+        time.sleep(0.2)
+        assert runner.looks == looks
+        runner.submit("m", FetchThing(id="m:99:0", url="x", reply="f", timeout_s=0.05))  # earlier: wakes it
+        assert outcomes.wait_for(2)[1][1:3] == ("m:99:0", Outcome.TIMED_OUT)
+    finally:
+        stop.set()
+        timers.wake()
+        driver.join(5)
+        runner.shutdown()
