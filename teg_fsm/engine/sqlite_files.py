@@ -31,12 +31,18 @@ def is_corruption(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc).lower() for m in CORRUPT_MARKERS)
 
 
-def connect(path: Path, *, wal: bool = True) -> sqlite3.Connection:
-    """A connection in autocommit mode (we BEGIN ourselves), WAL, NORMAL sync."""
+def connect(path: Path, *, wal: bool = True, page_size: int | None = None) -> sqlite3.Connection:
+    """A connection in autocommit mode (we BEGIN ourselves), WAL, NORMAL sync.
+
+    ``page_size`` applies to a new (empty) file only: it must be set before the
+    switch to WAL writes the header; an existing file keeps the size it has.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if page_size is not None:
+            conn.execute(f"PRAGMA page_size={int(page_size)}")
         if wal:
             conn.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL survives a killed process; only power loss can lose the last commits.
@@ -91,6 +97,7 @@ def open_checked(
     *,
     wal: bool = True,
     on_quarantine: Callable[[Path], None] | None = None,
+    page_size: int | None = None,
 ) -> sqlite3.Connection:
     """Open ``path`` and apply ``schema``; a corrupt file is quarantined and replaced once.
 
@@ -98,7 +105,7 @@ def open_checked(
     """
     conn: sqlite3.Connection | None = None
     try:
-        conn = connect(path, wal=wal)
+        conn = connect(path, wal=wal, page_size=page_size)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         schema(conn)
         return conn
@@ -110,6 +117,6 @@ def open_checked(
         moved = quarantine(path, str(exc))
         if on_quarantine is not None:
             on_quarantine(moved)
-    conn = connect(path, wal=wal)
+    conn = connect(path, wal=wal, page_size=page_size)
     schema(conn)
     return conn
