@@ -45,6 +45,13 @@ before acting), together with any journal rows not yet committed. A checkpoint
 that would resume the machine exactly as the one before it does (the
 dispatcher decides: same state to re-enter, same data, same loop guard) is not
 urgent: it goes with the next group, as a crash before that resumes the same.
+One the same as the checkpoint this file holds (state, data, resume count) is
+not written again: ``updated_ms`` is when the stored checkpoint last changed.
+
+A group commit is written every second at rest, so it is kept small (see
+docs/ENGINE.md, tools/bench_journal_frames.py): new files use ``PAGE_SIZE``
+(1 KiB) pages, ``journal_traffic`` has no index on ``ts_ms``, and an unchanged
+checkpoint is not rewritten.
 """
 
 from __future__ import annotations
@@ -107,6 +114,11 @@ TRAFFIC_EFFECTS = frozenset({"TransferRows", "SendPacket", "Notify", "StartTimer
 _SUMMED = ("moved", "dead", "rows", "bytes", "points")
 # Below this much free space the disk counts as full: the reserve is for the controller queue.
 DEFAULT_RESERVE_BYTES = 1024 * 1024
+# Page size of a new journal file. Each group commit rewrites the tail pages of the
+# tables it appends to and the checkpoints page, a few hundred bytes of news each:
+# the WAL writes whole pages, so 1 KiB pages write a quarter of what SQLite's 4 KiB
+# do at rest (tools/bench_journal_frames.py). An existing file keeps its page size.
+PAGE_SIZE = 1024
 MAX_PENDING_ROWS = 20_000  # rows kept in memory while they cannot be written
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 15.0
@@ -128,12 +140,16 @@ CREATE TABLE IF NOT EXISTS {table} (
     transitions TEXT NOT NULL,
     effects TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS {table}_ts ON {table}(ts_ms);
 """
+_TS_INDEX = "CREATE INDEX IF NOT EXISTS {table}_ts ON {table}(ts_ms);\n"
+# journal_traffic has no index on ts_ms: it holds only the detail window (minutes), so its
+# queries by time scan it, and an index would be one more page written by every group commit
+# (the traffic of each controller row; tools/bench_journal_frames.py).
 _SCHEMA = "".join(
     _ROWS_TABLE.format(table=table, autoincrement=" AUTOINCREMENT" if table == "journal" else "")
+    + ("" if table == "journal_traffic" else _TS_INDEX.format(table=table))
     for table in ("journal", "journal_traffic", "journal_summary")
-) + """
+) + "DROP INDEX IF EXISTS journal_traffic_ts;\n" + """
 CREATE TABLE IF NOT EXISTS checkpoints (
     machine TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -258,8 +274,10 @@ class Journal:
         monotonic: Callable[[], float] = time.monotonic,
         detail_window_s: float = DEFAULT_DETAIL_WINDOW_S,
         traffic: Mapping[str, frozenset[str]] = DEFAULT_TRAFFIC,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self.path = Path(path)
+        self._page_size = page_size
         self._max_bytes = max_bytes
         self._max_age_ms = int(max_age_s * 1000)
         self._detail_window_ms = int(detail_window_s * 1000)
@@ -277,6 +295,8 @@ class Journal:
         self._flushes = 0
         self._latest: dict[str, tuple[Checkpoint, int]] = {}
         self._due: set[str] = set()
+        # machine -> (state, data, resume count) as last committed in this file: one the same is not rewritten
+        self._written: dict[str, tuple[str, str, int]] = {}
         self.condition: str | None = None
         self.condition_detail = ""
         self.dropped_rows = 0
@@ -295,7 +315,10 @@ class Journal:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite_files.open_checked(self.path, _apply_schema, on_quarantine=self.quarantined.append)
+        self._written = {}
+        self._db = sqlite_files.open_checked(
+            self.path, _apply_schema, on_quarantine=self.quarantined.append, page_size=self._page_size
+        )
         self._next_id = _next_id(self._db)
 
     def last_seq(self) -> int:
@@ -418,16 +441,28 @@ class Journal:
         if self.condition == DISK_FULL and self.free_bytes() < self.reserve_bytes:
             raise sqlite3.OperationalError(f"database or disk is full (less than {self.reserve_bytes} bytes free)")
         first = self._next_id
+        written: dict[str, tuple[str, str, int]] = {}
+        for machine in sorted(self._due):
+            checkpoint, _ = self._latest[machine]
+            stored = (checkpoint.state, json.dumps(checkpoint.data, sort_keys=True), checkpoint.resume_count)
+            # Back where the stored one is (the uplink's idle -> draining -> idle within one group):
+            # rewriting it would change only updated_ms, and cost a page per commit.
+            if self._written.get(machine) != stored:
+                written[machine] = stored
+        if not self._rows and not written and self.condition is None:
+            self._due, self._pending_since = set(), None
+            return
         db.execute("BEGIN")
         try:
             if self._rows:
                 self._insert_rows(db, first)
-            for machine in sorted(self._due):
-                self._upsert_checkpoint(db, *self._latest[machine])
+            for machine, stored in written.items():
+                self._upsert_checkpoint(db, machine, stored, self._latest[machine][1])
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
+        self._written.update(written)
         self._next_id = first + len(self._rows)
         self._rows, self._due, self._pending_since = [], set(), None
         self._flushes += 1
@@ -453,18 +488,13 @@ class Journal:
             log.warning("journal: pruning failed: %s", exc)
 
     @staticmethod
-    def _upsert_checkpoint(db: sqlite3.Connection, checkpoint: Checkpoint, now_ms: int) -> None:
+    def _upsert_checkpoint(db: sqlite3.Connection, machine: str, stored: tuple[str, str, int], now_ms: int) -> None:
+        state, data, resume_count = stored
         db.execute(
             "INSERT INTO checkpoints(machine, state, data, resume_count, updated_ms)"
             " VALUES (?,?,?,?,?) ON CONFLICT(machine) DO UPDATE SET state=excluded.state,"
             " data=excluded.data, resume_count=excluded.resume_count, updated_ms=excluded.updated_ms",
-            (
-                checkpoint.machine,
-                checkpoint.state,
-                json.dumps(checkpoint.data, sort_keys=True),
-                checkpoint.resume_count,
-                now_ms,
-            ),
+            (machine, state, data, resume_count, now_ms),
         )
 
     # -- conditions -------------------------------------------------------
