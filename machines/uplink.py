@@ -23,18 +23,20 @@ States: ``offline`` (no session; sending paused), ``idle`` (online, nothing to
 send), ``draining`` (packets in flight), ``throttled`` (work waiting for
 tokens, or a pause after a failed packet; timer ``hold_elapsed`` ends it).
 Bookkeeping events are internal self-transitions; each one re-plans, and when
-the state no longer matches the work the machine notifies itself
-``work_changed``, whose guarded transitions pick the state (one extra event
-per change of state, not per packet).
+the state no longer matches the work the machine raises ``work_changed`` on
+the library's internal queue, whose guarded transitions pick the state within
+the same step (same macrostep, so no second dispatched event, journal row or
+wake-up: a controller window is three events, not five).
 
 Events taken: ``mqtt_connected`` {session, receive_maximum?}, ``mqtt_disconnected``, ``session_limits_received``,
 ``rows_waiting`` (adapter: the controller queue changed), ``logs_waiting``
 {top}, ``pending_refilled`` {top} (archive republish), outcomes of
 ``transfer`` / ``data_packet`` / ``log_packet``, timers ``hold_elapsed`` and
-``transfer_retry_elapsed``, ``work_changed`` (from itself), ``gateway_stopping``
-(start nothing new; the component waits for the packets in flight).
+``transfer_retry_elapsed``, ``work_changed`` (raised by itself inside a step;
+one arriving from outside, as in journals recorded before, re-checks the state),
+``gateway_stopping`` (start nothing new; the component waits for the packets in flight).
 Effects: ``TransferRows``, ``SendPacket``, ``StartTimer``/``CancelTimer``, ``Log``,
-``Notify`` (to itself), ``Disconnect`` (a stuck session), ``Publish`` (its report).
+``Disconnect`` (a stuck session), ``Publish`` (its report).
 
 A stuck session is a broken session: a packet without PUBACK after
 ``packet_timeout_s`` (``TEG_UPLINK_PUBACK_TIMEOUT_S``, 10 s) while the session
@@ -73,7 +75,7 @@ from typing import Any
 
 from statemachine import State
 
-from teg_fsm.engine.effects import CancelTimer, Log, Notify, StartTimer
+from teg_fsm.engine.effects import CancelTimer, Log, StartTimer
 from teg_fsm.engine.effects.mqtt import TELEMETRY_TOPIC, Disconnect, Publish
 from teg_fsm.engine.effects.uplink import DATA, LOGS, SendPacket, TransferRows
 from teg_fsm.engine.events import Event
@@ -416,15 +418,17 @@ class UplinkMachine(GatewayMachine):
     # -- planning -------------------------------------------------------------
 
     def _plan(self) -> None:
-        """Issue the work that can go now, then let ``work_changed`` pick the state."""
+        """Issue the work that can go now, then let ``work_changed`` (internal) pick the state."""
         if self.stopping:
             return
         self._plan_transfer()
         if self.connected:
             self._plan_packets()
         if self._wanted_state() != self.current_state_value and not self.settle_pending:
+            # Internal queue: the state follows the work before this step ends,
+            # instead of one more event through the dispatcher and the journal.
             self.settle_pending = True
-            self.emit(Notify(machine=self.machine_name, name="work_changed"))
+            self.raise_("work_changed")
 
     def _wanted_state(self) -> str:
         """The state the work calls for (the guards of ``work_changed`` agree with it)."""

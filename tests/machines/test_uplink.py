@@ -134,6 +134,20 @@ def test_connected_uplink_drains_every_row_once_in_order_and_goes_idle(world: Fa
     assert state(world) == "idle"
 
 
+def test_a_controller_window_at_rest_is_three_events_and_the_state_follows_within_each(world: FakeWorld) -> None:
+    world.d.post("mqtt", "mqtt_connected", {"session": 1})
+    world.run()
+    world.write(2)
+    seen = world.run()
+    assert [item.event.name for item in seen] == ["rows_waiting", "transfer_succeeded", "data_packet_succeeded"]
+    # The state changes inside the step that changed the work, not in a later event.
+    assert [(t.source, t.target, t.event) for t in seen[1].transitions if t.source != t.target] == [
+        ("idle", "draining", "work_changed")]
+    assert [(t.source, t.target, t.event) for t in seen[2].transitions if t.source != t.target] == [
+        ("draining", "idle", "work_changed")]
+    assert world.delivered == [1, 2] and state(world) == "idle"
+
+
 def test_offline_uplink_moves_rows_to_pending_but_sends_nothing(world: FakeWorld) -> None:
     world.write(1_200)
     world.run()
