@@ -336,13 +336,8 @@ def test_a_failure_nobody_foresaw_is_pinned_on_its_row_by_bisection(
     monkeypatch.setattr(queue_store, "parse_values", parse_values_that_breaks_on_seq_7)
     monkeypatch.setattr(queue_store, "USUAL_ROW", "0")  # SQLite vouches for no row: every row meets the parser
     db = tmp_path / "communication_queue.db"
-    write_rows(db, [Row("m", rig.record(i), i) for i in reversed(range(40))])
-    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
-    try:
-        assert store.transfer(100, 10**9)["moved"] == 39
-        received = drain(store, 100)
-    finally:
-        store.close()
+    moved, received = _forty_rows_in_reverse_ts_order_moved_and_drained(tmp_path)
+    assert moved == 39
     assert [v["seq"] for _, v in received] == [i for i in range(40) if i != 7]  # ts order within the batch
     conn = sqlite3.connect(db)
     [(reason,)] = conn.execute("SELECT reason FROM dead_letters").fetchall()
@@ -360,13 +355,8 @@ def test_a_batch_sqlite_cannot_vouch_for_is_moved_by_the_parser_whole_and_in_ts_
 
     monkeypatch.setattr(queue_store, "USUAL_ROW", check)
     db = tmp_path / "communication_queue.db"
-    write_rows(db, [Row("m", rig.record(i), i) for i in reversed(range(40))])
-    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
-    try:
-        assert store.transfer(100, 10**9)["moved"] == 40
-        received = drain(store, 100)
-    finally:
-        store.close()
+    moved, received = _forty_rows_in_reverse_ts_order_moved_and_drained(tmp_path)
+    assert moved == 40
     assert [v["seq"] for _, v in received] == list(range(40))
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
@@ -444,5 +434,17 @@ def test_a_locked_queue_is_not_blamed_on_a_row(tmp_path: Path) -> None:
     try:
         assert store.transfer(100, 10**9)["moved"] == 5
         assert count(db, "dead_letters") == 0
+    finally:
+        store.close()
+
+
+def _forty_rows_in_reverse_ts_order_moved_and_drained(tmp_path: Path) -> tuple[int, list[Any]]:
+    """Rows 39..0 written newest first, one transfer, then drained: (rows moved, what was sent)."""
+    db = tmp_path / "communication_queue.db"
+    write_rows(db, [Row("m", rig.record(i), i) for i in reversed(range(40))])
+    store = QueueStore(db, tmp_path / "gateway_archive.db", archive_max_rows=10**9, archive_max_bytes=10**12)
+    try:
+        moved = store.transfer(100, 10**9)["moved"]
+        return moved, drain(store, 100)
     finally:
         store.close()
