@@ -3,9 +3,16 @@
 An idle gateway must cost almost nothing (<= 0.13 % of a core), so noticing
 new controller rows must not mean waking up 20 times a second. ``FileWatch``
 owns no thread: the uplink's I/O thread puts ``fileno()`` (an inotify
-descriptor watching the queue's directory: the db and its -wal change on every
-controller commit) into the ``select`` it waits in for jobs anyway, and calls
-``changed()`` when it is readable. Without inotify, ``fileno()`` is None and
+descriptor: the db and its -wal change on every controller commit) into the
+``select`` it waits in for jobs anyway, and calls ``changed()`` when it is
+readable.
+
+The watched files are watched one by one, the directory only for names that
+appear or go: the queue's directory is by default the gateway's own data
+directory, and a watch on the whole directory woke the I/O thread for every
+write of the journal, the outbox and the archive (~3 times a second at rest,
+for nothing). A file that does not exist yet, or is replaced (deleted and
+created again, or renamed over), is watched again when its name appears. Without inotify, ``fileno()`` is None and
 the caller wakes every ``poll_s`` to call ``changed()``, which then compares
 ``os.stat`` of the given files.
 """
@@ -19,7 +26,10 @@ import sys
 from pathlib import Path
 
 _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
-_IN_Q_OVERFLOW = 0x4000
+_IN_DELETE, _IN_MOVED_FROM = 0x200, 0x40
+_IN_Q_OVERFLOW, _IN_IGNORED = 0x4000, 0x8000
+_FILE_MASK = _IN_MODIFY | _IN_CLOSE_WRITE
+_DIRECTORY_MASK = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE | _IN_MOVED_FROM
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
 
 
@@ -29,6 +39,8 @@ class FileWatch:
     def __init__(self, directory: Path, files: tuple[Path, ...], poll_s: float = 0.05) -> None:
         self.directory, self.files, self.poll_s = directory, files, poll_s
         self._names = {p.name.encode() for p in files}
+        self._libc: ctypes.CDLL | None = None
+        self._directory_wd = -1
         self._fd = self._inotify()
         self._stamp = self._stat() if self._fd is None else ()
         self._moved = False  # polling: the last call saw a change
@@ -39,13 +51,23 @@ class FileWatch:
             fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
             if fd < 0:
                 return None
-            mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
-            if libc.inotify_add_watch(fd, os.fsencode(str(self.directory)), mask) < 0:
+            self._directory_wd = libc.inotify_add_watch(fd, os.fsencode(str(self.directory)), _DIRECTORY_MASK)
+            if self._directory_wd < 0:
                 os.close(fd)
                 return None
+            self._libc = libc
+            for path in self.files:
+                self._watch_file(fd, path)
             return fd
         except (OSError, AttributeError):
             return None
+
+    def _watch_file(self, fd: int, path: Path) -> None:
+        """Watch one file's writes; a missing file is watched when its name appears in the directory."""
+        assert self._libc is not None
+        # Adding a watch again for the same inode just returns its descriptor, so a
+        # name that appears twice costs nothing.
+        self._libc.inotify_add_watch(fd, os.fsencode(str(path)), _FILE_MASK)
 
     @property
     def uses_inotify(self) -> bool:
@@ -73,7 +95,13 @@ class FileWatch:
         return moved or self._moved
 
     def _drain(self) -> bool:
-        """Read all pending inotify events; True if one names a watched file (not the journal, archive, ...)."""
+        """Read all pending inotify events; True if a watched file changed, appeared or went.
+
+        File watches name no file (their events are the file's own); directory events
+        name the file, and only watched names count. A watched name that appears is
+        watched again: it is a new file (the controller re-created its queue, or SQLite
+        made a new -wal).
+        """
         hit = False
         try:
             while True:
@@ -84,10 +112,18 @@ class FileWatch:
                 while offset + 16 <= len(buf):  # struct inotify_event: wd, mask, cookie, len, name
                     mask = int.from_bytes(buf[offset + 4:offset + 8], sys.byteorder)
                     length = int.from_bytes(buf[offset + 12:offset + 16], sys.byteorder)
+                    wd = int.from_bytes(buf[offset:offset + 4], sys.byteorder, signed=True)
                     name = buf[offset + 16:offset + 16 + length].rstrip(b"\0")
-                    # An overflowed event queue names nothing: a change may hide in it.
-                    hit = hit or name in self._names or bool(mask & _IN_Q_OVERFLOW)
                     offset += 16 + length
+                    if mask & _IN_Q_OVERFLOW:  # names nothing: a change may hide in it
+                        hit = True
+                    elif wd == self._directory_wd:
+                        if name in self._names:
+                            hit = True
+                            if mask & (_IN_CREATE | _IN_MOVED_TO):
+                                self._watch_file(self._fd, self.directory / os.fsdecode(name))  # type: ignore[arg-type]
+                    elif not mask & _IN_IGNORED:  # a watched file was written (IGNORED: it went)
+                        hit = True
         except BlockingIOError:
             return hit
 
