@@ -115,7 +115,14 @@ def cpu_s(ps: psutil.Process) -> float:
 
 
 def controller(db: Path, variant: str, seconds: float, stop: threading.Event, written: list[int]) -> None:
-    """One row a second on a fixed schedule; ``reopen`` opens and closes the file for every row."""
+    """One row a second on a fixed schedule; ``reopen`` opens and closes the file for every row.
+
+    ``idle`` writes nothing: the window then shows what the gateway costs on its own account
+    (keepalives, health reports, timers), the floor under the per-row figures.
+    """
+    if variant == "idle":
+        stop.wait(seconds)
+        return
     conn = sqlite3.connect(db, timeout=30) if variant == "open" else None
     started, seq = time.monotonic(), 0
     try:
@@ -240,6 +247,24 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
         tracer.wait()
     rows = max(1, written[0])
     hour = 3600 / elapsed
+    if variant == "idle":
+        per_min = 60 / elapsed
+        result = {"rows": 0, "cpu_s": cpu1 - cpu0, "cpu_s_per_10min": (cpu1 - cpu0) * 600 / elapsed,
+                  "write_kb_per_min": (wb1 - wb0) * per_min / 1024, "write_mb_per_hour": (wb1 - wb0) * hour / 2**20,
+                  "wakeups_per_min": (vcs1 - vcs0) * per_min, "journal_kb_per_hour": (j1 - j0) * hour / 1024,
+                  "load": (load0 + os.getloadavg()[0]) / 2}
+        print(f"idle   {args.minutes:g} min, no rows: CPU {result['cpu_s']:.2f} s "
+              f"({result['cpu_s_per_10min']:.2f} per 10 min); written {result['write_kb_per_min']:.1f} KB/min, "
+              f"{result['write_mb_per_hour']:.1f} MB/h; wake-ups {result['wakeups_per_min']:.1f}/min; "
+              f"journal +{result['journal_kb_per_hour']:.0f} KB/h; load {result['load']:.2f}", flush=True)
+        if args.threads:
+            per_thread = switches_by_thread(proc.pid)
+            per_thread.subtract(per_thread0)
+            print("  wake-ups per minute by thread: " + ", ".join(
+                f"{name} {n * per_min:.1f}" for name, n in per_thread.most_common() if n), flush=True)
+        if tracer is not None:
+            print(strace_summary(trace), flush=True)
+        return result
     result = {"rows": rows, "cpu_s": cpu1 - cpu0, "cpu_s_per_10min": (cpu1 - cpu0) * 600 / elapsed,
               "write_kb_per_row": (wb1 - wb0) / rows / 1024, "write_mb_per_hour": (wb1 - wb0) * hour / 2**20,
               "wakeups_per_row": (vcs1 - vcs0) / rows, "journal_kb_per_hour": (j1 - j0) * hour / 1024,
@@ -314,7 +339,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="window per controller variant (default 10)")
     parser.add_argument("--settle", type=float, default=1.0, help="idle minutes after the connect (default 1)")
-    parser.add_argument("--variants", nargs="+", default=["reopen", "open"], choices=["reopen", "open"])
+    parser.add_argument("--variants", nargs="+", default=["reopen", "open"], choices=["reopen", "open", "idle"],
+                        help="controller variants, one window each (idle: no rows, the gateway's own floor)")
     parser.add_argument("--strace", action="store_true", help="sum writes and syncs per file (slows the gateway)")
     parser.add_argument("--backlog", type=int, default=0, help="then fill this many rows and watch RSS drain them")
     parser.add_argument("--no-bytecode", action="store_true",
