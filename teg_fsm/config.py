@@ -125,7 +125,7 @@ class Config:
 _EXTRA_MOUNTS = "/bin/vcgencmd:/bin/vcgencmd:ro,/bin/uptime:/bin/uptime:ro,/bin/pigs:/bin/pigs:ro"
 # Rows a controller writes within this window after the queue changed leave in one
 # transfer, one packet and one delete; see docs/UPLINK.md for the latency it adds.
-UPLINK_COALESCE_MS = 2000
+UPLINK_COALESCE_MS = 5000
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 # 3.1.1 stays the default until MQTT 5 has run in the field (issue 17).
 MQTT_PROTOCOLS = ("3.1.1", "5")
