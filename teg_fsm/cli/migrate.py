@@ -174,6 +174,10 @@ def _inspect_files(env: Mapping[str, str], findings: Findings) -> None:
     if data is not None:
         present = [name for name in GATEWAY_FILES if (data / name).exists()]
         findings.keep.append(f"data directory {data}: {', '.join(present) or 'no gateway files yet'}")
+        large = [name for name in SMALL_PAGE_FILES if _header_page_size(data / name) > SMALL_PAGE_SIZE]
+        if large:
+            findings.notes.append(f"{', '.join(large)} in {data}: larger pages than new files get; with both "
+                                  "gateways stopped, `teg migrate --small-pages` converts them (optional)")
     controller = _host_path(env["TEG_CONTROLLER_DATA_PATH"]) if env.get("TEG_CONTROLLER_DATA_PATH") else data
     if controller is not None:
         queue = controller / "communication_queue.db"
@@ -381,6 +385,19 @@ def _fsync(target: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _header_page_size(path: Path) -> int:
+    """The page size an SQLite file's header records (bytes 16-17), 0 when not one; reads no page."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(18)
+    except OSError:
+        return 0
+    if len(header) < 18 or not header.startswith(b"SQLite format 3\0"):
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
 
 
 def _same_file(a: Path, b: Path) -> bool:

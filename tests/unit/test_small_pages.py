@@ -292,3 +292,16 @@ def test_teg_migrate_small_pages_command(tmp_path: Path, monkeypatch: pytest.Mon
     after = RunMarker(tmp_path)  # the command holds no lock once it returned
     after.acquire(0)
     after.release()
+
+
+def test_migrate_check_notes_files_with_large_pages(tmp_path: Path) -> None:
+    _old_archive(tmp_path / "gateway_archive.db", 10)
+    OutboxStore(tmp_path / "gateway_logs_buffer.db", 65536).close()
+    findings = migrate.Findings()
+    migrate._inspect_files({"TEG_DATA_PATH": str(tmp_path)}, findings)
+    notes = [n for n in findings.notes if "--small-pages" in n]
+    assert len(notes) == 1 and notes[0].startswith("gateway_archive.db in ")  # the outbox is small already
+    assert convert_file(tmp_path / "gateway_archive.db").ok
+    findings = migrate.Findings()
+    migrate._inspect_files({"TEG_DATA_PATH": str(tmp_path)}, findings)
+    assert not [n for n in findings.notes if "--small-pages" in n]
