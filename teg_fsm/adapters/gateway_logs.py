@@ -33,7 +33,7 @@ from teg_fsm.adapters.logs import RedactSecrets
 from teg_fsm.adapters.outbox import load_last_ts, save_last_ts, stamp
 from teg_fsm.adapters.outbox import schema as outbox_schema
 from teg_fsm.adapters.packets import Packet, build_packet
-from teg_fsm.engine.sqlite_files import open_checked
+from teg_fsm.engine.sqlite_files import SMALL_PAGE_SIZE, open_checked
 
 PREFIX = "GATEWAY - "
 MAX_MEMORY_RECORDS = 10_000
@@ -91,7 +91,7 @@ class LogBuffer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.conn = open_checked(path, _schema)
+        self.conn = open_checked(path, _schema, page_size=SMALL_PAGE_SIZE)  # shared with OutboxStore: either creates it
         self.cursor = 0
         self.dropped = 0
 

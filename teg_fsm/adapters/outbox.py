@@ -47,7 +47,7 @@ import attrs
 from teg_fsm.adapters.mqtt_link import Refused
 from teg_fsm.engine.effects.mqtt import ATTRIBUTES_TOPIC, TELEMETRY_TOPIC
 from teg_fsm.engine.rate_limits import LimitSpecError, TokenBuckets
-from teg_fsm.engine.sqlite_files import is_corruption, open_checked, quarantine
+from teg_fsm.engine.sqlite_files import SMALL_PAGE_SIZE, is_corruption, open_checked, quarantine
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class OutboxStore:
     def __init__(self, path: Path, max_payload_bytes: int) -> None:
         self.path = path
         self.max_payload_bytes = max_payload_bytes
-        self.conn = open_checked(path, schema)
+        self.conn = open_checked(path, schema, page_size=SMALL_PAGE_SIZE)  # shared with LogBuffer: either creates it
         self.dropped = 0
 
     def close(self) -> None:

@@ -162,7 +162,9 @@ class QueueStore:
         self._open()
 
     def _open(self) -> None:
-        open_checked(self.archive_path, _archive_schema).close()
+        # Created (with its small pages) by its own connection: the ATTACH below only ever
+        # meets an existing file, whose page size SQLite keeps.
+        open_checked(self.archive_path, _archive_schema, page_size=sqlite_files.SMALL_PAGE_SIZE).close()
         self.conn = open_checked(self.queue_path, _queue_schema)
         self.identity = _identity(self.queue_path)
         self._quarantine_foreign_tables()

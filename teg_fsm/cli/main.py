@@ -132,10 +132,30 @@ def _migrate(args: argparse.Namespace) -> int:
     from teg_fsm.cli.migrate import inspect_host
 
     env, origin = _env_source(args) if args.env_file is not None else _default_env_file()
+    if args.small_pages:
+        from teg_fsm.config import tool_environment
+
+        # Relative paths mean what they mean to the gateway: the service's WorkingDirectory.
+        base = tool_environment().base if args.env_file is None else Path.cwd()
+        return _small_pages(args, env, base)
     findings = inspect_host(ours=env, ours_origin=origin, old_env_file=args.old_env_file)
     for line in findings.lines():
         print(line)
     return 1 if findings.blockers else 0
+
+
+def _small_pages(args: argparse.Namespace, env: Mapping[str, str], base: Path) -> int:
+    from teg_fsm.cli.migrate import convert_data_dir, old_runner_blockers
+    from teg_fsm.config import read_config
+
+    config, _problems = read_config(env)
+    data = args.data if args.data is not None else base / config.data_path
+    controller = base / config.controller_data_path if env.get("TEG_CONTROLLER_DATA_PATH") else data
+    lines, ok = convert_data_dir(data, controller_queue=controller / "communication_queue.db",
+                                 blockers=old_runner_blockers())
+    for line in lines:
+        print(line)
+    return 0 if ok else 1
 
 
 def _default_env_file() -> tuple[Mapping[str, str], str]:
@@ -160,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--check", action="store_true", help="only validate; exit 78 naming every problem")
     config.add_argument("--env-file", type=Path, default=None, help="read KEY=value lines from this file instead")
     config.set_defaults(func=_config)
-    migrate = sub.add_parser("migrate", help="inspect a host running the existing gateway (changes nothing)")
-    migrate.add_argument("--check", action="store_true", required=True, help="only inspect and report")
+    migrate = sub.add_parser("migrate", help="inspect a host running the existing gateway, or convert its files")
+    what = migrate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--check", action="store_true", help="only inspect and report (changes nothing)")
+    what.add_argument("--small-pages", action="store_true",
+                      help="rewrite the gateway's own files with 1 KiB pages (gateway stopped; docs/MIGRATION.md)")
+    migrate.add_argument("--data", type=Path, default=None, help="the data directory (default: TEG_DATA_PATH)")
     migrate.add_argument("--env-file", type=Path, default=None, help="our env file (default /etc/teg-fsm/teg.env)")
     migrate.add_argument("--old-env-file", type=Path, default=None, help="the existing gateway's .env")
     migrate.set_defaults(func=_migrate)

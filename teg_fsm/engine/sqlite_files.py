@@ -25,6 +25,13 @@ CORRUPT_MARKERS = ("file is not a database", "malformed", "disk image", "file is
 # queue + archive connection took ~20 minutes to reach it, which reads as a
 # leak in a soak. Our access is appends and deletes at the ends of the tables.
 CACHE_KIB = 512
+# Page size of the gateway's own new files (the archive, the outbox, the journal has
+# its own PAGE_SIZE). At rest each commit appends a row or two to a table and its
+# index: the WAL writes every touched page whole, so 1 KiB pages write a quarter of
+# SQLite's default 4 KiB (docs/UPLINK.md "At rest"). An existing file keeps its size
+# until `teg migrate --small-pages` rewrites it. Never the controller's queue file:
+# its format is the controller's.
+SMALL_PAGE_SIZE = 1024
 
 
 def is_corruption(exc: BaseException) -> bool:
