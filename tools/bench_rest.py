@@ -245,39 +245,24 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
     if tracer is not None:
         tracer.terminate()
         tracer.wait()
-    rows = max(1, written[0])
     hour = 3600 / elapsed
-    if variant == "idle":
-        per_min = 60 / elapsed
-        result = {"rows": 0, "cpu_s": cpu1 - cpu0, "cpu_s_per_10min": (cpu1 - cpu0) * 600 / elapsed,
-                  "write_kb_per_min": (wb1 - wb0) * per_min / 1024, "write_mb_per_hour": (wb1 - wb0) * hour / 2**20,
-                  "wakeups_per_min": (vcs1 - vcs0) * per_min, "journal_kb_per_hour": (j1 - j0) * hour / 1024,
-                  "load": (load0 + os.getloadavg()[0]) / 2}
-        print(f"idle   {args.minutes:g} min, no rows: CPU {result['cpu_s']:.2f} s "
-              f"({result['cpu_s_per_10min']:.2f} per 10 min); written {result['write_kb_per_min']:.1f} KB/min, "
-              f"{result['write_mb_per_hour']:.1f} MB/h; wake-ups {result['wakeups_per_min']:.1f}/min; "
-              f"journal +{result['journal_kb_per_hour']:.0f} KB/h; load {result['load']:.2f}", flush=True)
-        if args.threads:
-            per_thread = switches_by_thread(proc.pid)
-            per_thread.subtract(per_thread0)
-            print("  wake-ups per minute by thread: " + ", ".join(
-                f"{name} {n * per_min:.1f}" for name, n in per_thread.most_common() if n), flush=True)
-        if tracer is not None:
-            print(strace_summary(trace), flush=True)
-        return result
-    result = {"rows": rows, "cpu_s": cpu1 - cpu0, "cpu_s_per_10min": (cpu1 - cpu0) * 600 / elapsed,
-              "write_kb_per_row": (wb1 - wb0) / rows / 1024, "write_mb_per_hour": (wb1 - wb0) * hour / 2**20,
-              "wakeups_per_row": (vcs1 - vcs0) / rows, "journal_kb_per_hour": (j1 - j0) * hour / 1024,
+    # Per row while a controller writes; per minute for the idle window, which has no rows.
+    idle = variant == "idle"
+    unit, per_unit = ("min", 60 / elapsed) if idle else ("row", 1 / max(1, written[0]))
+    result = {"rows": 0 if idle else written[0], "cpu_s": cpu1 - cpu0,
+              "cpu_s_per_10min": (cpu1 - cpu0) * 600 / elapsed,
+              f"write_kb_per_{unit}": (wb1 - wb0) * per_unit / 1024, "write_mb_per_hour": (wb1 - wb0) * hour / 2**20,
+              f"wakeups_per_{unit}": (vcs1 - vcs0) * per_unit, "journal_kb_per_hour": (j1 - j0) * hour / 1024,
               "load": (load0 + os.getloadavg()[0]) / 2}
-    print(f"{variant:6s} {args.minutes:g} min, {rows} rows: CPU {result['cpu_s']:.2f} s "
-          f"({result['cpu_s_per_10min']:.2f} per 10 min); written {result['write_kb_per_row']:.1f} KB/row, "
-          f"{result['write_mb_per_hour']:.1f} MB/h; wake-ups {result['wakeups_per_row']:.1f}/row; "
+    print(f"{variant:6s} {args.minutes:g} min, {'no' if idle else written[0]} rows: CPU {result['cpu_s']:.2f} s "
+          f"({result['cpu_s_per_10min']:.2f} per 10 min); written {result[f'write_kb_per_{unit}']:.1f} KB/{unit}, "
+          f"{result['write_mb_per_hour']:.1f} MB/h; wake-ups {result[f'wakeups_per_{unit}']:.1f}/{unit}; "
           f"journal +{result['journal_kb_per_hour']:.0f} KB/h; load {result['load']:.2f}", flush=True)
     if args.threads:
         per_thread = switches_by_thread(proc.pid)
         per_thread.subtract(per_thread0)
-        print("  wake-ups per row by thread: " + ", ".join(
-            f"{name} {n / rows:.2f}" for name, n in per_thread.most_common() if n), flush=True)
+        print(f"  wake-ups per {unit} by thread: " + ", ".join(
+            f"{name} {n * per_unit:.2f}" for name, n in per_thread.most_common() if n), flush=True)
     if tracer is not None:
         print(strace_summary(trace), flush=True)
     return result

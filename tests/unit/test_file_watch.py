@@ -22,6 +22,11 @@ def readable(watch: FileWatch, timeout: float = 0.2) -> bool:
     return bool(select.select([watch.fileno()], [], [], timeout)[0])
 
 
+def append(path: Path, data: bytes = b"frame") -> None:
+    with path.open("ab") as f:
+        f.write(data)
+
+
 @pytest.fixture()
 def queue_watch(tmp_path: Path):
     db = tmp_path / "communication_queue.db"
@@ -39,23 +44,20 @@ def test_writes_to_other_files_in_the_directory_do_not_wake_the_watch(queue_watc
     journal.write_bytes(b"x")  # created: a name the watch does not care about
     watch.changed()
     for _ in range(20):
-        with journal.open("ab") as f:
-            f.write(b"frame")
+        append(journal)
     assert not readable(watch), "a journal write woke the queue watch"
     assert not watch.changed()
 
 
 def test_a_write_to_the_queue_or_its_wal_is_a_change(queue_watch) -> None:
     _, db, watch = queue_watch
-    with db.open("ab") as f:
-        f.write(b"row")
+    append(db, b"row")
     assert readable(watch) and watch.changed()
     assert not watch.changed(), "one write, one change"
     wal = Path(f"{db}-wal")
     wal.write_bytes(b"")  # SQLite creates the -wal when the first writer opens the file
     assert watch.changed()
-    with wal.open("ab") as f:
-        f.write(b"frame")
+    append(wal)
     assert readable(watch) and watch.changed(), "the -wal created after the watch started is watched"
 
 
@@ -67,8 +69,7 @@ def test_a_replaced_queue_file_is_watched_again(queue_watch) -> None:
     replacement.write_bytes(b"")
     os.rename(replacement, db)
     assert watch.changed(), "a file renamed over the queue is a change"
-    with db.open("ab") as f:
-        f.write(b"row")
+    append(db, b"row")
     assert readable(watch) and watch.changed(), "the new file's writes are seen"
 
 
