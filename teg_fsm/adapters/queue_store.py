@@ -779,6 +779,30 @@ class QueueStore:
         self.pending_rows = max(0, self.pending_rows - deleted)
         return deleted
 
+    def ack_ranges(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Delete the rows of several acknowledged packets ``(after_id, last_id]`` in one transaction.
+
+        Ranges that touch (consecutive packets) are deleted as one; a gap between two stays.
+        """
+        merged: list[tuple[int, int]] = []
+        for after_id, last_id in sorted(ranges):
+            if merged and after_id <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], last_id))
+            else:
+                merged.append((after_id, last_id))
+        if len(merged) <= 1:
+            return self.ack(*merged[0]) if merged else 0
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = sum(conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", r).rowcount for r in merged)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.pending_rows = max(0, self.pending_rows - deleted)
+        return deleted
+
     # -- archive ------------------------------------------------------------------------
 
     def republish(self, start_ms: int, end_ms: int, pending_max_rows: int) -> dict[str, int]:
