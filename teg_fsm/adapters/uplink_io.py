@@ -29,6 +29,7 @@ hand-over between threads). Work nobody announced arrives two ways:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -38,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from teg_fsm.adapters.file_watch import FileWatch
 from teg_fsm.adapters.gateway_logs import BufferingLogHandler, LogBuffer
@@ -58,6 +59,16 @@ Post = Callable[[str, dict[str, Any]], None]
 Job = Callable[[], None]
 
 
+class _Ack(NamedTuple):
+    """A queue packet's PUBACK whose rows are still to be deleted."""
+
+    source: QueueStore
+    generation: int
+    packet: Any
+    result: dict[str, Any]
+    completion: Completion
+
+
 class UplinkIO:
     """Runs uplink jobs on one thread and watches the controller queue."""
 
@@ -72,6 +83,7 @@ class UplinkIO:
         self.logs: LogBuffer | None = None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._acks: collections.deque[_Ack] = collections.deque()  # paho's thread appends, this one settles
         self._watch: FileWatch | None = None
         self._wake_r: int | None = None
         self._wake_w: int | None = None
@@ -245,7 +257,10 @@ class UplinkIO:
             return
 
         def on_done(ok: bool, error: str | None) -> None:
-            if ok:
+            if ok and isinstance(source, QueueStore):
+                self._acks.append(_Ack(source, generation, packet, result, completion))
+                self.submit(self._settle_acks)
+            elif ok:
                 self.submit(lambda: self._acked(source, generation, packet, result, completion))
             elif isinstance(error, Refused):
                 self.submit(lambda: self._refused(source, generation, packet, result, completion, error))
@@ -253,6 +268,35 @@ class UplinkIO:
                 completion.fail(error or "publish failed")
 
         self.publish(TELEMETRY_TOPIC, packet.payload, 1, on_done)
+
+    def _settle_acks(self) -> None:
+        """Delete the rows of every queue PUBACK come so far in one statement, then settle them.
+
+        PUBACKs come in bursts while this thread moves a batch (the packets of the previous
+        one were out meanwhile): the first job takes them all, one delete and one commit
+        instead of one each; the jobs of the others find nothing left.
+        """
+        acks: list[_Ack] = []
+        while self._acks:
+            acks.append(self._acks.popleft())
+        failure: Exception | None = None
+        for source in {id(a.source): a.source for a in acks}.values():
+            group = [a for a in acks if a.source is source]
+            # Deleted even when the effect already timed out (the server has the rows); not when
+            # the queue file was reopened since: these ids now name other rows (as ``_acked``).
+            live = [a for a in group if a.generation == source.generation]
+            try:
+                if live:
+                    source.ack_ranges([(a.packet.after_id, a.packet.last_id) for a in live])
+            except Exception as exc:
+                failure = failure or exc
+                for a in live:
+                    a.completion.fail(f"deleting acknowledged rows failed: {exc}")
+                group = [a for a in group if a.generation != source.generation]
+            for a in group:
+                a.completion.succeed(a.result)
+        if failure is not None:
+            raise failure
 
     @staticmethod
     def _acked(source: Any, generation: int, packet: Any, result: dict[str, Any], completion: Completion) -> None:
