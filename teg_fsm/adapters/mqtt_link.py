@@ -34,13 +34,17 @@ PINGREQ and read its PINGRESP:
   writes one byte to the wake-up pair, and the loop writes the packet. Paho
   calls the callback only when its ``_registered_write`` flag is down, and
   publishing threads test and raise that flag unlocked, so the loop never
-  trusts the flag: it calls ``loop_write`` on every pass (free when nothing is
-  queued), whose last step lowers the flag unless ``want_write()``, and the
-  writable set of each ``select`` is ``want_write()`` asked afresh. A publisher
-  that finds the flag down wakes the loop; one that finds it still up appended
-  its packet before the loop's next ``want_write()``, which sees it. (Writing
-  only after a wake would lose one: a stale raised flag with nothing queued
-  would swallow the next publisher's wake until the keepalive timeout);
+  trusts the flag. ``loop_write`` ends by lowering it unless ``want_write()``,
+  and the loop calls it after a wake, when ``select`` found the socket writable,
+  and whenever nothing is queued (free then: it only lowers the flag), so a
+  pass never ends with the flag up and the queue empty; the writable set of
+  each ``select`` is ``want_write()`` asked afresh. A publisher that finds the
+  flag down wakes the loop; one that finds it still up appended its packet
+  before the loop's next ``want_write()``, which sees it. (Writing only when
+  ``want_write()`` would lose a wake: a flag left up with nothing queued
+  swallows the next publisher's wake until the keepalive timeout. Writing on
+  every pass costs: a TLS write into a full socket after each PUBACK read
+  halved the throughput of 63 KiB packets in ``tools/bench_mqtt_link.py``);
 - a close (``_close``, the gateway stopping) queues the DISCONNECT and wakes the
   loop at once; if the peer does not take it, the loop shuts the socket down
   itself ``CLOSE_GRACE_S`` later (a deadline in its own timeout, no timer thread).
@@ -360,7 +364,7 @@ class MqttLink:
             timeout = 0.0 if buffered else self._select_timeout(session)
             writable = [sock] if client.want_write() else []
             try:
-                readable, _, _ = select.select([sock, wakee], writable, [], timeout)
+                readable, ready_w, _ = select.select([sock, wakee], writable, [], timeout)
             except (OSError, ValueError) as exc:  # the descriptor was closed under us
                 self._ended(session, f"socket closed: {exc}")
                 return
@@ -370,7 +374,8 @@ class MqttLink:
                 client.loop_read()
                 if client.socket() is None:
                     return  # paho closed it and has called on_disconnect
-            client.loop_write()  # every pass, even with nothing queued: see the module docstring
+            if ready_w or wakee in readable or not client.want_write():
+                client.loop_write()  # see the module docstring for when, and why not on every pass
             if client.socket() is None:
                 return
             client.loop_misc()  # keepalive: PINGREQ when due, the end of a session whose PINGRESP never came
