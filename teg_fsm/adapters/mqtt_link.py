@@ -6,10 +6,50 @@ The connection machine decides when to connect; this adapter only carries
 out one ``connect`` at a time. Each connect builds a fresh paho 2.x client
 (``CallbackAPIVersion.VERSION2``, MQTT 3.1.1 or 5 as configured,
 ``reconnect_on_failure=False``)
-and a session number. TCP/TLS set-up runs on a short-lived thread; then
-paho's own network thread (``loop_start``) runs until the connection ends and
-exits, because reconnecting is switched off. A new connect first closes the
-previous session, so at most one session is live.
+and a session number. TCP/TLS set-up runs on a short-lived thread; then the
+session's network thread (ours, named ``paho-mqtt-client-`` as paho's own was)
+runs paho's external-loop API until the connection ends, and exits. A new
+connect first closes the previous session, so at most one session is live.
+
+The network loop
+----------------
+Paho's ``loop_start`` thread wakes from ``select`` once a second whatever
+happens (``loop_forever(timeout=1.0)``): at one controller row a second that
+alone is one wake-up per row (issue #16). Our loop ``select``s on the socket
+and on a wake-up socketpair of the session, with a timeout that ends when
+paho's keepalive check is next due, so an idle session wakes only to send a
+PINGREQ and read its PINGRESP:
+
+- the deadline is ``min(last packet out, last byte in, PINGREQ sent) +
+  keepalive``, read from paho's clock fields just before each ``select``:
+  ``loop_misc`` then sends the PINGREQ on time (a broker drops a session after
+  1.5 x keepalive of silence), and one keepalive after an unanswered PINGREQ it
+  closes the session (paho's check, unchanged);
+- a TLS socket may hold decrypted bytes that ``select`` cannot see: when
+  ``pending()`` says so the loop reads without waiting, as paho's loop does;
+- other threads never touch the socket. With ``on_socket_register_write`` set
+  and no paho thread, paho's ``_packet_queue`` only appends the packet to its
+  deque and calls that callback (it writes straight to the socket only when
+  neither is there: the reason the old code needed ``loop_start``); our callback
+  writes one byte to the wake-up pair, and the loop writes the packet. Paho
+  calls the callback only when its ``_registered_write`` flag is down, and
+  publishing threads test and raise that flag unlocked, so the loop never
+  trusts the flag. ``loop_write`` ends by lowering it unless ``want_write()``,
+  and the loop calls it after a wake, when ``select`` found the socket writable,
+  and whenever nothing is queued (free then: it only lowers the flag), so a
+  pass never ends with the flag up and the queue empty; the writable set of
+  each ``select`` is ``want_write()`` asked afresh. A publisher that finds the
+  flag down wakes the loop; one that finds it still up appended its packet
+  before the loop's next ``want_write()``, which sees it. (Writing only when
+  ``want_write()`` would lose a wake: a flag left up with nothing queued
+  swallows the next publisher's wake until the keepalive timeout. Writing on
+  every pass costs: a TLS write into a full socket after each PUBACK read
+  halved the throughput of 63 KiB packets in ``tools/bench_mqtt_link.py``);
+- a close (``_close``, the gateway stopping) queues the DISCONNECT and wakes the
+  loop at once; if the peer does not take it, the loop shuts the socket down
+  itself ``CLOSE_GRACE_S`` later (a deadline in its own timeout, no timer thread).
+  Other threads only ``shutdown`` a session's socket (which wakes ``select``),
+  never close it: a descriptor closed under ``select`` would not wake it.
 
 Sessions are ``device`` (username = the token read from the token file at
 connect time) or ``provision`` (username ``provision``). Only device sessions
@@ -22,7 +62,7 @@ payloads into journaled effects)::
     link.publish_async(topic, payload_bytes, qos, on_done)
 
 ``on_done(ok: bool, error: str | None)`` is called exactly once: on PUBACK
-(QoS 1) or when the packet was written (QoS 0) from paho's thread, with
+(QoS 1) or when the packet was written (QoS 0) from the network thread, with
 ``False`` when the session is lost first, or at once (in the caller's thread)
 when there is no device session or paho refuses the message (queue full,
 payload too large). Keep ``on_done`` short: it runs on the network thread.
@@ -50,14 +90,18 @@ Paho quirks handled here (see aiomqtt's client for the same ideas):
   call into paho while holding our own lock (no lock-order deadlock).
 - ``on_connect`` may be called twice and ``on_disconnect`` may come more than
   once or late for an old client: both are idempotent per session.
-- Without ``loop_start`` paho writes to the socket from the publishing thread,
-  unsynchronised with the network thread, so we always run ``loop_start``.
+- Without a paho thread and without ``on_socket_register_write``, paho writes to
+  the socket from the publishing thread, unsynchronised with the network thread:
+  every client gets the callback before its ``connect``.
+- Callbacks that raise propagate out of ``loop_read`` (``suppress_exceptions`` is
+  off): the loop logs them and ends the session instead of dying silently.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -78,6 +122,8 @@ Post = Callable[[str, dict[str, Any]], None]
 DEVICE = "device"
 PROVISION = "provision"
 CLOSE_GRACE_S = 3.0  # after a DISCONNECT we asked for, the socket is cut if the session has not ended
+THREAD_NAME = "paho-mqtt-client-"  # the network thread keeps the name paho's own thread had
+KEEPALIVE_SLACK_S = 0.01  # wake this much after paho's keepalive check is due, never just before it
 # CONNACK codes the connection machine treats as a rejected token: MQTT 3.1.1's 4 (bad user
 # name or password) and 5 (not authorized), which paho 2 reports as MQTT 5's 0x86 and 0x87, and
 # those two on MQTT 5 (ThingsBoard: MTH:1346-1362). Others (0x85 client id, 0x9F rate, 0x88
@@ -103,7 +149,7 @@ class Refused(str):
 
 
 class Session:
-    """One paho client and what is pending on it."""
+    """One paho client, what is pending on it, and its network loop's wake-up pair."""
 
     def __init__(self, number: int, purpose: str, client: mqtt.Client, on_connected: Any) -> None:
         self.number = number
@@ -116,6 +162,39 @@ class Session:
         self.pending: dict[int, OnDone] = {}
         self.receive_maximum: int | None = None  # MQTT 5 CONNACK property, when the server sent one
         self.early: dict[int, Any] = {}  # mid -> reason code, acknowledged before registration
+        self.cut_at: float | None = None  # paho's clock: shut the socket down if still open then
+        self.loop_thread: threading.Thread | None = None
+        self._waker, self._wakee = socket.socketpair()
+        self._waker.setblocking(False)
+        self._wakee.setblocking(False)
+        self._wake_lock = threading.Lock()  # a wake never meets a closed (or reused) descriptor
+        self._wake_closed = False
+
+    def wake(self) -> None:
+        """Make the network loop's ``select`` return (any thread; one byte, or none if one waits)."""
+        with self._wake_lock:
+            if self._wake_closed:
+                return
+            try:
+                self._waker.send(b"\0")
+            except OSError:  # BlockingIOError: the pair is full, so the loop wakes anyway
+                pass
+
+    def wake_fileno(self) -> int:
+        return self._wakee.fileno()
+
+    def drain_wakes(self) -> None:
+        try:
+            while self._wakee.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+
+    def close_wakes(self) -> None:
+        with self._wake_lock:
+            self._wake_closed = True
+            self._waker.close()
+            self._wakee.close()
 
 
 class MqttLink:
@@ -180,6 +259,7 @@ class MqttLink:
             if not closed:
                 self._current = session
         if closed:  # the machines keep running while the other components stop
+            session.close_wakes()
             completion.fail("the gateway is stopping", {"network": True})
             return
         threading.Thread(target=self._open, args=(session,), name=f"teg-mqtt-connect-{session.number}", daemon=True).start()
@@ -205,10 +285,14 @@ class MqttLink:
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        # The external-loop callbacks: set before connect(), so paho never writes from our caller.
+        client.on_socket_open = _on_socket_open
+        client.on_socket_register_write = _on_socket_register_write
+        client.on_socket_close = _on_socket_register_write  # a close by another thread must wake the loop
         return client
 
     def _open(self, session: Session) -> None:
-        """TCP + TLS + CONNECT (blocking, bounded by paho's connect_timeout), then paho's thread."""
+        """TCP + TLS (blocking, bounded by paho's connect_timeout) and CONNECT queued, then the network loop."""
         try:
             session.client.connect(self.host, self.port, keepalive=self.keepalive)
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -216,13 +300,15 @@ class MqttLink:
             kind = "TLS" if isinstance(exc, ssl.SSLError) else "network"
             session.on_connected.fail(f"cannot connect to {self.host}:{self.port} ({kind}): {exc}", {"network": True})
             self._ended(session, f"{kind} error: {exc}")
+            session.close_wakes()
             return
         if session.ended.is_set() or self._current is not session:
-            session.client.disconnect()  # closed while we were connecting
+            _close_socket(session.client)  # closed while we were connecting; no loop runs yet
             self._ended(session, "closed while connecting")
+            session.close_wakes()
             return
-        _no_delay(session.client.socket())
-        session.client.loop_start()
+        session.loop_thread = threading.Thread(target=self._run, args=(session,), name=THREAD_NAME, daemon=True)
+        session.loop_thread.start()
 
     def close_current(self, reason: str) -> None:
         with self._lock:
@@ -233,15 +319,13 @@ class MqttLink:
     def _close(self, session: Session, reason: str) -> None:
         if not session.reason:
             session.reason = reason
-        session.client.disconnect()  # paho's thread sends DISCONNECT, then exits
+        # A stuck peer may never let the DISCONNECT out; the machines must still hear the end.
+        session.cut_at = mqtt.time_func() + CLOSE_GRACE_S
+        session.client.disconnect()  # queued; the network loop sends it, then paho closes the socket
+        session.wake()  # at once, even if paho thought the loop already knew there is a packet to write
         if not session.connected:
             session.on_connected.fail(f"connect abandoned: {reason}", {"network": True})
             self._ended(session, reason)
-            return
-        # A stuck peer may never let the DISCONNECT out; the machines must still hear the end.
-        cut = threading.Timer(CLOSE_GRACE_S, _cut_off, (session,))
-        cut.daemon = True
-        cut.start()
 
     def close(self, timeout: float = 3.0) -> None:
         """Disconnect cleanly; a dead network is cut off after ``timeout`` s."""
@@ -255,8 +339,60 @@ class MqttLink:
             _cut_off(session)
             session.ended.wait(2.0)
         self._ended(session, "gateway stopping")
+        thread = session.loop_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)  # it exits once paho has closed the socket; stopping leaves no thread behind
 
-    # -- paho callbacks (paho's network thread) ---------------------------
+    # -- the network loop (the session's network thread) -------------------
+
+    def _run(self, session: Session) -> None:
+        """The session's network thread: the loop, then whatever it left open is closed and ended."""
+        try:
+            self._network_loop(session)
+        except Exception:  # a raising callback (paho re-raises them) must not leave the session hanging
+            log.exception("MQTT %s session %d: the network loop failed", session.purpose, session.number)
+        finally:
+            _close_socket(session.client)  # open only after a cut-off or a failure of the loop itself
+            self._ended(session, "network loop ended")
+            session.close_wakes()
+
+    def _network_loop(self, session: Session) -> None:
+        """``select`` on the socket and the wake-up pair until paho has closed the socket (module docstring)."""
+        client, wakee = session.client, session.wake_fileno()
+        while (sock := client.socket()) is not None:
+            buffered = _tls_pending(sock)
+            timeout = 0.0 if buffered else self._select_timeout(session)
+            writable = [sock] if client.want_write() else []
+            try:
+                readable, ready_w, _ = select.select([sock, wakee], writable, [], timeout)
+            except (OSError, ValueError) as exc:  # the descriptor was closed under us
+                self._ended(session, f"socket closed: {exc}")
+                return
+            if wakee in readable:
+                session.drain_wakes()  # before loop_write: a wake that comes after it stays pending
+            if sock in readable or buffered:
+                client.loop_read()
+                if client.socket() is None:
+                    return  # paho closed it and has called on_disconnect
+            if ready_w or wakee in readable or not client.want_write():
+                client.loop_write()  # see the module docstring for when, and why not on every pass
+            if client.socket() is None:
+                return
+            client.loop_misc()  # keepalive: PINGREQ when due, the end of a session whose PINGRESP never came
+            cut_at = session.cut_at  # set by the closing thread
+            if cut_at is not None and mqtt.time_func() >= cut_at and client.socket() is not None:
+                _shutdown(sock)  # the DISCONNECT did not get out in time
+                client.loop_read()  # reads the end of the stream: paho closes and calls on_disconnect
+                return
+
+    def _select_timeout(self, session: Session) -> float | None:
+        """Until paho's keepalive check is due, or the close's cut-off if sooner (None: no deadline)."""
+        deadlines = [d for d in (_keepalive_due(session.client, self.keepalive), session.cut_at) if d is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - mqtt.time_func())
+
+    # -- paho callbacks (the network thread) -------------------------------
 
     def _on_connect(self, client: mqtt.Client, session: Session, flags: Any, reason: Any, properties: Any) -> None:
         if session.connected or session.ended.is_set():
@@ -341,7 +477,7 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, session: Session, message: mqtt.MQTTMessage) -> None:
         try:
             self.inbound.handle(session.number, message.topic, bytes(message.payload))
-        except Exception:  # a bug in one message must not stop paho's thread
+        except Exception:  # a bug in one message must not stop the network thread
             log.exception("handling an MQTT message on %s failed", message.topic)
 
     # -- outbound ---------------------------------------------------------
@@ -396,15 +532,66 @@ def _finish(on_done: OnDone, reason: Any) -> None:
 
 
 def _cut_off(session: Session) -> None:
-    """Shut the socket of a session that did not end by itself; paho's thread then ends it."""
+    """Shut the socket of a session that did not end by itself; the network loop then ends it."""
     if session.ended.is_set():
         return
     sock = session.client.socket()
     if sock is not None:
+        _shutdown(sock)  # wakes the loop's select with the end of the stream
+
+
+def _shutdown(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _close_socket(client: mqtt.Client) -> None:
+    """Close a socket paho still holds, on the thread that owns it (no loop reads it any more)."""
+    sock = client.socket()
+    if sock is not None:
         try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes paho's select; its thread then exits
+            sock.close()
         except OSError:
             pass
+
+
+def _tls_pending(sock: Any) -> bool:
+    """Decrypted bytes the SSL object holds: ``select`` cannot see them (paho's loop checks too)."""
+    pending = getattr(sock, "pending", None)
+    return pending is not None and pending() > 0
+
+
+def _keepalive_due(client: mqtt.Client, keepalive: int) -> float | None:
+    """When paho's ``loop_misc`` must next run, on paho's clock (``mqtt.time_func``).
+
+    Its keepalive check sends a PINGREQ once ``keepalive`` has passed since the last
+    packet out or the last byte in, and closes the session ``keepalive`` after an
+    unanswered PINGREQ. Paho keeps those times in private fields: if they are gone
+    (another paho version), fall back to the one-second poll of ``loop_forever``.
+    """
+    if keepalive <= 0:
+        return None
+    try:
+        last = min(client._last_msg_out, client._last_bytes_received)
+        ping = client._ping_t
+    except AttributeError:
+        return mqtt.time_func() + 1.0
+    if ping > 0:
+        last = min(last, ping)
+    return last + keepalive + KEEPALIVE_SLACK_S
+
+
+def _on_socket_open(client: mqtt.Client, session: Session, sock: Any) -> None:
+    _no_delay(sock)  # before the CONNECT goes out
+
+
+def _on_socket_register_write(client: mqtt.Client, session: Session, sock: Any) -> None:
+    """Paho queued a packet (or closed the socket): wake the loop, unless this is the loop itself."""
+    thread = session.loop_thread
+    if thread is None or thread.ident != threading.get_ident():
+        session.wake()
 
 
 def _first_failure(codes: Any) -> Any:
