@@ -51,7 +51,10 @@ there is nothing to restart and it is ignored.
 
 Persisted: the version it runs, the container's id and start time, the
 current backoff, when a pending restart is due, a queued restart or swap (a
-swap in flight counts as queued). Resume: every state re-enters ``stopped``;
+swap in flight counts as queued), since when the engine is unreachable and
+the engine retry delay (``engine_retry_s``, doubled per retry that finds the
+engine still down, up to ``engine_retry_max_s``; back to ``engine_retry_s``
+once the engine answers). Resume: every state re-enters ``stopped``;
 ``gateway_started`` then re-inspects the engine, which adopts a running
 controller, finishes a pending backoff, or carries out the queued swap. A
 crash loop in a busy state lands in ``unhealthy`` (wait the backoff, then
@@ -200,8 +203,8 @@ class ControllerMachine(GatewayMachine):
     docker_engine_lost = (
         running.to(engine_unreachable) | unhealthy.to(engine_unreachable) | awaiting_image.to(engine_unreachable)
     )
-    engine_retry_due = engine_unreachable.to(inspecting)
-    docker_engine_returned = engine_unreachable.to(inspecting)
+    engine_retry_due = engine_unreachable.to(inspecting, on="back_off_engine_retry")
+    docker_engine_returned = engine_unreachable.to(inspecting, on="reset_engine_retry")
 
     resumed = unhealthy.to.itself(internal=True, on="resume_after_crash_loop") | stopped.to.itself(internal=True)
 
@@ -211,7 +214,7 @@ class ControllerMachine(GatewayMachine):
     # Persisted names are a contract (STYLE 4): keep these keys, in this order.
     persisted: ClassVar[tuple[str, ...]] = (
         "version", "container_id", "started_at_ms", "backoff_s", "restart_due_ms",
-        "restart_queued", "pending_swap", "swap_version", "engine_down_since_ms",
+        "restart_queued", "pending_swap", "swap_version", "engine_down_since_ms", "engine_retry_delay_s",
     )
 
     def setup(self) -> None:
@@ -224,6 +227,7 @@ class ControllerMachine(GatewayMachine):
         self.pending_swap: str | None = None
         self.swap_version: str | None = None
         self.engine_down_since_ms: int | None = None
+        self.engine_retry_delay_s: float = self.settings.engine_retry_s
         self.health_ts_ms: int | None = None  # not persisted: re-read within one tick
         self.reported_health_ts_ms = 0
         self.exit_reason = ""
@@ -237,6 +241,7 @@ class ControllerMachine(GatewayMachine):
             if key in data:
                 setattr(self, key, data[key])
         self.backoff_s = rules.clamp(float(self.backoff_s), self.settings)
+        self.engine_retry_delay_s = rules.engine_retry_clamp(float(self.engine_retry_delay_s), self.settings)
         # A swap cut short by a crash is done again: OTA still waits for its answer.
         self.pending_swap = self.pending_swap or self.swap_version
         self.swap_version = None
@@ -354,13 +359,14 @@ class ControllerMachine(GatewayMachine):
         if self.engine_down_since_ms is None:
             self.engine_down_since_ms = self.now_ms
             error = (ev.data.get("error") if ev is not None else None) or "no answer"
-            self._log("error", f"Docker engine unreachable ({error}); retrying every {self.settings.engine_retry_s:g} s")
+            self._log("error", rules.engine_unreachable_log(error, self.engine_retry_delay_s, self.settings))
             self.emit(rules.engine_reachable(self.now_ms, False))
-        self.emit(StartTimer(name="engine_retry_due", seconds=self.settings.engine_retry_s))
+        self.emit(StartTimer(name="engine_retry_due", seconds=self.engine_retry_delay_s))
 
     # -- actions: taking transitions -----------------------------------------
 
     def on_inspect_succeeded(self) -> None:
+        self.reset_engine_retry()
         if self.engine_down_since_ms is not None:
             down_s = (self.now_ms - self.engine_down_since_ms) / 1000
             self._log("info", f"Docker engine reachable again after {down_s:.0f} s")
@@ -413,6 +419,16 @@ class ControllerMachine(GatewayMachine):
         if rules.newly_seen(self.health_ts_ms, self.started_at_ms, self.reported_health_ts_ms):
             self.reported_health_ts_ms = self.health_ts_ms or 0
             self.emit(rules.health_seen(self.version, self.health_ts_ms))
+
+    # The event watcher posts docker_engine_returned as soon as the engine answers, so the
+    # machine's own retries are a safety net: while the engine stays down they need not
+    # cost a journaled inspect and two state points every 10 s. The grown delay is the one
+    # the next wait in engine_unreachable uses; a resumed machine continues from it.
+    def back_off_engine_retry(self) -> None:
+        self.engine_retry_delay_s = rules.engine_retry_grown(self.engine_retry_delay_s, self.settings)
+
+    def reset_engine_retry(self) -> None:
+        self.engine_retry_delay_s = self.settings.engine_retry_s
 
     def decay_backoff(self) -> None:
         self.backoff_s = rules.decayed(self.backoff_s, self.settings)

@@ -36,7 +36,8 @@ class ControllerSettings:
     stop_timeout_s: float = 60.0
     telemetry_interval_s: float = 20.0
     first_check_s: float = 5.0
-    engine_retry_s: float = 10.0
+    engine_retry_s: float = 10.0  # the first retry after the engine stopped answering
+    engine_retry_max_s: float = 300.0  # the retries double up to this (the event watcher is faster)
     version_request_retry_s: float = 600.0
     attributes_timeout_s: float = 30.0
     image_retry_s: float = 600.0
@@ -75,6 +76,16 @@ def grown(backoff_s: float, settings: ControllerSettings) -> float:
 def decayed(backoff_s: float, settings: ControllerSettings) -> float:
     """The backoff after one backoff period the controller stayed up."""
     return max(settings.restart_backoff_s, backoff_s / settings.restart_backoff_factor)
+
+
+def engine_retry_clamp(delay_s: float, settings: ControllerSettings) -> float:
+    """``delay_s`` within [engine_retry_s, engine_retry_max_s] (a cap below the base means no backoff)."""
+    return min(max(delay_s, settings.engine_retry_s), max(settings.engine_retry_s, settings.engine_retry_max_s))
+
+
+def engine_retry_grown(delay_s: float, settings: ControllerSettings) -> float:
+    """The engine retry delay after one more retry that found the engine down: doubled, capped."""
+    return engine_retry_clamp(delay_s * 2, settings)
 
 
 # -- health ------------------------------------------------------------------
@@ -192,6 +203,15 @@ def image_missing_reason(version: str | None) -> str:
 def image_missing_log(version: str | None, retry_s: float) -> str:
     return (f"{image_missing_reason(version)}: asked OTA to fetch, check out and build {version}; "
             f"trying the start again in {retry_s:g} s")
+
+
+def engine_unreachable_log(error: str, delay_s: float, settings: ControllerSettings) -> str:
+    """Said once per outage: when the next inspect comes and how the retries then back off."""
+    cap = max(settings.engine_retry_s, settings.engine_retry_max_s)
+    if delay_s >= cap:
+        return f"Docker engine unreachable ({error}); retrying every {cap:g} s"
+    return (f"Docker engine unreachable ({error}); retrying in {delay_s:g} s, "
+            f"then backing off (doubling) to every {cap:g} s")
 
 
 def offered(shared: dict[str, Any]) -> str:

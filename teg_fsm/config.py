@@ -81,6 +81,7 @@ class Config:
     health_check_max_age_s: float
     restart_backoff_s: float
     restart_backoff_factor: float
+    engine_retry_max_s: float  # the controller's engine retries double from 10 s up to this
     controller_restart_policy: str
     controller_privileged: bool
     controller_extra_mounts: tuple[str, ...]
@@ -296,6 +297,8 @@ def _read(env: _Env) -> Config:
         health_check_max_age_s=_float(env, "TEG_HEALTH_CHECK_MAX_AGE_S", 6 * 3600, minimum=1),
         restart_backoff_s=_float(env, "TEG_RESTART_BACKOFF_S", 600.0, minimum=0.1),
         restart_backoff_factor=_float(env, "TEG_RESTART_BACKOFF_FACTOR", 1.6, minimum=1.0, maximum=10.0),
+        # From the first retry's 10 s (ControllerSettings.engine_retry_s) up to an hour.
+        engine_retry_max_s=_float(env, "TEG_ENGINE_RETRY_MAX_S", 300.0, minimum=10.0, maximum=3600.0),
         controller_restart_policy=_get(env, "TEG_CONTROLLER_RESTART_POLICY", "on-failure:3") or "on-failure:3",
         controller_privileged=_bool(env, "TEG_CONTROLLER_PRIVILEGED", True),
         controller_extra_mounts=_list(env, "TEG_CONTROLLER_EXTRA_MOUNTS", _EXTRA_MOUNTS),

@@ -84,6 +84,7 @@ class ControllerComponent:
             "health_check_max_age_s": config.health_check_max_age_s,
             "restart_backoff_s": config.restart_backoff_s,
             "restart_backoff_factor": config.restart_backoff_factor,
+            "engine_retry_max_s": config.engine_retry_max_s,
             "stop_timeout_s": config.controller_stop_timeout_s,
             **self._overrides,
         }

@@ -372,3 +372,30 @@ def test_the_gateway_survives_the_engine_stopping_and_recovers_when_it_returns(
             client.close()
     finally:
         r.gateway.stop()
+
+
+def test_after_a_long_engine_outage_the_engine_watcher_brings_the_controller_back_before_the_backed_off_retry(
+    tmp_path: Path, own_dockerd: OwnDockerd, controller_version: str
+) -> None:
+    """Issue 16: the machine's own retries back off (10 s, 20 s, 40 s, ...); the event watcher,
+    which reconnects at least every 10 s, still notices the return at once."""
+    r = Run(tmp_path, own_dockerd.host, controller_version, {}, engine_retry_s=10.0)
+    r.gateway.start()
+    try:
+        r.wait_state("running", timeout=30)
+        mark = len(r.moves)
+        own_dockerd.stop()
+        lost = r.wait_state("engine_unreachable", after=mark, timeout=15)
+        time.sleep(max(0.0, lost + 33 - time.time()))  # retried at +10 s and +30 s; the next is due at +70 s
+        retries = [event for _, _, event in r.moves[mark:] if event == "engine_retry_due"]
+        assert len(retries) == 2, r.moves[mark:]
+        own_dockerd.start()
+        answered = time.time()
+        back = r.wait_state("running", after=mark + 1 + 2 * len(retries), timeout=30)
+        print(f"engine answered {answered - lost:.1f} s into the outage; running again {back - answered:.1f} s later")
+        returned = [event for _, target, event in r.moves[mark:] if target == "inspecting"]
+        assert returned[-1] == "docker_engine_returned", r.moves[mark:]
+        assert back - answered < 15, "the watcher reconnects within 10 s of the engine's return"
+        assert back - lost < 60, "well before the machine's own third retry at +70 s"
+    finally:
+        r.gateway.stop()

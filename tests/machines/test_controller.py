@@ -10,15 +10,18 @@ effect was issued in.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from teg_fsm.engine.clock import FakeClock
 from teg_fsm.engine.dispatcher import Dispatched, Dispatcher, MachineSpec
-from teg_fsm.engine.effects import Effect, Log, Notify
+from teg_fsm.engine.effects import Effect, Log, Notify, StartTimer
 from teg_fsm.engine.effects.controller import (
     ENGINE_UNREACHABLE,
     InspectController,
@@ -27,7 +30,7 @@ from teg_fsm.engine.effects.controller import (
     StopController,
 )
 from teg_fsm.engine.effects.mqtt import Publish, RequestAttributes
-from teg_fsm.engine.events import Source
+from teg_fsm.engine.events import Event, Source
 from teg_fsm.engine.journal import Journal
 from teg_fsm.engine.runner import Completion, EffectRunner
 from teg_fsm.engine.timers import Timers
@@ -456,10 +459,13 @@ def test_an_unreachable_engine_is_reported_and_retried_until_it_answers(make: An
     assert rig.state == "engine_unreachable"
     assert {"docker_engine_reachable": False} in [t.get("values") for t in rig.telemetry()]
     assert any("Docker engine unreachable" in log.message for log in rig.all(Log))
-    rig.advance(30)
+    rig.advance(30)  # retried after 10 s, then after 20 s more
     assert rig.state == "engine_unreachable" and len(rig.telemetry()) == 1, "reported once, retried quietly"
+    assert rig.events.count("engine_retry_due") == 2
     engine.up = True
-    rig.advance(10)
+    rig.advance(39)
+    assert rig.state == "engine_unreachable", "the third retry waits 40 s"
+    rig.advance(1)
     assert rig.state == "running"
     assert {"docker_engine_reachable": True} in [t.get("values") for t in rig.telemetry()]
 
@@ -475,6 +481,168 @@ def test_an_engine_lost_while_running_is_reinspected_when_it_returns(make: Any, 
     rig.post("docker_engine_returned")
     assert rig.state == "running"
     assert [s.version for s in rig.all(StartController)] == ["v1", "v1"], "started again; the queued restart not doubled"
+
+
+def retry_delays(rig: Rig) -> list[float]:
+    return [t.seconds for t in rig.all(StartTimer) if t.name == "engine_retry_due"]
+
+
+def test_engine_retries_double_per_failure_up_to_the_cap(make: Any, engine: FakeEngine) -> None:
+    engine.up = False
+    rig = make()
+    rig.advance(10 + 20 + 40 + 80 + 160 + 300 + 300)
+    assert retry_delays(rig) == [10, 20, 40, 80, 160, 300, 300, 300]
+    assert rig.events.count("engine_retry_due") == 7 and rig.state == "engine_unreachable"
+    logs = [log.message for log in rig.all(Log) if "unreachable" in log.message]
+    assert logs == [f"Docker engine unreachable ({ENGINE_UNREACHABLE}: connection refused); "
+                    "retrying in 10 s, then backing off (doubling) to every 300 s"], "said once, and truthfully"
+
+
+def test_the_engine_retry_cap_is_a_setting(make: Any, engine: FakeEngine) -> None:
+    engine.up = False
+    rig = make(engine_retry_max_s=30.0)
+    rig.advance(10 + 20 + 30 + 30)
+    assert retry_delays(rig) == [10, 20, 30, 30, 30]
+
+
+def test_docker_engine_returned_resets_the_engine_retry(make: Any, engine: FakeEngine) -> None:
+    engine.up = False
+    rig = make()
+    rig.advance(10 + 20)
+    assert retry_delays(rig)[-1] == 40
+    rig.post("docker_engine_returned")  # the event stream came back, the inspect still fails
+    assert rig.state == "engine_unreachable" and retry_delays(rig)[-1] == 10
+    engine.up = True
+    rig.post("docker_engine_returned")
+    assert rig.state == "running"
+    engine.up = False
+    rig.post("docker_engine_lost", {"error": "connection reset"})
+    assert retry_delays(rig)[-1] == 10, "the next outage starts again at engine_retry_s"
+
+
+def test_a_successful_inspect_resets_the_engine_retry(make: Any, engine: FakeEngine) -> None:
+    engine.up = False
+    rig = make()
+    rig.advance(10 + 20 + 40)
+    assert retry_delays(rig)[-1] == 80
+    engine.up = True
+    rig.advance(80)  # no docker_engine_returned: the machine's own retry finds the engine
+    assert rig.state == "running"
+    engine.up = False
+    rig.post("docker_engine_lost", {"error": "connection reset"})
+    assert retry_delays(rig)[-1] == 10
+    rig.advance(10)
+    assert retry_delays(rig)[-1] == 20
+
+
+# -- the Docker engine: the retry backoff across restarts, its bounds --------
+
+
+def test_a_gateway_restarted_during_an_engine_outage_continues_the_engine_backoff(
+    make: Any, engine: FakeEngine
+) -> None:
+    engine.up = False
+    first = make()
+    first.advance(10 + 20 + 40)
+    assert retry_delays(first)[-1] == 80
+    first.close()
+    second = make()
+    assert second.state == "engine_unreachable"
+    assert retry_delays(second) == [80], "the resumed machine continues from its checkpoint, not from 10 s"
+    assert not [log for log in second.all(Log) if "unreachable" in log.message], "the outage was logged already"
+    second.advance(80)
+    assert retry_delays(second) == [80, 160]
+    engine.up = True
+    second.advance(160)
+    assert second.state == "running"
+
+
+def test_a_checkpoint_from_before_the_engine_backoff_resumes_at_engine_retry_s(
+    engine: FakeEngine, journal_path: Path, rigs: list[Rig]
+) -> None:
+    from teg_fsm.engine.journal import Checkpoint
+
+    engine.up = False
+    journal = Journal(journal_path)
+    data = {"version": "v1", "backoff_s": 600.0, "engine_down_since_ms": 0}  # no engine_retry_delay_s key
+    journal.save_checkpoint(Checkpoint("controller", "engine_unreachable", data, 0), 0)
+    journal.close()
+    rig = Rig(engine, journal_path, engine_retry_max_s=60.0)
+    rigs.append(rig)
+    assert retry_delays(rig) == [10]
+
+
+def test_a_lowered_engine_retry_cap_applies_to_a_resumed_backoff(
+    engine: FakeEngine, journal_path: Path, rigs: list[Rig]
+) -> None:
+    from teg_fsm.engine.journal import Checkpoint
+
+    engine.up = False
+    journal = Journal(journal_path)
+    data = {"version": "v1", "backoff_s": 600.0, "engine_down_since_ms": 0, "engine_retry_delay_s": 300.0}
+    journal.save_checkpoint(Checkpoint("controller", "engine_unreachable", data, 0), 0)
+    journal.close()
+    rig = Rig(engine, journal_path, engine_retry_max_s=60.0)
+    rigs.append(rig)
+    assert retry_delays(rig) == [60]
+
+
+class PureController:
+    """The machine alone, for many quick runs: effects answered at once by an engine that is
+    up or down, timers only remembered (``fire`` plays one), a restart through snapshot,
+    the resume table and ``restore`` as the dispatcher does it."""
+
+    def __init__(self, settings: dict[str, float], engine_up: bool, saved: tuple[str, Any] | None = None) -> None:
+        state = ControllerMachine.resume_table[saved[0]] if saved else None
+        self.machine = ControllerMachine({"boot_version": "v1", **settings}, start_value=state)
+        self.engine_up = engine_up
+        self.delays: list[float] = []
+        self.seq = 0
+        if saved:
+            self.machine.restore(saved[1])
+            self.send("resumed", {"from_state": saved[0]})
+        self.send("gateway_started")
+
+    def send(self, name: str, data: dict[str, Any] | None = None) -> None:
+        pending = [(name, data or {})]
+        while pending:
+            self.seq += 1
+            _, effects = self.machine.handle(Event(self.seq, self.seq, "test", *pending.pop(0)))
+            self.delays += [e.seconds for e in effects if isinstance(e, StartTimer) and e.name == "engine_retry_due"]
+            pending += [self._answer(e) for e in effects if e.reply is not None]
+
+    def _answer(self, effect: Effect) -> tuple[str, dict[str, Any]]:
+        if not self.engine_up:
+            return f"{effect.reply}_failed", {"error": ENGINE_UNREACHABLE, "engine_unreachable": True}
+        if isinstance(effect, StartController):
+            return f"{effect.reply}_succeeded", {"result": {"container_id": "c1", "version": effect.version}}
+        return f"{effect.reply}_succeeded", {"result": {"found": False, "running": False}}
+
+
+_RETRY_OPS = st.one_of(
+    st.tuples(st.just("engine_up"), st.booleans()),
+    st.tuples(st.just("send"), st.sampled_from(["engine_retry_due", "docker_engine_returned", "docker_engine_lost"])),
+    st.tuples(st.just("restart"), st.sampled_from([(20.0, 20.0), (10.0, 300.0), (10.0, 25.0), (0.5, 3600.0)])),
+)
+
+
+@settings(max_examples=int(os.environ.get("TEG_PROPERTY_EXAMPLES", "100")), deadline=None, database=None)
+@given(ops=st.lists(_RETRY_OPS, max_size=40))
+def test_the_engine_retry_delay_stays_within_its_settings(ops: list[tuple[str, Any]]) -> None:
+    base, cap = 10.0, 300.0
+    rig = PureController({}, engine_up=False)
+    for op, arg in ops:
+        if op == "engine_up":
+            rig.engine_up = arg
+        elif op == "send":
+            rig.send(arg, {"error": "reset"} if arg == "docker_engine_lost" else {})
+        else:  # a gateway restart, maybe with other settings (the checkpoint's delay is clamped to them)
+            base, cap = arg
+            saved = (rig.machine.state_name, json.loads(json.dumps(rig.machine.snapshot())))
+            rig = PureController({"engine_retry_s": base, "engine_retry_max_s": cap}, rig.engine_up, saved)
+        assert base <= rig.machine.engine_retry_delay_s <= cap
+        assert all(base <= delay <= cap for delay in rig.delays)
+        rig.delays.clear()
 
 
 # -- crash and resume -------------------------------------------------------

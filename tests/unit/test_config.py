@@ -50,6 +50,8 @@ def test_a_good_configuration_has_no_problems(base: dict[str, str]) -> None:
     ({"TEG_UPLINK_MAX_PAYLOAD_BYTES": "100"}, "TEG_UPLINK_MAX_PAYLOAD_BYTES=100: must be an integer from 1024 to 268435455"),
     ({"TEG_UPLINK_COALESCE_MS": "0.5"}, "TEG_UPLINK_COALESCE_MS=0.5: must be an integer from 0 to 60000"),
     ({"TEG_RESTART_BACKOFF_FACTOR": "0.5"}, "TEG_RESTART_BACKOFF_FACTOR=0.5: must be a number from 1 to 10"),
+    ({"TEG_ENGINE_RETRY_MAX_S": "5"}, "TEG_ENGINE_RETRY_MAX_S=5: must be a number from 10 to 3600"),
+    ({"TEG_ENGINE_RETRY_MAX_S": "86400"}, "TEG_ENGINE_RETRY_MAX_S=86400: must be a number from 10 to 3600"),
     ({"TEG_OTA_KEEP_IMAGES": "2.5"}, "TEG_OTA_KEEP_IMAGES=2.5: must be an integer from 0 up"),
     ({"TEG_RATE_LIMIT_MESSAGES": "100"},
      "TEG_RATE_LIMIT_MESSAGES=100: must be capacity:seconds[,capacity:seconds...] with positive numbers, e.g. 100:1,3000:60"),
@@ -76,6 +78,20 @@ def test_each_bad_setting_is_named_with_its_value_and_what_is_allowed(
 def test_the_mqtt_protocol_defaults_to_3_1_1_and_takes_5(base: dict[str, str]) -> None:
     assert load_config(base).mqtt_protocol == "3.1.1"
     assert load_config({**base, "TEG_MQTT_PROTOCOL": "5"}).mqtt_protocol == "5"
+
+
+def test_the_engine_retry_cap_reaches_the_controller_machine(base: dict[str, str], tmp_path: Path) -> None:
+    from teg_fsm.app import Gateway
+
+    (tmp_path / "data").mkdir()
+    assert load_config(base).engine_retry_max_s == 300.0
+    gateway = Gateway(load_config({**base, "TEG_CONTROLLER_DATA_PATH": str(tmp_path / "data"),
+                                   "TEG_ENGINE_RETRY_MAX_S": "60"}))
+    try:
+        [spec] = [s for s in gateway.machine_specs() if s.cls.machine_name == "controller"]
+    finally:
+        gateway.journal.close()
+    assert spec.settings["engine_retry_max_s"] == 60.0
 
 
 def test_a_missing_ca_file_is_named_at_start(base: dict[str, str], tmp_path: Path) -> None:
