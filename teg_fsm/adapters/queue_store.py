@@ -760,18 +760,15 @@ class QueueStore:
         One statement pair in one transaction, and no line per row (a packet holds up to
         thousands): the uplink machine logs the refusal once, with the row count.
         """
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            moved = conn.execute(
+        def move() -> tuple[int]:
+            moved = self.conn.execute(
                 "INSERT INTO dead_letters (source, source_id, type, message, reason) "
                 f"SELECT ?, id, type, message, ? FROM {PENDING} WHERE id > ? AND id <= ? ORDER BY id",
                 (PENDING, reason[:_REASON_CHARS], after_id, last_id)).rowcount
-            conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id))
+            return (moved,)
+
+        (moved,) = self._in_transaction(move)
         self.pending_rows = max(0, self.pending_rows - moved)
         return moved
 
@@ -794,14 +791,8 @@ class QueueStore:
                 merged.append((after_id, last_id))
         if len(merged) <= 1:
             return self.ack(*merged[0]) if merged else 0
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = sum(conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", r).rowcount for r in merged)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        (deleted,) = self._in_transaction(lambda: (sum(
+            self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", r).rowcount for r in merged),))
         self.pending_rows = max(0, self.pending_rows - deleted)
         return deleted
 
