@@ -59,7 +59,7 @@ def write_token(path: Path, token: str) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_directory(directory)
 
 
 def move_aside(path: Path, now: datetime | None = None) -> Path | None:
@@ -73,11 +73,12 @@ def move_aside(path: Path, now: datetime | None = None) -> Path | None:
         target = path.with_name(f"{path.name}.rejected-{stamp}-{counter}")
         counter += 1
     os.replace(path, target)
-    _fsync_dir(path.parent if str(path.parent) else Path("."))
+    fsync_directory(path.parent if str(path.parent) else Path("."))
     return target
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (token files here, ``teg migrate``'s converted files)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

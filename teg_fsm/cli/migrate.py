@@ -33,6 +33,7 @@ from typing import Any
 
 import attrs
 
+from teg_fsm.adapters.tokens import fsync_directory
 from teg_fsm.cli.status import AlreadyRunning, RunMarker
 from teg_fsm.config import SERVICE_DIR, read_config, read_env_file
 from teg_fsm.engine.sqlite_files import SMALL_PAGE_SIZE, is_corruption
@@ -374,17 +375,15 @@ def _swap(copy: Path, path: Path) -> None:
     if os.geteuid() == 0:
         os.chown(copy, st.st_uid, st.st_gid)  # the service may not run as root
     os.chmod(copy, stat.S_IMODE(st.st_mode))
-    _fsync(copy, os.O_RDONLY)  # VACUUM INTO does not sync its output
-    os.replace(copy, path)
-    _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself
-
-
-def _fsync(target: Path, flags: int) -> None:
-    fd = os.open(target, flags)
+    fd = os.open(copy, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fsync(fd)  # VACUUM INTO does not sync its output
     finally:
         os.close(fd)
+    os.replace(copy, path)
+    # The rename itself; a file system that refuses fsync on a directory must not turn
+    # a finished conversion into a reported failure.
+    fsync_directory(path.parent)
 
 
 def _header_page_size(path: Path) -> int:
