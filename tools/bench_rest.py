@@ -92,6 +92,18 @@ def switches_by_thread(pid: int) -> collections.Counter[str]:
     return out
 
 
+def cpu_ms_by_thread(pid: int) -> collections.Counter[str]:
+    """CPU time per thread name in ms (``/proc/<pid>/task/<tid>/schedstat``: ns on CPU, finer than ticks)."""
+    out: collections.Counter[str] = collections.Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            out[comm] += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) // 1_000_000
+        except (FileNotFoundError, ValueError, IndexError):
+            pass
+    return out
+
+
 # Loaded by the gateway through PYTHONPATH with ``--threads``: gives each Python thread its name
 # as the OS thread name (15 bytes), so /proc/<pid>/task/*/comm tells the threads apart.
 _NAME_THREADS = """
@@ -232,7 +244,7 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
         time.sleep(1.0)  # attached to every thread before the window starts
     stop, written = threading.Event(), [0]
     cpu0, wb0, vcs0, j0 = cpu_s(ps), write_bytes(proc.pid), voluntary_switches(proc.pid), journal_bytes(data)
-    per_thread0 = switches_by_thread(proc.pid)
+    per_thread0, cpu_per_thread0 = switches_by_thread(proc.pid), cpu_ms_by_thread(proc.pid)
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
     writer = threading.Thread(target=controller, args=(data / "communication_queue.db", variant, seconds, stop,
@@ -263,6 +275,10 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
         per_thread.subtract(per_thread0)
         print(f"  wake-ups per {unit} by thread: " + ", ".join(
             f"{name} {n * per_unit:.2f}" for name, n in per_thread.most_common() if n), flush=True)
+        cpu_per_thread = cpu_ms_by_thread(proc.pid)
+        cpu_per_thread.subtract(cpu_per_thread0)
+        print(f"  CPU ms per {unit} by thread: " + ", ".join(
+            f"{name} {ms * per_unit:.2f}" for name, ms in cpu_per_thread.most_common() if ms), flush=True)
     if tracer is not None:
         print(strace_summary(trace), flush=True)
     return result
