@@ -34,7 +34,6 @@ import os
 import queue
 import re
 import shutil
-import tarfile
 import threading
 import time
 import zlib
@@ -278,6 +277,8 @@ def package_kind(path: Path) -> str:
     if head.startswith(BUNDLE_SIGNATURES):
         return "bundle"
     if len(head) >= 262 and head[257:262] == b"ustar":
+        import tarfile  # here, not at the top: only a received package needs it (idle RSS, issue #16)
+
         try:
             with tarfile.open(path, "r:") as archive:
                 for member in archive:
