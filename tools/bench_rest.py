@@ -53,6 +53,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import psutil  # noqa: E402
 
@@ -69,39 +70,30 @@ def write_bytes(pid: int) -> int:
 
 def voluntary_switches(pid: int) -> int:
     """Summed over every thread (/proc/<pid>/status shows the main thread only)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
-        except (FileNotFoundError, StopIteration):
-            pass  # a thread that ended: its switches are lost from the sum (none expected at rest)
-    return total
+    return sum(by_thread(pid, task_switches).values())
 
 
-def switches_by_thread(pid: int) -> collections.Counter[str]:
-    """Voluntary switches per thread name (``comm``: set by ``--threads``, else all are "python")."""
+def by_thread(pid: int, read: Callable[[str], int]) -> collections.Counter[str]:
+    """``read(task directory)`` summed per thread name (``comm``: set by ``--threads``, else all are "python")."""
     out: collections.Counter[str] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
+        task = f"/proc/{pid}/task/{tid}"
         try:
-            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                out[comm] += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+            out[Path(f"{task}/comm").read_text().strip()] += read(task)
         except (FileNotFoundError, StopIteration):
-            pass
+            pass  # a thread that ended
     return out
 
 
-def cpu_ms_by_thread(pid: int) -> collections.Counter[str]:
-    """CPU time per thread name in ms (``/proc/<pid>/task/<tid>/schedstat``: ns on CPU, finer than ticks)."""
-    out: collections.Counter[str] = collections.Counter()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            out[comm] += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) // 1_000_000
-        except (FileNotFoundError, ValueError, IndexError):
-            pass
-    return out
+def task_switches(task: str) -> int:
+    """Voluntary context switches: the thread's wake-ups."""
+    with open(f"{task}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def task_cpu_ns(task: str) -> int:
+    """Time on CPU in ns (``schedstat``: finer than the clock ticks of ``stat``)."""
+    return int(Path(f"{task}/schedstat").read_text().split()[0])
 
 
 # Loaded by the gateway through PYTHONPATH with ``--threads``: gives each Python thread its name
@@ -244,7 +236,7 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
         time.sleep(1.0)  # attached to every thread before the window starts
     stop, written = threading.Event(), [0]
     cpu0, wb0, vcs0, j0 = cpu_s(ps), write_bytes(proc.pid), voluntary_switches(proc.pid), journal_bytes(data)
-    per_thread0, cpu_per_thread0 = switches_by_thread(proc.pid), cpu_ms_by_thread(proc.pid)
+    per_thread0, cpu_per_thread0 = by_thread(proc.pid, task_switches), by_thread(proc.pid, task_cpu_ns)
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
     writer = threading.Thread(target=controller, args=(data / "communication_queue.db", variant, seconds, stop,
@@ -271,14 +263,15 @@ def window(args: argparse.Namespace, proc: subprocess.Popen[bytes], root: Path, 
           f"{result['write_mb_per_hour']:.1f} MB/h; wake-ups {result[f'wakeups_per_{unit}']:.1f}/{unit}; "
           f"journal +{result['journal_kb_per_hour']:.0f} KB/h; load {result['load']:.2f}", flush=True)
     if args.threads:
-        per_thread = switches_by_thread(proc.pid)
+        per_thread = by_thread(proc.pid, task_switches)
         per_thread.subtract(per_thread0)
         print(f"  wake-ups per {unit} by thread: " + ", ".join(
             f"{name} {n * per_unit:.2f}" for name, n in per_thread.most_common() if n), flush=True)
-        cpu_per_thread = cpu_ms_by_thread(proc.pid)
+        cpu_per_thread = by_thread(proc.pid, task_cpu_ns)
         cpu_per_thread.subtract(cpu_per_thread0)
         print(f"  CPU ms per {unit} by thread: " + ", ".join(
-            f"{name} {ms * per_unit:.2f}" for name, ms in cpu_per_thread.most_common() if ms), flush=True)
+            f"{name} {ns / 1e6 * per_unit:.2f}" for name, ns in cpu_per_thread.most_common() if ns >= 1e5),
+            flush=True)
     if tracer is not None:
         print(strace_summary(trace), flush=True)
     return result
