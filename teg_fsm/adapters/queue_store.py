@@ -41,12 +41,13 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from teg_fsm.adapters.packets import MAX_NESTING, Packet, archived_values, build_packet, parse_record, parse_values
 from teg_fsm.engine import sqlite_files
 from teg_fsm.engine.sqlite_files import is_corruption, open_checked
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 PENDING = "pending_mqtt_messages"
@@ -417,7 +418,7 @@ class QueueStore:
         full = self.pending_rows >= pending_max_rows
         return self._transfer_result(moved, dead, more=taken == limit, full=full, reopened=reopened)
 
-    def _in_transaction(self, work: Callable[[], tuple[int, ...]]) -> tuple[int, ...]:
+    def _in_transaction(self, work: Callable[[], T]) -> T:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -760,21 +761,24 @@ class QueueStore:
         One statement pair in one transaction, and no line per row (a packet holds up to
         thousands): the uplink machine logs the refusal once, with the row count.
         """
-        def move() -> tuple[int]:
-            moved = self.conn.execute(
+        def move() -> int:
+            self.conn.execute(
                 "INSERT INTO dead_letters (source, source_id, type, message, reason) "
                 f"SELECT ?, id, type, message, ? FROM {PENDING} WHERE id > ? AND id <= ? ORDER BY id",
-                (PENDING, reason[:_REASON_CHARS], after_id, last_id)).rowcount
-            self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id))
-            return (moved,)
+                (PENDING, reason[:_REASON_CHARS], after_id, last_id))
+            return self._delete_range(after_id, last_id)
 
-        (moved,) = self._in_transaction(move)
-        self.pending_rows = max(0, self.pending_rows - moved)
-        return moved
+        return self._forget(self._in_transaction(move))
 
     def ack(self, after_id: int, last_id: int) -> int:
         """Delete the rows of an acknowledged packet."""
-        deleted = self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id)).rowcount
+        return self._forget(self._delete_range(after_id, last_id))
+
+    def _delete_range(self, after_id: int, last_id: int) -> int:
+        return self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", (after_id, last_id)).rowcount
+
+    def _forget(self, deleted: int) -> int:
+        """Count ``deleted`` pending rows as gone (once their delete is committed)."""
         self.pending_rows = max(0, self.pending_rows - deleted)
         return deleted
 
@@ -791,10 +795,7 @@ class QueueStore:
                 merged.append((after_id, last_id))
         if len(merged) <= 1:
             return self.ack(*merged[0]) if merged else 0
-        (deleted,) = self._in_transaction(lambda: (sum(
-            self.conn.execute(f"DELETE FROM {PENDING} WHERE id > ? AND id <= ?", r).rowcount for r in merged),))
-        self.pending_rows = max(0, self.pending_rows - deleted)
-        return deleted
+        return self._forget(self._in_transaction(lambda: sum(self._delete_range(*r) for r in merged)))
 
     # -- archive ------------------------------------------------------------------------
 
