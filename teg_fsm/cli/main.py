@@ -21,6 +21,9 @@ EX_USAGE = 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    from teg_fsm.cli.deferred_imports import defer
+
+    defer()  # before the libraries that import them: ~2.6 MB of RSS a running gateway never uses
     from teg_fsm.adapters.logs import TransitionLog, configure_logging, print_error
     from teg_fsm.app import Gateway
     from teg_fsm.cli.status import AlreadyRunning, RunMarker, now_ms

@@ -32,3 +32,32 @@ def test_the_gateway_and_a_missing_engine_socket_load_neither_docker_nor_git_nor
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+DEFERRED_PROBE = """
+import sys, threading
+from teg_fsm.cli.deferred_imports import DeferredModule, defer, loaded
+
+assert defer() == ["asyncio", "urllib.request"], sys.modules.get("asyncio")
+import teg_fsm.app, teg_fsm.cli.main, paho.mqtt.client, statemachine  # every import statement of them ran
+before = [loaded("asyncio"), loaded("urllib.request"), "http.client" in sys.modules, "email" in sys.modules]
+
+import asyncio
+results = []
+def use() -> None:  # eight threads read the deferred module at once: one loads, the others wait for it
+    results.append(asyncio.run(asyncio.sleep(0, result=42)))
+threads = [threading.Thread(target=use) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+import asyncio.events
+from urllib.request import getproxies
+import docker, git  # requests imports urllib.request's names: the deferred module loads on that use
+print(before, results, loaded("asyncio"), loaded("urllib.request"), type(asyncio) is DeferredModule,
+      asyncio.events.AbstractEventLoop is asyncio.AbstractEventLoop, callable(getproxies), defer())
+"""
+
+
+def test_deferred_modules_load_on_first_use_only_and_work_from_every_holder() -> None:
+    out = subprocess.run([sys.executable, "-c", DEFERRED_PROBE], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[False, False, False, False] [42, 42, 42, 42, 42, 42, 42, 42] True True False True True []"
