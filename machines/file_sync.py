@@ -19,8 +19,8 @@ update the plan, so nothing is lost and one effect at most is in flight.
 
 Work is planned: after each (re)connect and on ``init_files_requested`` a full
 pass (all contents fetched, every file mirrored, FILE_HASHES reported;
-init_files also rewrites identical files); every ``check_interval_s`` and on a
-new FILES a scan, fetching content for the files whose hash differs from the
+init_files also rewrites identical files); every ``check_interval_s`` while
+FILES defines a file, and on a new FILES, a scan, fetching content for the files whose hash differs from the
 reported one (changed on disk, missing), whose write_version differs or whose
 definition changed; a pushed ``FILE_CONTENT_<key>`` is written at once. Content
 is validated here (bad content changes nothing on disk) and compared with the
@@ -172,8 +172,8 @@ class FileSyncMachine(GatewayMachine):
             self.plan.force = self.plan.force or name == "init_files_requested"
         elif name == "shared_attributes_updated":
             self._take_push(data.get("values") or {}, data.get("deleted") or [])
-        elif name == "check_due":
-            self.plan.scan = self.state_name == "in_sync" or self.plan.scan
+        elif name == "check_due":  # a timer armed before FILES emptied: nothing to check
+            self.plan.scan = (self.state_name == "in_sync" and bool(self.definitions)) or self.plan.scan
         elif reply in REPLIES and outcome in OUTCOMES:
             ok = outcome == "succeeded"
             result = (data.get("result") or {}) if ok else None
@@ -355,13 +355,19 @@ class FileSyncMachine(GatewayMachine):
 
     def on_enter_in_sync(self) -> None:
         self.plan.in_full = self.plan.force = False
-        self.emit(StartTimer(name="check_due", seconds=self.settings.check_interval_s))
+        self._arm_check()
 
     def on_resumed(self, ev: Event) -> None:
         if self.state_name == "in_sync":
-            self.emit(StartTimer(name="check_due", seconds=self.settings.check_interval_s))
+            self._arm_check()
         elif self.state_name == "suspended" and ev.data.get("crash_loop"):
             self._log("ERROR", "*", "file sync suspended after repeated crashes mid-pass; send init_files to resume")
+
+    def _arm_check(self) -> None:
+        # With no managed file a check hashes nothing; at rest it was half the gateway's
+        # wake-ups and two thirds of its journal growth. A new FILES scans and arms it.
+        if self.definitions:
+            self.emit(StartTimer(name="check_due", seconds=self.settings.check_interval_s))
 
     # -- resume data --------------------------------------------------------
 

@@ -95,9 +95,11 @@ def test_every_state_change_reaches_thingsboard_in_order_across_an_outage_and_a_
                                  # No read coalescing: the uplink must churn (one move per small batch)
                                  # for the report's own coalescing to have something to do.
                                  TEG_UPLINK_COALESCE_MS="0",
-                                 # The file sync's periodic check moves its machine throughout the test:
-                                 # every check below must hold while the gateway is not at rest.
+                                 # The file sync's periodic check moves its machine throughout the test
+                                 # (it has a file to check, below): every check below must hold while
+                                 # the gateway is not at rest.
                                  TEG_FILE_CHECK_INTERVAL_S="1")
+    tb.set_shared(device, {"FILES": {"probe": {"path": "$DATA_PATH/probe.txt"}}, "FILE_CONTENT_probe": "checked"})
     uplink_rig.fill(data / "communication_queue.db", ROWS)
     proc = uplink_rig.start_gateway(env, tmp_path / "gateway.log")
     gateway = rig.FaultedGateway(tb, device, proc, data, tmp_path / "gateway.log")

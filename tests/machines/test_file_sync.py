@@ -251,6 +251,24 @@ def test_local_tampering_is_detected_at_the_next_check_and_the_content_restored(
     assert world.client["FILE_HASHES"]["cfg"] == {"hash": _md5(b"good")}
 
 
+def test_with_no_managed_file_there_is_no_periodic_check_and_a_new_files_starts_it(world: World) -> None:
+    def scans() -> int:
+        return sum(isinstance(e, ScanFiles) for e in world.effects)
+
+    world.connect()  # no FILES: the full pass finds nothing to manage
+    assert world.machine.state_name == "in_sync" and scans() == 1
+    world.advance(3600)  # an hour at rest: no timer, no scan, no move
+    assert scans() == 1 and world.machine.state_name == "in_sync"
+    world.push(**_files(cfg={"path": "cfg.txt"}), FILE_CONTENT_cfg="good")
+    assert world.disk["/data/cfg.txt"] == b"good" and scans() == 2
+    world.disk["/data/cfg.txt"] = b"tampered"
+    world.advance(31)  # managed again: the check runs every 30 s and restores the file
+    assert scans() == 3 and world.disk["/data/cfg.txt"] == b"good"
+    world.delete("FILES")
+    world.advance(3600)  # the timer armed before FILES went away fires once and finds nothing to check
+    assert scans() == 3 and world.machine.state_name == "in_sync"
+
+
 def test_a_file_without_content_is_mirrored_read_only_and_never_written(world: World) -> None:
     world.disk["/data/ro.txt"] = b"local"
     world.shared.update(_files(ro={"path": "ro.txt"}, gone={"path": "gone.txt"}))
