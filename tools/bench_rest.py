@@ -6,6 +6,7 @@
     python tools/bench_rest.py --backlog 1000000 --minutes 0     # RSS at a 1M-row backlog
     python tools/bench_rest.py --minutes 2 --pin                 # the gateway on one core (taskset -c 0)
     python tools/bench_rest.py --starts 5                        # only start to first record, 5 times
+    python tools/bench_rest.py --minutes 2 --files 3             # a station managing 3 files (drift checks)
 
 Gateways start from compiled bytecode (cached outside the tree), as an installed
 package does; ``--no-bytecode`` compiles from source at every start instead.
@@ -163,9 +164,12 @@ def _with_bytecode(env: dict[str, str]) -> None:
 
 
 def start(tb: StandIn, root: Path, extra: dict[str, str], pin: bool,
-          bytecode: bool = True, threads: bool = False) -> tuple[subprocess.Popen[bytes], float]:
+          bytecode: bool = True, threads: bool = False, files: int = 0) -> tuple[subprocess.Popen[bytes], float]:
     data = root / "data"
     token = tb.add_device(DEVICE)
+    if files:  # managed files: the file sync hashes them every TEG_FILE_CHECK_INTERVAL_S
+        tb.set_shared(DEVICE, {"FILES": {f"f{i}": {"path": f"$DATA_PATH/f{i}.conf"} for i in range(files)},
+                               **{f"FILE_CONTENT_f{i}": f"setting_{i}=1\n" * 20 for i in range(files)}})
     env = rig.gateway_env(tb, data, token, THINGSBOARD_DEVICE_NAME=DEVICE, LOG_LEVEL="WARNING",
                           DOCKER_HOST=f"unix://{root}/no-docker.sock", **extra)
     if bytecode:
@@ -311,7 +315,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="teg-rest-") as tmp, StandIn(tls_port=0) as tb:
         root = Path(tmp)
         extra = dict(kv.split("=", 1) for kv in args.env)
-        proc, started = start(tb, root, extra, args.pin, not args.no_bytecode, args.threads)
+        proc, started = start(tb, root, extra, args.pin, not args.no_bytecode, args.threads, args.files)
         try:
             first = first_record_s(tb, proc, started)
             ps = psutil.Process(proc.pid)
@@ -343,6 +347,8 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="pin the gateway to CPU 0 (like taskset -c 0)")
     parser.add_argument("--threads", action="store_true", help="wake-ups per row of each thread (names OS threads)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra gateway setting")
+    parser.add_argument("--files", type=int, default=0, metavar="N",
+                        help="the device manages N small files (FILES): the file sync's periodic check runs")
     args = parser.parse_args()
     if args.starts:
         return starts(args)
