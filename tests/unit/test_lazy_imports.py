@@ -4,6 +4,9 @@ docker-py and GitPython cost ~20 MB of RSS and ~110 ms of start-up (tools/bench_
 tarfile (only an OTA package is examined with it) ~0.3 MB; a gateway whose Docker engine is
 absent, or that never receives an OTA assignment, never needs them. Run in a fresh
 interpreter: this test process may have imported them already.
+
+``teg run`` also defers asyncio and urllib.request (teg_fsm/cli/deferred_imports.py): the
+last test checks that the deferred modules still work wherever they are used.
 """
 
 from __future__ import annotations
