@@ -436,6 +436,10 @@ class Journal:
         if self._db is None:
             self._open()
             self._due |= set(self._latest)
+        elif self.condition is not None:
+            # A retry: the failure may have been an id already taken (UNIQUE), which would
+            # repeat for ever; the file, not our count, says which id is next.
+            self._next_id = _next_id(self._db)
         db = self._db
         assert db is not None
         if self.condition == DISK_FULL and self.free_bytes() < self.reserve_bytes:

@@ -94,3 +94,25 @@ def test_a_controller_row_at_rest_costs_a_few_small_pages(tmp_path: Path) -> Non
     # (12 KiB); now 5 of 1 KiB: the traffic table's new leaves, their parent and the header.
     frames.sort()
     assert frames[len(frames) // 2] * PAGE_SIZE <= 6 * 1024
+
+
+def test_a_write_that_failed_on_a_taken_id_is_retried_with_the_next_free_one(tmp_path: Path) -> None:
+    clock = [0.0]
+    journal = Journal(tmp_path / "teg_journal.db", monotonic=lambda: clock[0])
+    journal.record(Event(1, T0, "effect", "token_ready", {}, "connection"),
+                   [Transition("connection", "offline", "connecting", "token_ready")], [])
+    journal.flush()
+    # Something else took the id this journal would use next (the file is the truth, not our count).
+    with closing(sqlite3.connect(journal.path)) as other:
+        other.execute("INSERT INTO journal (id, seq, ts_ms, source, name, target, data, transitions, effects)"
+                      " VALUES (2, 99, ?, 'test', 'taken', NULL, '{}', '[]', '[]')", (T0,))
+        other.commit()
+    journal.record(Event(2, T0 + 1, "effect", "connect_succeeded", {}, "connection"),
+                   [Transition("connection", "connecting", "online", "connect_succeeded")], [])
+    journal.flush()
+    assert journal.condition == "storage_error" and "UNIQUE" in journal.condition_detail
+    clock[0] += 60  # past the retry backoff
+    journal.flush()
+    assert journal.condition is None
+    journal.close()
+    assert [(e.seq, e.name) for e in read_journal(journal.path)] == [(1, "token_ready"), (99, "taken"), (2, "connect_succeeded")]
