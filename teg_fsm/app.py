@@ -76,12 +76,12 @@ class Gateway:
         )
         self.status_file = StatusFile(config.data_path / STATUS_FILE_NAME)
         self.dispatcher = Dispatcher(clock=self.clock, timers=self.timers, journal=self.journal, codec=self.codec)
-        self.runner = EffectRunner(self.dispatcher.post_outcome, driver=self.timers)  # its deadlines: the timer thread
+        self.runner = EffectRunner(self.dispatcher.post_outcome, driver=self.timers)  # its deadlines: the dispatcher's thread
         self.dispatcher.attach_runner(self.runner)
         self.notifier = notifier or Notifier()
+        self._told: tuple[dict[str, str], dict[str, str]] | None = None  # the status last told
         self.dispatcher.idle_hooks.append(self._heartbeat)
-        self.dispatcher.idle_timeout_s = self.notifier.watchdog_interval_s
-        self.dispatcher.observers.append(lambda _dispatched: self._heartbeat())
+        self.dispatcher.observers.append(lambda _dispatched: self._ping())
         self.components: dict[str, Component] = {}
         for component in components(self):
             self.components[component.name] = component
@@ -145,13 +145,31 @@ class Gateway:
         journal = self.journal
         return {journal.condition: journal.condition_detail} if journal.condition else {}
 
-    def _heartbeat(self) -> None:
-        """Runs in the dispatcher thread: a wedged dispatcher stops the watchdog pings."""
+    def _ping(self) -> None:
+        """Runs in the dispatcher thread: a wedged dispatcher stops the watchdog pings.
+
+        Pings and status updates are spaced by the watchdog interval; after each
+        event too, so a long burst keeps pinging."""
         if self.notifier.watchdog():
             states, conditions = self.dispatcher.states(), self.conditions()
             self.notifier.status(status_line(states, conditions))
             self.status_file.write({"pid": os.getpid(), "conditions": conditions,
                                     "states": {name: info["state"] for name, info in states.items()}})
+            self._told = ({name: str(info["state"]) for name, info in states.items()}, conditions)
+
+    def _heartbeat(self) -> float | None:
+        """The idle hook: ping if due, then say when to run again.
+
+        Under a systemd watchdog that is the next ping; otherwise only a status that
+        changed since it was last told needs a later run (the next update), and an idle
+        gateway needs no wake-up at all.
+        """
+        self._ping()
+        if not self.notifier.watchdog_expected:
+            now = ({name: str(info["state"]) for name, info in self.dispatcher.states().items()}, self.conditions())
+            if now == self._told:
+                return None
+        return self.notifier.watchdog_due_in() or self.notifier.watchdog_interval_s
 
     def stop(self, quiesce_s: float = 3.0) -> None:
         """Stop taking work, let work in flight settle (bounded), flush, close databases."""

@@ -29,7 +29,9 @@ class Notifier:
         self._address = _address(env.get("NOTIFY_SOCKET", ""))
         self._clock = clock
         usec = env.get("WATCHDOG_USEC", "")
-        # Ping at a quarter of the watchdog period; without one, every 5 s is plenty.
+        # Ping at a quarter of the watchdog period. Without a watchdog nothing needs the pings:
+        # the interval then only spaces the status updates.
+        self.watchdog_expected = usec.isdigit() and int(usec) > 0 and self._address is not None
         self.watchdog_interval_s = int(usec) / 4_000_000 if usec.isdigit() and int(usec) > 0 else 5.0
         self._last_ping = float("-inf")
         self._last_status = ""
@@ -70,6 +72,10 @@ class Notifier:
         self._last_ping = now
         self.send("WATCHDOG=1")
         return True
+
+    def watchdog_due_in(self) -> float:
+        """Seconds until ``watchdog`` would ping again (0: now)."""
+        return max(0.0, self._last_ping + self.watchdog_interval_s - self._clock())
 
     def status(self, text: str) -> None:
         if text != self._last_status:

@@ -135,8 +135,10 @@ class StateReporter:
             self._attributes_said_ms = None
         self.flush(now)
 
-    def flush(self, now_ms: int) -> None:
-        """Say what is due (the dispatcher's idle hook calls this too)."""
+    def flush(self, now_ms: int) -> float | None:
+        """Say what is due (the dispatcher's idle hook calls this too).
+
+        Returns the seconds until something held becomes due (None: nothing is held)."""
         for machine, (ts, state) in list(self._held.items()):
             if self._passed(self._last_report_ms.get(machine), now_ms):
                 del self._held[machine]
@@ -150,6 +152,20 @@ class StateReporter:
             values = {attribute_key(m): s for m, s in sorted(self._attributes.items())}
             self._say(ATTRIBUTES_TOPIC, json.dumps(values), now_ms)
             self._attributes, self._attributes_said_ms = {}, now_ms
+        return self._due_in_s(now_ms)
+
+    def _due_in_s(self, now_ms: int) -> float | None:
+        dues = [self._due_ms(self._last_report_ms.get(machine)) for machine in self._held]
+        if self._points:
+            dues.append(self._due_ms(self._points_said_ms, self.batch_ms))
+        if self._attributes:
+            dues.append(self._due_ms(self._attributes_said_ms))
+        return max(0.0, (min(dues) - now_ms) / 1000) if dues else None
+
+    def _due_ms(self, since_ms: int | None, interval_ms: int | None = None) -> int:
+        if since_ms is None or self._at_once:
+            return 0
+        return since_ms + (self.interval_ms if interval_ms is None else interval_ms)
 
     # -- inside -------------------------------------------------------------
 

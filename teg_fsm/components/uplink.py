@@ -111,11 +111,16 @@ class UplinkComponent:
         if event.target == "uplink" or event.name == "mqtt_connected":
             self._queue_moved = True
 
-    def _sample_queue(self) -> None:
+    def _sample_queue(self) -> float | None:
+        """The idle hook: sample the queue's depth at most once per report interval, if it moved.
+
+        Returns the seconds until the next sample is due while one waits (None: none waits)."""
         now = self.gateway.clock.now_ms()
         interval_ms = self.config.fsm_report_interval_s * 1000
-        if not self._queue_moved or (self._queue_sampled_ms is not None and now - self._queue_sampled_ms < interval_ms):
-            return
+        if not self._queue_moved:
+            return None
+        if self._queue_sampled_ms is not None and now - self._queue_sampled_ms < interval_ms:
+            return (self._queue_sampled_ms + interval_ms - now) / 1000
         self._queue_moved, self._queue_sampled_ms = False, now
 
         def sample() -> None:
@@ -128,6 +133,7 @@ class UplinkComponent:
                 mqtt.say(TELEMETRY_TOPIC, json.dumps({"ts": now, "values": depth}), now)  # type: ignore[attr-defined]
 
         self.io.submit(sample)
+        return None
 
     # -- handlers (dispatcher thread: they only enqueue) ---------------------------
 

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Everything that can change a machine arrives as an ``Event`` on one queue:
-MQTT messages (paho's thread), timer firings (the timer thread), effect outcomes
-(worker threads), controller-queue notices, signals, RPCs. ``post`` stamps each
+MQTT messages (paho's thread), timer firings, effect outcomes (worker
+threads), controller-queue notices, signals, RPCs. ``post`` stamps each
 event with the next sequence number and the clock's wall time under one lock,
 so queue order is sequence order.
 
@@ -24,7 +24,14 @@ Nothing a machine does can reach another machine except through a new event
 on the queue, so a journal of events replays to the same transitions and
 effects. When the queue is empty the idle hooks (systemd watchdog, status)
 run, and the journal commits its group once due (``Journal.due_in``: the
-events of one burst share a transaction); the queue wait ends by then.
+events of one burst share a transaction).
+
+The same thread drives the timers (``Timers.plan`` / ``fire_due``: machine
+timers and the effect runner's timeouts): its queue wait ends at the earliest
+of the next timer or effect deadline, the journal's commit and the time an idle
+hook asked to run again, and with none of those it blocks until an event
+comes. A gateway at rest wakes for its work, not on a tick, and a timer or
+effect started here costs no hand-over to another thread.
 
 Nothing stops this thread (field rule "never wedge"). A machine step that
 raises is dropped whole, the machine goes to its declared ``error_state`` (or
@@ -74,6 +81,10 @@ log = logging.getLogger(__name__)
 _STOP = object()
 MAX_ERROR_CHARS = 300
 STORAGE_CHECK_S = 1.0
+# With nothing else to do the free space is still looked at this often (a disk others fill).
+STORAGE_IDLE_CHECK_S = 60.0
+IDLE_RETRY_S = 5.0  # idle work that raised runs again this soon
+_WAKE = object()  # a no-op on the queue: another thread's deadline is earlier than the loop's wait
 CONDITION_RAISED = "condition_raised"
 CONDITION_CLEARED = "condition_cleared"
 FILE_QUARANTINED = "file_quarantined"
@@ -147,10 +158,9 @@ class Dispatcher:
         self._resume_counts: dict[str, int] = {}
         self.since_ms: dict[str, int] = {}
         self.observers: list[Observer] = []
-        self.idle_hooks: list[Callable[[], None]] = []
-        self.idle_timeout_s = 5.0
+        # Each returns the seconds until it wants to run again, or None: only after the next event.
+        self.idle_hooks: list[Callable[[], float | None]] = []
         self._thread: threading.Thread | None = None
-        self._timer_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.dispatched_count = 0
         self.replaying = False
@@ -462,22 +472,17 @@ class Dispatcher:
         return done
 
     def start(self) -> None:
-        """Run the dispatcher and timer threads (production)."""
+        """Run the dispatcher thread, which also drives the timers (production)."""
         self._stop.clear()
-        self._timer_thread = threading.Thread(
-            target=self._timers.run_forever, args=(self.fire_timer, self._stop), name="teg-timers", daemon=True
-        )
-        self._timer_thread.start()
+        self._timers.waker = lambda: self._queue.put(_WAKE)
         self._thread = threading.Thread(target=self._loop, name="teg-dispatcher", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._queue.put(_STOP)
-        self._timers.wake()
-        for thread in (self._thread, self._timer_thread):
-            if thread is not None:
-                thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
         if self._journal is not None:
             self._journal.flush()
 
@@ -486,29 +491,53 @@ class Dispatcher:
         return self._thread
 
     def _loop(self) -> None:
+        timers = self._timers
+        timers.drive_from_this_thread()
+        idle_wait: float | None = None  # when the idle work wants to run again, from its last run
+        idle_planned = self._clock.monotonic()
         while not self._stop.is_set():
-            timeout = self.idle_timeout_s
+            wait = None if idle_wait is None else max(0.0, idle_planned + idle_wait - self._clock.monotonic())
             due = self._journal.due_in() if self._journal is not None else None
-            if due is not None and (timeout is None or due < timeout):
-                timeout = due
+            if due is not None and (wait is None or due < wait):
+                wait = due
             try:
-                item = self._queue.get(timeout=timeout)
+                item = self._queue.get(timeout=timers.plan(wait))
             except queue.Empty:
-                self._guarded(self.idle)
-                continue
+                item = None
+            timers.awake()
+            self._guarded(timers.fire_due, self.fire_timer)
             if item is _STOP:
                 break
-            self._guarded(self.dispatch, item)
+            if item is not None and item is not _WAKE:
+                self._guarded(self.dispatch, item)
             if self._queue.empty():
-                self._guarded(self.idle)
+                try:
+                    idle_wait = self.idle()
+                except Exception:
+                    log.exception("idle work failed")
+                    idle_wait = IDLE_RETRY_S
+                idle_planned = self._clock.monotonic()
 
-    def idle(self) -> None:
-        """Idle work (the loop runs it whenever the queue runs dry): commit when due, watch storage, hooks."""
+    def idle(self) -> float | None:
+        """Idle work (the loop runs it whenever the queue runs dry): commit when due, watch storage, hooks.
+
+        Returns the seconds until it wants to run again (the earliest its hooks asked for), or
+        None when only the next event needs it.
+        """
+        waits: list[float] = []
         if self._journal is not None:
             self._journal.flush_due()
             self._watch_storage()
+            waits.append(STORAGE_IDLE_CHECK_S)
         for hook in self.idle_hooks:
-            self._guarded(hook)
+            try:
+                wait = hook()
+            except Exception:  # asked again soon, as if it had said so
+                log.exception("idle hook %s failed", getattr(hook, "__name__", hook))
+                wait = IDLE_RETRY_S
+            if wait is not None:
+                waits.append(wait)
+        return min(waits) if waits else None
 
     # -- declared conditions ------------------------------------------------
 

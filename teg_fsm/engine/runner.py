@@ -7,12 +7,13 @@ Blocking handlers run on a small worker pool so the dispatcher never waits on
 I/O. Whatever happens (exception, timeout, cancel, a late second callback),
 each effect ends in exactly one outcome; later settle attempts are ignored.
 
-Deadlines: given a ``driver`` (the gateway's ``Timers``), the runner owns no
-thread for them: the timer thread asks it when the next live deadline is and
-expires the due ones, and a new effect wakes that thread only when its deadline
-comes before the thread's next planned look (at rest a machine timer is nearly
-always earlier, so an effect costs no wake-up). Without a driver (tests,
-tools) a thread of its own does the same.
+Deadlines: given a ``driver`` (the gateway's ``Timers``, driven by the
+dispatcher's thread), the runner owns no thread for them: the driver asks it
+when the next live deadline is and expires the due ones. An effect submitted
+by the dispatcher's thread (nearly all are) costs no wake-up: that thread plans
+its wait afterwards. One submitted elsewhere wakes it only when its deadline
+comes before the driver's next planned look. Without a driver (tests, tools)
+a thread of its own does the same.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ Handler = Callable[[Effect, Completion], None]
 
 
 class DeadlineDriver(Protocol):
-    """A thread that can watch the runner's deadlines beside its own (``Timers``)."""
+    """What watches the runner's deadlines beside its own (``Timers``)."""
 
     def add_source(self, source: Any) -> None: ...
 

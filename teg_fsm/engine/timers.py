@@ -4,11 +4,15 @@ Timers are keyed by (machine, name). Each start bumps a generation number that
 travels in the fired event; the dispatcher drops a firing whose generation is
 no longer current, which makes cancel-after-fire races harmless.
 
-The real-time driver (``run_forever``, the gateway's one timer thread) also
-watches the deadlines of other sources (the effect runner's timeouts, see
-``add_source``). It is woken only by a deadline earlier than the one it sleeps
-towards: re-arming a timer for later, or an effect due after the next timer,
-costs no wake-up.
+In production the dispatcher's thread drives them (there is no timer thread):
+before it blocks on its queue it asks ``plan`` how long it may sleep (the next
+deadline of its own timers and of other sources: the effect runner's timeouts,
+see ``add_source``), and after waking ``fire_due`` fires what is due. Timers and
+effects are nearly always started by that same thread, which plans again before
+it sleeps: they cost no wake-up at all, and a deadline whose effect settled
+first is dropped before the next plan, so it never wakes anybody either. Only a
+deadline added from another thread, earlier than the one the driver sleeps
+towards, calls ``waker`` (the dispatcher puts a no-op on its queue).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class DeadlineSource(Protocol):
-    """Deadlines kept elsewhere that the timer thread watches too (the effect runner's)."""
+    """Deadlines kept elsewhere that the driver watches too (the effect runner's)."""
 
     def seconds_to_next_deadline(self) -> float | None: ...
 
@@ -46,10 +50,13 @@ class Timers:
         self._heap: list[tuple[float, int, str, str]] = []
         self._current: dict[TimerKey, int] = {}
         self._generation = 0
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._sources: list[DeadlineSource] = []
-        # When run_forever looks next (clock time); -inf while it is awake, inf when it waits for
-        # nothing. A new deadline before it sets ``_kicked`` and wakes it; a later one costs nothing.
+        # The driver's thread, and when it looks next (clock time): -inf while it is awake, inf
+        # when it waits for nothing. Another thread's deadline before that calls ``waker``; one
+        # added while the driver is awake sets ``_kicked``, so its next ``plan`` asks again.
+        self.waker: Callable[[], None] | None = None
+        self._driver: int | None = None
         self._wake_at = -math.inf
         self._kicked = False
 
@@ -67,7 +74,7 @@ class Timers:
         return seconds
 
     def add_source(self, source: DeadlineSource) -> None:
-        """Watch ``source``'s deadlines in ``run_forever`` too."""
+        """Watch ``source``'s deadlines too (``plan`` and ``fire_due``)."""
         with self._lock:
             self._sources.append(source)
 
@@ -77,9 +84,14 @@ class Timers:
             self._kick_if_before(self._clock.monotonic() + seconds)
 
     def _kick_if_before(self, deadline: float) -> None:
-        if deadline < self._wake_at or self._wake_at == -math.inf:
+        if self._driver is None or self._driver == threading.get_ident():
+            return  # no driver yet, or the driver itself: it plans again before it sleeps
+        if self._wake_at == -math.inf:
             self._kicked = True
-            self._lock.notify_all()
+        elif deadline < self._wake_at:
+            self._wake_at = -math.inf  # one wake-up is enough: the driver plans again
+            if self.waker is not None:
+                self.waker()
 
     def cancel(self, machine: str, name: str) -> None:
         with self._lock:
@@ -123,34 +135,46 @@ class Timers:
                 return
             heapq.heappop(self._heap)
 
-    def run_forever(self, fire: FireCallback, stop: threading.Event) -> None:
-        """Real-time driver: sleep until the next deadline (own or a source's), then fire."""
-        while not stop.is_set():
-            # Asked outside the lock: a source takes its own lock, and calls wake_before under it.
-            waits = [w for w in (s.seconds_to_next_deadline() for s in self._sources) if w is not None]
-            with self._lock:
-                if not self._kicked:  # else something changed since the sources were asked: look again
-                    self._drop_dead()
-                    now = self._clock.monotonic()
-                    if self._heap:
-                        waits.append(max(0.0, self._heap[0][0] - now))
-                    wait = min(waits) if waits else None
-                    if wait is None or wait > 0:
-                        self._wake_at = math.inf if wait is None else now + wait
-                        self._lock.wait(timeout=wait)
-                self._wake_at, self._kicked = -math.inf, False
-            for machine, name, generation in self.pop_due(self._clock.monotonic()):
-                try:
-                    fire(machine, name, generation)
-                except Exception:  # one bad firing must not stop every later timer
-                    log.exception("firing timer %s of %s failed", name, machine)
-            for source in self._sources:
-                try:
-                    source.expire_due()
-                except Exception:
-                    log.exception("expiring the deadlines of %r failed", source)
-
-    def wake(self) -> None:
+    def drive_from_this_thread(self) -> None:
+        """The calling thread is the driver from now on (it calls ``plan`` and ``fire_due``)."""
         with self._lock:
-            self._kicked = True
-            self._lock.notify_all()
+            self._driver, self._wake_at, self._kicked = threading.get_ident(), -math.inf, False
+
+    def plan(self, other: float | None = None) -> float | None:
+        """The driver is about to sleep: seconds until it must look again (None: no deadline).
+
+        ``other`` is a deadline of the driver's own (seconds from now) that counts too.
+        """
+        # Asked outside the lock: a source takes its own lock, and calls wake_before under it.
+        waits = [w for w in (s.seconds_to_next_deadline() for s in self._sources) if w is not None]
+        if other is not None:
+            waits.append(other)
+        with self._lock:
+            if self._kicked:  # a deadline came from elsewhere since the sources were asked: look again
+                self._kicked = False
+                return 0.0
+            self._drop_dead()
+            now = self._clock.monotonic()
+            if self._heap:
+                waits.append(max(0.0, self._heap[0][0] - now))
+            wait = min(waits) if waits else None
+            self._wake_at = math.inf if wait is None else now + wait
+            return wait
+
+    def awake(self) -> None:
+        """The driver woke: until it plans again, it sees every new deadline by itself."""
+        with self._lock:
+            self._wake_at = -math.inf
+
+    def fire_due(self, fire: FireCallback) -> None:
+        """Fire the timers that are due and expire the sources' due deadlines (the driver calls this)."""
+        for machine, name, generation in self.pop_due(self._clock.monotonic()):
+            try:
+                fire(machine, name, generation)
+            except Exception:  # one bad firing must not stop every later timer
+                log.exception("firing timer %s of %s failed", name, machine)
+        for source in self._sources:
+            try:
+                source.expire_due()
+            except Exception:
+                log.exception("expiring the deadlines of %r failed", source)

@@ -83,3 +83,4 @@ def test_a_checkpoint_that_resumes_differently_is_committed_before_the_effects(t
     _send(dispatcher, "tick", "counter")  # even -> odd resume differently: urgent, takes the rest along
     assert _stored(journal) == (rows + 2, {"counter": "odd", "shuttle": "busy"})
     journal.close()
+

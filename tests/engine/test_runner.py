@@ -112,7 +112,7 @@ def test_an_effect_without_handler_fails_with_the_reason(runner_and_outcomes) ->
 
 
 class _CountedRunner(EffectRunner):
-    """Counts the timer thread's looks (it asks its sources once per look)."""
+    """Counts the driver's looks (it asks its sources once per plan)."""
 
     looks = 0
 
@@ -121,27 +121,51 @@ class _CountedRunner(EffectRunner):
         return super().seconds_to_next_deadline()
 
 
-def test_with_the_timer_thread_as_driver_deadlines_need_no_thread_and_a_later_one_wakes_nothing() -> None:
+def test_driven_by_the_dispatcher_thread_deadlines_need_no_thread_and_only_an_earlier_one_wakes_it() -> None:
     from teg_fsm.engine.clock import RealClock
+    from teg_fsm.engine.dispatcher import Dispatcher
     from teg_fsm.engine.timers import Timers
 
-    timers, outcomes, stop = Timers(RealClock()), Outcomes(), threading.Event()
+    clock = RealClock()
+    timers, outcomes = Timers(clock), Outcomes()
     before = {t.name for t in threading.enumerate()}
     runner = _CountedRunner(outcomes, workers=1, driver=timers)
     assert {t.name for t in threading.enumerate()} - before == set()
     held: list[Completion] = []
     runner.register(FetchThing, lambda effect, completion: held.append(completion))
-    driver = threading.Thread(target=timers.run_forever, args=(lambda *fired: None, stop), daemon=True)
-    driver.start()
+    dispatcher = Dispatcher(clock=clock, timers=timers)
+    on_driver: list[str] = []
+
+    def submit_once_on_the_driver() -> None:  # an idle hook: runs on the dispatcher's thread
+        if not on_driver:
+            on_driver.append(threading.current_thread().name)
+            runner.submit("m", FetchThing(id="m:0:0", url="x", reply="f", timeout_s=0.05))
+
+    dispatcher.idle_hooks.append(submit_once_on_the_driver)
+    dispatcher.start()
+    wakes = 0
+    waker = timers.waker
+    assert waker is not None
+
+    def counted_waker() -> None:
+        nonlocal wakes
+        wakes += 1
+        waker()
+
+    timers.waker = counted_waker
     try:
-        timers.start("m", "tick", 30.0)
-        runner.submit("m", FetchThing(id="m:1:0", url="x", reply="f", timeout_s=0.05))
+        # Submitted on the driver's own thread: it times out with no wake-up from anyone.
+        dispatcher.post("test", "anything")
         [(_, effect_id, outcome, _)] = outcomes.wait_for(1)
-        assert (effect_id, outcome) == ("m:1:0", Outcome.TIMED_OUT)
+        assert (effect_id, outcome, on_driver, wakes) == ("m:0:0", Outcome.TIMED_OUT, ["teg-dispatcher"], 0)
+        timers.start("m", "tick", 30.0)
+        runner.submit("m", FetchThing(id="m:1:0", url="x", reply="f", timeout_s=0.05))  # from this thread
+        assert outcomes.wait_for(2)[1][1:3] == ("m:1:0", Outcome.TIMED_OUT)
+        assert wakes == 1
         # The driver now sleeps towards the 30 s timer: effects due later, and a timer re-armed
         # for later still, do not wake it.
         deadline = time.monotonic() + 5
-        while timers._wake_at > 1e300 or timers._wake_at < 0:  # until it sleeps again
+        while not 0 < timers._wake_at < 1e300:  # until it sleeps again
             assert time.monotonic() < deadline
             time.sleep(0.01)
         looks = runner.looks
@@ -149,11 +173,10 @@ def test_with_the_timer_thread_as_driver_deadlines_need_no_thread_and_a_later_on
             runner.submit("m", FetchThing(id=f"m:{i + 2}:0", url="x", reply="f", timeout_s=60.0))
             timers.start("m", "tick", 40.0)
         time.sleep(0.2)
-        assert runner.looks == looks
+        assert (runner.looks, wakes) == (looks, 1)
         runner.submit("m", FetchThing(id="m:99:0", url="x", reply="f", timeout_s=0.05))  # earlier: wakes it
-        assert outcomes.wait_for(2)[1][1:3] == ("m:99:0", Outcome.TIMED_OUT)
+        assert outcomes.wait_for(3)[2][1:3] == ("m:99:0", Outcome.TIMED_OUT)
+        assert wakes == 2
     finally:
-        stop.set()
-        timers.wake()
-        driver.join(5)
+        dispatcher.stop()
         runner.shutdown()

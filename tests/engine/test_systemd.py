@@ -105,3 +105,39 @@ def test_ready_watchdog_status_and_stopping_and_a_wedged_dispatcher_stops_pings(
 def test_without_notify_socket_nothing_is_sent() -> None:
     notifier = Notifier({})
     assert not notifier.enabled and notifier.send("READY=1") is False
+
+
+def _voluntary_switches(thread: threading.Thread) -> int:
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
+
+
+def test_without_a_watchdog_an_idle_dispatcher_sleeps_until_an_event_and_the_status_still_follows(
+    tmp_path: Path,
+) -> None:
+    # WATCHDOG_USEC without NOTIFY_SOCKET: nobody expects pings, the interval only spaces the
+    # status updates (50 ms here). The old loop woke at that interval whatever happened.
+    Unblock.gate.set()
+    config = load_config({"TB_HOST": "127.0.0.1", "TB_PORT": "1", "TEG_DATA_PATH": str(tmp_path / "data")})
+    gateway = Gateway(config, components=lambda gw: [StuckComponent(gw)], notifier=Notifier({"WATCHDOG_USEC": "200000"}))
+    status_path = tmp_path / "data" / "teg_status.json"
+    gateway.start()
+    try:
+        thread = gateway.dispatcher.thread
+        assert thread is not None
+        deadline = time.monotonic() + 5
+        while '"stuck": "ok"' not in status_path.read_text():
+            assert time.monotonic() < deadline, status_path.read_text()
+            time.sleep(0.02)
+        time.sleep(0.3)  # the last status update and the journal's commit are behind it
+        before = _voluntary_switches(thread)
+        time.sleep(1.0)
+        assert _voluntary_switches(thread) - before == 0, "an idle dispatcher must not wake on a tick"
+        # A state change followed by silence still reaches the status file (one interval later).
+        gateway.dispatcher.post("test", "wedge")
+        deadline = time.monotonic() + 5
+        while '"stuck": "wedged"' not in status_path.read_text():
+            assert time.monotonic() < deadline, status_path.read_text()
+            time.sleep(0.02)
+    finally:
+        gateway.stop()

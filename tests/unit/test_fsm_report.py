@@ -132,3 +132,15 @@ def test_decision_machines_are_never_coalesced() -> None:
         a, b = ("connecting", "backoff") if i % 2 == 0 else ("backoff", "connecting")
         reporter.observe(_step(1000 * i, "x", ("connection", a, b)))
     assert len(said.points()) == 50
+
+
+def test_flush_tells_when_the_next_held_report_is_due_and_none_when_nothing_waits() -> None:
+    # The dispatcher sleeps until then (no idle tick): a held move must name its own time.
+    reporter, said = _reporter({"uplink": "idle"})
+    reporter.observe(_step(0, STARTED, source="system"))
+    assert reporter.flush(0) is None
+    reporter.observe(_step(1000, "work_changed", ("uplink", "idle", "draining")))  # held: last point at 0
+    assert reporter.flush(1000) == 59.0
+    assert reporter.flush(30_000) == 30.0
+    assert reporter.flush(INTERVAL_MS) is None
+    assert said.points()[-1] == (1000, "fsm_uplink_state", "draining")
