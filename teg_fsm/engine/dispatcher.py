@@ -24,7 +24,8 @@ Nothing a machine does can reach another machine except through a new event
 on the queue, so a journal of events replays to the same transitions and
 effects. When the queue is empty the idle hooks (systemd watchdog, status)
 run, and the journal commits its group once due (``Journal.due_in``: the
-events of one burst share a transaction).
+events of one burst share a transaction), or at once when no effect is in
+flight (no outcome is coming to join the group).
 
 The same thread drives the timers (``Timers.plan`` / ``fire_due``: machine
 timers and the effect runner's timeouts): its queue wait ends at the earliest
@@ -526,7 +527,12 @@ class Dispatcher:
         """
         waits: list[float] = []
         if self._journal is not None:
-            self._journal.flush_due()
+            if self._runner is not None and not self._runner.busy():
+                # No effect in flight, so no outcome is coming to share the group: commit now
+                # rather than a group interval later (at rest, the wake-up that ends each window).
+                self._journal.flush()
+            else:
+                self._journal.flush_due()
             self._watch_storage()
             waits.append(STORAGE_IDLE_CHECK_S)
         for hook in self.idle_hooks:

@@ -119,6 +119,11 @@ class EffectRunner:
     def handles(self, effect_type: type[Effect]) -> bool:
         return effect_type in self._handlers
 
+    def busy(self) -> bool:
+        """Whether any effect is still to be settled."""
+        with self._lock:
+            return bool(self._pending)
+
     def pending(self) -> list[str]:
         with self._lock:
             return sorted(self._pending)

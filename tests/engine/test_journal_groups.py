@@ -84,3 +84,31 @@ def test_a_checkpoint_that_resumes_differently_is_committed_before_the_effects(t
     assert _stored(journal) == (rows + 2, {"counter": "odd", "shuttle": "busy"})
     journal.close()
 
+
+def test_with_no_effect_in_flight_the_group_is_committed_at_once(tmp_path: Path) -> None:
+    from teg_fsm.engine.runner import Completion, EffectRunner
+    from tests.engine.examples import FetchThing
+
+    dispatcher, journal, clock = _engine(tmp_path)
+    outcomes: list[str] = []
+    runner = EffectRunner(lambda origin, effect, outcome, payload: outcomes.append(outcome.value), workers=1)
+    held: list[Completion] = []
+    runner.register(FetchThing, lambda effect, completion: held.append(completion))
+    dispatcher.attach_runner(runner)
+    try:
+        rows, _ = _stored(journal)
+        _send(dispatcher, "up", "shuttle")  # its checkpoint is urgent; its row waits for the group
+        # An effect in flight: its outcome will come and share the group, so the group waits.
+        runner.submit("shuttle", FetchThing(id="shuttle:1:0", url="x", reply="fetch", timeout_s=None))
+        _send(dispatcher, "go", "shuttle")
+        dispatcher.idle()
+        assert _stored(journal)[0] == rows and 0 < journal.due_in() <= 0.1  # type: ignore[operator]
+        # Settled: nothing more is coming, so the group is committed now, not 0.1 s later.
+        held[0].succeed()
+        _send(dispatcher, "done", "shuttle")
+        dispatcher.idle()
+        assert journal.due_in() is None
+        assert _stored(journal)[0] == rows + 3 and clock.monotonic() == 0.0  # up, go and done
+    finally:
+        runner.shutdown()
+        journal.close()
