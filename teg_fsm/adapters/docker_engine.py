@@ -11,7 +11,10 @@ our container) on its own thread and posts ``container_exited`` /
 ``container_started`` / ``container_health_changed``; an exit is noticed as
 soon as dockerd reports it, without polling. When the stream breaks and the
 engine does not answer, it posts ``docker_engine_lost`` once, retries every
-``retry_s``, and posts ``docker_engine_returned`` when the engine is back.
+``retry_s`` (doubling to 10 s), and posts ``docker_engine_returned`` when the
+engine is back. While the engine's unix socket does not exist at all (dockerd
+stopped or not installed) it does not poll: it sleeps until the socket's name
+appears in its directory (inotify), then tries at once.
 
 Only our own container (by name) is ever stopped or removed: no prune.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import select
 import sqlite3
 import sys
 import threading
@@ -34,6 +38,7 @@ import attrs
 if TYPE_CHECKING:
     import docker
 
+from teg_fsm.adapters.file_watch import FileWatch
 from teg_fsm.engine.effects.controller import (
     CONTAINER_NAME,
     ENGINE_UNREACHABLE,
@@ -69,7 +74,14 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 
 
 _MAX_RECONNECT_S = 10.0
+_SOCKET_RECHECK_S = 300.0  # waiting for the socket to appear: look anyway this often
 _DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+
+
+def socket_path(base_url: str | None) -> Path | None:
+    """The engine's unix socket, or None when the engine is reached otherwise (tcp)."""
+    url = base_url or _DEFAULT_SOCKET
+    return Path(url[len("unix://"):]) if url.startswith("unix://") else None
 
 
 def open_client(base_url: str | None, timeout_s: float) -> docker.DockerClient:
@@ -79,9 +91,9 @@ def open_client(base_url: str | None, timeout_s: float) -> docker.DockerClient:
     every attempt; while dockerd is stopped its socket file is gone, and checking
     that first keeps a long outage from costing CPU on every retry.
     """
-    url = base_url or _DEFAULT_SOCKET
-    if url.startswith("unix://") and not os.path.exists(url[len("unix://"):]):
-        raise NoEngineSocket(f"no Docker engine socket at {url[len('unix://'):]}")
+    url, path = base_url or _DEFAULT_SOCKET, socket_path(base_url)
+    if path is not None and not path.exists():
+        raise NoEngineSocket(f"no Docker engine socket at {path}")
     import docker  # the first use of the engine (see transport_errors)
 
     return docker.DockerClient(base_url=url, timeout=timeout_s)
@@ -323,14 +335,19 @@ class EngineWatcher:
         self._stream: Any = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None  # a pipe: stop() ends a wait for the socket
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="teg-docker-events", daemon=True)
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self._run, args=(self._wake[0],), name="teg-docker-events",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self._wake is not None:
+            os.write(self._wake[1], b"x")
         with self._lock:
             stream = self._stream
         if stream is not None:
@@ -340,8 +357,12 @@ class EngineWatcher:
                 log.debug("closing the event stream", exc_info=True)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._wake is not None and (self._thread is None or not self._thread.is_alive()):
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
 
-    def _run(self) -> None:
+    def _run(self, woken: int) -> None:
         lost = False
         since: int | None = None
         wait_s = self._retry_s
@@ -352,6 +373,9 @@ class EngineWatcher:
                 if not lost:
                     lost = True
                     self._post("docker_engine_lost", {"error": str(exc)})
+                if isinstance(exc, NoEngineSocket) and self._await_socket(woken):
+                    wait_s = self._retry_s  # a new dockerd may answer a moment after its socket appears
+                    continue
                 self._stop.wait(wait_s)
                 # A long outage must not cost a client set-up every second.
                 wait_s = min(wait_s * 2, _MAX_RECONNECT_S)
@@ -363,6 +387,30 @@ class EngineWatcher:
             self._follow(client, since)
             # The stream broke: replay a little, in case the engine is still there.
             since = int(time.time()) - 5
+
+    def _await_socket(self, woken: int) -> bool:
+        """Sleep until the engine's socket appears or ``stop``; False when that cannot be watched.
+
+        dockerd creates its socket when it starts: polling for it every 10 s would cost a
+        wake-up per 10 s for as long as a station runs without an engine, and notice the
+        engine up to 10 s late.
+        """
+        path = socket_path(self.base_url)
+        if path is None:
+            return False
+        watch = FileWatch(path.parent, (path,))
+        try:
+            descriptor = watch.fileno()
+            if descriptor is None:  # no inotify, or no such directory: retry as for any failure
+                return False
+            # Watching before looking: a socket made in between is seen by one or the other.
+            while not path.exists() and not self._stop.is_set():
+                ready = select.select([descriptor, woken], [], [], _SOCKET_RECHECK_S)[0]
+                if descriptor in ready:
+                    watch.changed()
+            return True
+        finally:
+            watch.close()
 
     def _follow(self, client: docker.DockerClient, since: int | None) -> None:
         try:
