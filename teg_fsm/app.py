@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from teg_fsm.adapters.systemd import Notifier, StatusFile, status_line
@@ -155,7 +155,7 @@ class Gateway:
             self.notifier.status(status_line(states, conditions))
             self.status_file.write({"pid": os.getpid(), "conditions": conditions,
                                     "states": {name: info["state"] for name, info in states.items()}})
-            self._told = ({name: str(info["state"]) for name, info in states.items()}, conditions)
+            self._told = self._status(states)
 
     def _heartbeat(self) -> float | None:
         """The idle hook: ping if due, then say when to run again.
@@ -165,11 +165,13 @@ class Gateway:
         gateway needs no wake-up at all.
         """
         self._ping()
-        if not self.notifier.watchdog_expected:
-            now = ({name: str(info["state"]) for name, info in self.dispatcher.states().items()}, self.conditions())
-            if now == self._told:
-                return None
+        if not self.notifier.watchdog_expected and self._status(self.dispatcher.states()) == self._told:
+            return None
         return self.notifier.watchdog_due_in() or self.notifier.watchdog_interval_s
+
+    def _status(self, states: Mapping[str, Mapping[str, object]]) -> tuple[dict[str, str], dict[str, str]]:
+        """What the status says, to tell whether it changed since it was last told."""
+        return {name: str(info["state"]) for name, info in states.items()}, self.conditions()
 
     def stop(self, quiesce_s: float = 3.0) -> None:
         """Stop taking work, let work in flight settle (bounded), flush, close databases."""

@@ -16,6 +16,8 @@ from teg_fsm.app import Gateway
 from teg_fsm.config import load_config
 from teg_fsm.engine.dispatcher import MachineSpec
 from teg_fsm.engine.machine import GatewayMachine
+from tests.rig.threads import voluntary_switches
+from tests.rig.waiting import wait_for
 
 
 class Unblock:
@@ -107,11 +109,6 @@ def test_without_notify_socket_nothing_is_sent() -> None:
     assert not notifier.enabled and notifier.send("READY=1") is False
 
 
-def _voluntary_switches(thread: threading.Thread) -> int:
-    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
-
-
 def test_without_a_watchdog_an_idle_dispatcher_sleeps_until_an_event_and_the_status_still_follows(
     tmp_path: Path,
 ) -> None:
@@ -125,19 +122,13 @@ def test_without_a_watchdog_an_idle_dispatcher_sleeps_until_an_event_and_the_sta
     try:
         thread = gateway.dispatcher.thread
         assert thread is not None
-        deadline = time.monotonic() + 5
-        while '"stuck": "ok"' not in status_path.read_text():
-            assert time.monotonic() < deadline, status_path.read_text()
-            time.sleep(0.02)
+        wait_for(lambda: '"stuck": "ok"' in status_path.read_text(), 5, "the status file")
         time.sleep(0.3)  # the last status update and the journal's commit are behind it
-        before = _voluntary_switches(thread)
+        before = voluntary_switches(thread)
         time.sleep(1.0)
-        assert _voluntary_switches(thread) - before == 0, "an idle dispatcher must not wake on a tick"
+        assert voluntary_switches(thread) - before == 0, "an idle dispatcher must not wake on a tick"
         # A state change followed by silence still reaches the status file (one interval later).
         gateway.dispatcher.post("test", "wedge")
-        deadline = time.monotonic() + 5
-        while '"stuck": "wedged"' not in status_path.read_text():
-            assert time.monotonic() < deadline, status_path.read_text()
-            time.sleep(0.02)
+        wait_for(lambda: '"stuck": "wedged"' in status_path.read_text(), 5, "the state change in the status file")
     finally:
         gateway.stop()

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from teg_fsm.adapters.docker_engine import EngineWatcher
-
-
-def _voluntary_switches(thread: threading.Thread) -> int:
-    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
-
-
-def _wait(condition: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
+from tests.rig.threads import voluntary_switches
+from tests.rig.waiting import wait_for
 
 
 def test_without_a_socket_it_sleeps_until_the_socket_appears_and_then_tries_at_once(tmp_path: Path) -> None:
@@ -31,14 +20,14 @@ def test_without_a_socket_it_sleeps_until_the_socket_appears_and_then_tries_at_o
     watcher.start()
     engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _wait(lambda: posted, 5, "docker_engine_lost posted")
+        wait_for(lambda: posted, 5, "docker_engine_lost posted")
         assert posted[0][0] == "docker_engine_lost" and "no Docker engine socket" in posted[0][1]["error"]
         thread = watcher._thread
         assert thread is not None
         time.sleep(0.2)
-        before = _voluntary_switches(thread)
+        before = voluntary_switches(thread)
         time.sleep(1.5)
-        assert _voluntary_switches(thread) - before == 0, "no polling while the socket is absent"
+        assert voluntary_switches(thread) - before == 0, "no polling while the socket is absent"
         # dockerd starts: its socket appears, and the watcher connects to it right away.
         engine.bind(str(path))
         engine.listen(4)
